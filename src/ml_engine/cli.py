@@ -1,0 +1,176 @@
+"""The one path every Hydra entrypoint runs through: resolvers, job wrapper, error reporting."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ml_engine.errors import UserError
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = PROJECT_ROOT / "conf"
+JOB_RECORD = "job.json"
+
+Task = Callable[[DictConfig], dict[str, Any]]
+
+
+def register_resolvers() -> None:
+    """``${run_id:}``: a short random id, fixed for the process, that keeps run dirs unique."""
+    if not OmegaConf.has_resolver("run_id"):
+        run_id = uuid.uuid4().hex[:6]
+        OmegaConf.register_new_resolver("run_id", lambda: run_id)
+
+
+def full_errors_requested() -> bool:
+    """The user asked for tracebacks (``HYDRA_FULL_ERROR=1``), remembered across the internal
+    override of that variable and inherited by child processes (DDP ranks)."""
+    user_choice = "1" if os.environ.get("HYDRA_FULL_ERROR") == "1" else "0"
+    return os.environ.setdefault("ML_ENGINE_TRACEBACK", user_choice) == "1"
+
+
+def _condense_hydra_message(message: str) -> str:
+    """Hydra's multi-line composition errors → one line naming what is accepted."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    options = re.search(r"Available options in '([^']+)':\n((?:\s+\S+\n?)+)", message)
+    missing = re.search(r"Could not find '([^']+)'", message)
+    if options and missing:
+        group = options.group(1)
+        accepted = ", ".join(options.group(2).split())
+        name = missing.group(1).split("/")[-1]
+        return f"unknown {group} '{name}'; accepted: {accepted}"
+    if missing:
+        return f"config '{missing.group(1)}' not found"
+    return lines[0] if lines else message
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for the user: what went wrong and, where known, what is accepted."""
+    from hydra.errors import HydraException
+
+    if isinstance(exc, UserError):
+        return str(exc)
+    message = str(exc)
+    if isinstance(exc, HydraException) or type(exc).__module__.startswith("omegaconf"):
+        cause = exc.__cause__
+        if cause is not None and isinstance(cause, UserError):
+            return str(cause)
+        return _condense_hydra_message(message)
+    if type(exc).__name__ == "MisconfigurationException":  # Lightning: bad accelerator etc.
+        return message.splitlines()[0] if message else type(exc).__name__
+    first = message.splitlines()[0] if message.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def _task_overrides() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return list(HydraConfig.get().overrides.task)
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON through a temp file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+    """The value a sweeper optimizes: ``metrics[cfg.optimized_metric]``, NaN when missing."""
+    key = cfg.get("optimized_metric")
+    if not key:
+        return None
+    value = metrics.get(key)
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def run_job(task: Task, cfg: DictConfig) -> float | None:
+    """Run one job; in a sweep a failure becomes a ``failed`` record instead of ending the sweep.
+
+    Every job leaves ``job.json`` in its output dir (status, error, overrides, wall time,
+    metrics): the sweep summary is built from these files.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    started = time.perf_counter()
+    record: dict[str, Any] = {"overrides": _task_overrides(), "status": "ok", "error": None}
+    try:
+        metrics = task(cfg)
+    except Exception as exc:
+        record.update(status="failed", error=describe_error(exc), metrics={})
+        record["wall_s"] = round(time.perf_counter() - started, 3)
+        if _is_rank_zero():
+            write_json_atomic(output_dir / JOB_RECORD, record)
+        if not _is_multirun():
+            raise
+        log.error("job failed: %s", record["error"])
+        if full_errors_requested():
+            traceback.print_exc()
+        return math.nan
+    record.update(metrics=metrics, wall_s=round(time.perf_counter() - started, 3))
+    if _is_rank_zero():
+        write_json_atomic(output_dir / JOB_RECORD, record)
+    return optimized_value(cfg, metrics)
+
+
+def _is_rank_zero() -> bool:
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+
+
+def launch(task: Task, config_name: str) -> None:
+    """Hydra's main for ``task``, with every error ending in one line and exit status 1.
+
+    Hydra is made to raise (``HYDRA_FULL_ERROR=1`` internally) so that its multi-line reports
+    can be condensed; the user's own ``HYDRA_FULL_ERROR=1`` still gets the full traceback.
+    """
+    import hydra
+
+    os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+    register_resolvers()
+    show_traceback = full_errors_requested()
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+
+    failures: list[BaseException] = []
+
+    def hydra_task(cfg: DictConfig) -> float | None:
+        try:
+            return run_job(task, cfg)
+        except Exception as exc:  # single run: reported below as one line, not by Hydra
+            failures.append(exc)
+            return None
+
+    main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
+    try:
+        main(hydra_task)()
+        if failures:
+            raise failures[0]
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:
+        if show_traceback:
+            raise
+        print(f"error: {describe_error(exc)}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,202 @@
+"""MNIST datamodule with an in-memory fast path: uint8 tensors, whole batches drawn by index."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ml_engine.data_sources import DigitSplits, load_digits
+from ml_engine.module import plain_container
+
+
+class BatchIndexedDataset(Dataset):
+    """Indexing with a list of indices returns the whole batch: one tensor gather per batch."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, indices: list[int] | Tensor) -> tuple[Tensor, Tensor]:
+        return self.images[indices], self.labels[indices]
+
+
+class ShardedBatchSampler(Sampler[Tensor]):
+    """Yields index batches, shuffled per epoch and sharded across distributed ranks.
+
+    Training shards are padded by wrapping around so every rank steps the same number of times
+    (gradient all-reduce needs that); evaluation shards are not padded, so no digit counts twice.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: bool = False,
+        drop_last: bool = False,
+    ) -> None:
+        self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
+        self.rank, self.world_size, self.pad, self.drop_last = rank, world_size, pad, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _shard_indices(self) -> Tensor:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=generator)
+        else:
+            order = torch.arange(self.size)
+        if self.pad and self.world_size > 1:
+            total = math.ceil(self.size / self.world_size) * self.world_size
+            order = torch.cat([order, order[: total - self.size]])
+        return order[self.rank :: self.world_size]
+
+    def _shard_size(self) -> int:
+        if self.pad:
+            return math.ceil(self.size / self.world_size)
+        return len(range(self.rank, self.size, self.world_size))
+
+    def __len__(self) -> int:
+        n = self._shard_size()
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        indices = self._shard_indices()
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield indices[start : start + self.batch_size]
+
+
+def random_affine(
+    images: Tensor, max_degrees: float, max_shift: float, scale: tuple[float, float]
+) -> Tensor:
+    """Random rotation, scale and shift of a float batch {N,1,H,W}, done as one grid sample."""
+    n = images.shape[0]
+    angle = torch.empty(n, device=images.device).uniform_(-max_degrees, max_degrees)
+    angle = torch.deg2rad(angle)
+    factor = torch.empty(n, device=images.device).uniform_(*scale)
+    shift = torch.empty(n, 2, device=images.device).uniform_(-max_shift, max_shift) * 2
+    cos, sin = torch.cos(angle) / factor, torch.sin(angle) / factor
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
+    )
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """MNIST digits from ``source`` (auto | torchvision | bundled), kept in memory as uint8.
+
+    Batches leave the loader as uint8 {N,1,28,28}; after the transfer to the device they become
+    [0, 1] floats and, in training, get a random affine augmentation on the whole batch.
+    """
+
+    def __init__(
+        self,
+        source: str = "auto",
+        data_dir: str = "data/",
+        batch_size: int = 64,
+        eval_batch_size: int = 1000,
+        val_fraction: float = 0.05,
+        test_fraction: float = 0.05,
+        split_seed: int = 12345,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        download: bool = True,
+        augment: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.augment = plain_container(augment) if augment else None
+        # plain containers only: checkpoints must load with torch's weights-only unpickler
+        self.save_hyperparameters(
+            {
+                "source": source,
+                "data_dir": str(data_dir),
+                "batch_size": batch_size,
+                "eval_batch_size": eval_batch_size,
+                "val_fraction": val_fraction,
+                "test_fraction": test_fraction,
+                "split_seed": split_seed,
+                "num_workers": num_workers,
+                "pin_memory": pin_memory,
+                "download": download,
+                "augment": self.augment,
+            },
+            logger=False,
+        )
+        self.splits: DigitSplits | None = None
+
+    @property
+    def source_used(self) -> str | None:
+        """The source that was actually loaded (``auto`` resolves to one of the other two)."""
+        return self.splits.source if self.splits else None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is None:
+            self.splits = load_digits(
+                source=self.hparams.source,
+                data_dir=Path(self.hparams.data_dir),
+                val_fraction=self.hparams.val_fraction,
+                test_fraction=self.hparams.test_fraction,
+                seed=self.hparams.split_seed,
+                download=self.hparams.download,
+            )
+
+    def _loader(self, split: tuple[Tensor, Tensor], train: bool) -> DataLoader:
+        images, labels = split
+        rank, world_size, seed = 0, 1, self.hparams.split_seed
+        if self.trainer is not None:
+            rank, world_size = self.trainer.global_rank, self.trainer.world_size
+            seed = torch.initial_seed() % 2**31 if train else seed
+        sampler = ShardedBatchSampler(
+            size=len(labels),
+            batch_size=self.hparams.batch_size if train else self.hparams.eval_batch_size,
+            shuffle=train,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            pad=train,
+        )
+        return DataLoader(
+            BatchIndexedDataset(images.unsqueeze(1), labels),
+            sampler=sampler,
+            batch_size=None,
+            num_workers=self.hparams.num_workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.splits.train, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.splits.val, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.splits.test, train=False)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, labels = batch
+        images = images.float().div_(255)
+        if self.augment and self.trainer is not None and self.trainer.training:
+            images = random_affine(
+                images,
+                max_degrees=self.augment.get("degrees", 10.0),
+                max_shift=self.augment.get("translate", 0.1),
+                scale=tuple(self.augment.get("scale", (0.9, 1.1))),
+            )
+        return images, labels

@@ -1,0 +1,95 @@
+"""Cross-cutting run chores: config printing, warning filters, metrics and HParams logging."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+# Lightning's advice about worker processes: num_workers=0 is our deliberate default
+# (in-memory batches are faster than worker IPC, and fork is fragile on macOS).
+_NOISY_WARNINGS = (r".*does not have many workers.*", r".*The number of training batches.*")
+
+
+def apply_extras(cfg: DictConfig) -> None:
+    """Optional chores from the ``extras`` node: quiet known-harmless warnings, print config."""
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    else:
+        for pattern in _NOISY_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
+    if extras.get("print_config"):
+        print_config_tree(cfg)
+
+
+def print_config_tree(cfg: DictConfig) -> None:
+    import rich
+    import rich.syntax
+    import rich.tree
+
+    tree = rich.tree.Tree("CONFIG", guide_style="dim")
+    for key, node in cfg.items():
+        if key == "hydra":
+            continue
+        text = OmegaConf.to_yaml(node, resolve=False) if isinstance(node, DictConfig) else str(node)
+        tree.add(str(key)).add(rich.syntax.Syntax(text, "yaml"))
+    rich.print(tree)
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def collect_metrics(trainer: L.Trainer, fit_metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Final fit metrics overlaid with test metrics, as plain floats (NaN-free keys only)."""
+    merged = {**fit_metrics, **trainer.callback_metrics}
+    metrics = {}
+    for key, value in sorted(merged.items()):
+        number = _scalar(value)
+        if number is not None and not math.isnan(number):
+            metrics[key] = number
+    return metrics
+
+
+def _flat_hparams(cfg: DictConfig, model: L.LightningModule) -> dict[str, Any]:
+    container = OmegaConf.to_container(cfg, resolve=True)
+    hparams: dict[str, Any] = {
+        "model": container.get("model"),
+        "datamodule": container.get("datamodule"),
+        "trainer": container.get("trainer"),
+        "seed": container.get("seed"),
+        "tags": container.get("tags"),
+        "ckpt_path": container.get("ckpt_path"),
+        "model/params/total": sum(p.numel() for p in model.parameters()),
+    }
+    return hparams
+
+
+def log_hyperparameters(
+    cfg: DictConfig, model: L.LightningModule, trainer: L.Trainer, metrics: Mapping[str, Any]
+) -> None:
+    """Hyperparameters with the run's real final metrics, for TensorBoard's HParams tab."""
+    hparams = _flat_hparams(cfg, model)
+    hparams["data_source"] = metrics.get("data_source")
+    final = {k: v for k, v in metrics.items() if isinstance(v, float) and "/" in k}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(hparams, metrics=final)
+        else:
+            logger.log_hyperparams(hparams)
+            logger.log_metrics(final, step=trainer.global_step)
+        logger.save()

@@ -1,0 +1,133 @@
+"""One LightningModule for any registered classification network."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import Tensor
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from ml_engine.registry import build_network
+
+# MNIST's pixel statistics; inputs are raw intensities in [0, 1] (or uint8) so that a checkpoint
+# alone is enough to predict on new images.
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+
+
+def plain_container(node: Any) -> Any:
+    """DictConfig → plain containers, so checkpoints hold no OmegaConf objects."""
+    if OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def to_model_input(images: Tensor) -> Tensor:
+    """uint8 or [0, 1] float images shaped {N,28,28} or {N,1,28,28} → normalized {N,1,28,28}."""
+    if images.dtype == torch.uint8:
+        images = images.float().div_(255)
+    if images.dim() == 3:  # the original engine's safety net for channel-less batches
+        images = images.unsqueeze(1)
+    return (images - MNIST_MEAN) / MNIST_STD
+
+
+class ClassifierModule(L.LightningModule):
+    """Cross-entropy classification with torchmetrics accuracy and a configurable optimizer.
+
+    ``optimizer`` and ``scheduler`` are Hydra nodes with ``_partial_: true``; they are completed
+    in ``configure_optimizers``. Schedulers that take ``total_steps`` (one-cycle) get the
+    trainer's estimate of it.
+    """
+
+    def __init__(
+        self,
+        net: dict[str, Any],
+        optimizer: dict[str, Any],
+        scheduler: dict[str, Any] | None = None,
+        scheduler_interval: str = "step",
+        label_smoothing: float = 0.0,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            {
+                "net": plain_container(net),
+                "optimizer": plain_container(optimizer),
+                "scheduler": plain_container(scheduler),
+                "scheduler_interval": scheduler_interval,
+                "label_smoothing": label_smoothing,
+                "num_classes": num_classes,
+            }
+        )
+        net_kwargs = dict(self.hparams.net)
+        self.net = build_network(net_kwargs.pop("name"), num_classes=num_classes, **net_kwargs)
+
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_acc_best = MaxMetric()
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(to_model_input(images))
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        images, targets = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
+        return loss, logits.argmax(dim=1), targets
+
+    def on_train_start(self) -> None:
+        # Lightning's sanity check runs validation first; it must not count towards the best.
+        self.val_acc_best.reset()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        loss, preds, targets = self._shared_step(batch)
+        self.train_loss(loss)
+        self.train_acc(preds, targets)
+        self.log("train/loss", self.train_loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        loss, preds, targets = self._shared_step(batch)
+        self.val_loss(loss)
+        self.val_acc(preds, targets)
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self.val_acc_best(self.val_acc.compute())
+        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True, prog_bar=True)
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        loss, preds, targets = self._shared_step(batch)
+        self.test_loss(loss)
+        self.test_acc(preds, targets)
+        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+
+    def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return torch.softmax(self(images), dim=1)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        if not self.hparams.scheduler:
+            return {"optimizer": optimizer}
+        make_scheduler = instantiate(self.hparams.scheduler)
+        extra: dict[str, Any] = {}
+        if "total_steps" in inspect.signature(make_scheduler.func).parameters:
+            if "total_steps" not in make_scheduler.keywords:
+                extra["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        scheduler = make_scheduler(optimizer=optimizer, **extra)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval},
+        }

@@ -1,0 +1,64 @@
+"""Prediction: a checkpoint and images in, one CSV row per image out."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig
+
+from ml_engine.checkpoints import load_classifier
+from ml_engine.images import list_images, load_digit
+from ml_engine.validation import Rule, check_config, int_at_least, one_of
+
+PREDICT_RULES = (
+    int_at_least("batch_size", 1),
+    Rule("invert", lambda v: v in ("auto", True, False, "true", "false"), "auto, true or false"),
+    one_of("device", ("cpu", "cuda", "mps")),
+)
+
+
+@torch.inference_mode()
+def predict_digits(model: torch.nn.Module, digits: np.ndarray, batch_size: int) -> torch.Tensor:
+    """Class probabilities {N,10} for uint8 digits {N,28,28}."""
+    device = next(model.parameters()).device
+    chunks = [
+        torch.softmax(model(torch.from_numpy(digits[i : i + batch_size]).to(device)), dim=1).cpu()
+        for i in range(0, len(digits), batch_size)
+    ]
+    return torch.cat(chunks)
+
+
+def write_predictions(rows: list[dict[str, Any]], output: Path) -> None:
+    """The whole CSV or nothing: written beside the target, then renamed over it."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "prediction", "confidence"])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, output)
+
+
+def predict(cfg: DictConfig) -> dict[str, Any]:
+    """Predict every image under ``cfg.input`` and write ``path,prediction,confidence`` rows."""
+    check_config(cfg, PREDICT_RULES)
+    model = load_classifier(to_absolute_path(cfg.ckpt_path), map_location=cfg.device)
+    paths = list_images(Path(to_absolute_path(str(cfg.input))))
+    digits = np.stack([load_digit(path, cfg.invert) for path in paths])
+    probabilities = predict_digits(model, digits, cfg.batch_size)
+    confidence, prediction = probabilities.max(dim=1)
+    rows = [
+        {"path": str(path), "prediction": int(p), "confidence": round(float(c), 6)}
+        for path, p, c in zip(paths, prediction, confidence, strict=True)
+    ]
+    output = Path(to_absolute_path(str(cfg.output)))
+    write_predictions(rows, output)
+    print(f"predicted {len(rows)} image(s) → {output}")
+    print(f"run_dir: {cfg.paths.output_dir}", flush=True)
+    return {"images": len(rows), "output": str(output)}

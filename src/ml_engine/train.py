@@ -1,0 +1,62 @@
+"""Training: seed → data, model, callbacks, loggers, trainer → fit → test → metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from ml_engine.checkpoints import resolve_checkpoint
+from ml_engine.cli import write_json_atomic
+from ml_engine.extras import apply_extras, collect_metrics, log_hyperparameters
+from ml_engine.instantiators import instantiate_callbacks, instantiate_loggers
+from ml_engine.validation import TRAIN_RULES, check_config
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train and test the configured model; returns the metrics also written to metrics.json."""
+    check_config(cfg, TRAIN_RULES)
+    apply_extras(cfg)
+    started = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule: L.LightningDataModule = instantiate(cfg.datamodule)
+    model: L.LightningModule = instantiate(cfg.model)
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    resume_from = resolve_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
+    trainer.fit(model=model, datamodule=datamodule, ckpt_path=resume_from)
+    fit_metrics = dict(trainer.callback_metrics)
+
+    best_ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if cfg.get("test"):
+        trainer.test(model=model, datamodule=datamodule, ckpt_path=best_ckpt or None)
+
+    metrics = collect_metrics(trainer, fit_metrics)
+    metrics.update(
+        best_ckpt=best_ckpt or None,
+        last_ckpt=_last_checkpoint(trainer),
+        data_source=datamodule.source_used,
+        epochs_run=trainer.current_epoch,
+        wall_s=round(time.perf_counter() - started, 3),
+    )
+    log_hyperparameters(cfg, model, trainer, metrics)
+    if trainer.is_global_zero:
+        write_json_atomic(Path(cfg.paths.output_dir) / "metrics.json", metrics)
+        print(f"run_dir: {cfg.paths.output_dir}", flush=True)
+    return metrics
+
+
+def _last_checkpoint(trainer: L.Trainer) -> str | None:
+    callback = trainer.checkpoint_callback
+    path = getattr(callback, "last_model_path", "") if callback else ""
+    return path or None

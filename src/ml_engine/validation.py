@@ -1,0 +1,82 @@
+"""Checks of user-set config values, before any work starts, reported as one line each."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ml_engine.errors import UserError
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``key`` (dotted path; skipped when absent) must satisfy ``accepts``, described as ``expected``."""
+
+    key: str
+    accepts: Callable[[Any], bool]
+    expected: str
+
+
+def positive_number(key: str) -> Rule:
+    return Rule(key, lambda v: _is_number(v) and v > 0, "a number > 0")
+
+
+def non_negative_number(key: str) -> Rule:
+    return Rule(key, lambda v: _is_number(v) and v >= 0, "a number ≥ 0")
+
+
+def fraction(key: str) -> Rule:
+    return Rule(key, lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+
+
+def int_at_least(key: str, low: int) -> Rule:
+    return Rule(key, lambda v: _is_int(v) and v >= low, f"an integer ≥ {low}")
+
+
+def int_in_range(key: str, low: int, high: int) -> Rule:
+    return Rule(key, lambda v: _is_int(v) and low <= v <= high, f"an integer in [{low}, {high}]")
+
+
+def one_of(key: str, choices: Iterable[Any]) -> Rule:
+    allowed = tuple(choices)
+    return Rule(key, lambda v: v in allowed, "one of " + ", ".join(map(str, allowed)))
+
+
+def optional(rule: Rule) -> Rule:
+    return Rule(rule.key, lambda v: v is None or rule.accepts(v), rule.expected + " or null")
+
+
+def check_config(cfg: DictConfig, rules: Iterable[Rule]) -> None:
+    """Raise a UserError naming the first value that breaks its rule."""
+    for rule in rules:
+        value = OmegaConf.select(cfg, rule.key, default=None, throw_on_missing=False)
+        if value is None and OmegaConf.select(cfg, rule.key, default="__absent__") == "__absent__":
+            continue
+        if not rule.accepts(value):
+            raise UserError(f"{rule.key}={value!r} is not valid; expected {rule.expected}")
+
+
+TRAIN_RULES: tuple[Rule, ...] = (
+    optional(int_at_least("seed", 0)),
+    positive_number("model.optimizer.lr"),
+    non_negative_number("model.optimizer.weight_decay"),
+    fraction("model.net.dropout"),
+    fraction("model.label_smoothing"),
+    int_at_least("datamodule.batch_size", 1),
+    int_at_least("datamodule.eval_batch_size", 1),
+    int_at_least("datamodule.num_workers", 0),
+    one_of("datamodule.source", ("auto", "torchvision", "bundled")),
+    optional(int_at_least("trainer.max_epochs", -1)),
+    int_at_least("callbacks.early_stopping.patience", 0),
+)

