@@ -29,8 +29,8 @@ def compose_config(config_name: str, overrides: list[str] | None = None) -> Dict
         return compose(config_name, overrides=overrides or [], return_hydra_config=True)
 
 
-def shrink(cfg: DictConfig, output_dir: Path) -> DictConfig:
-    """CPU, bundled digits, no loggers or config printing, outputs under ``output_dir``."""
+def shrink(cfg: DictConfig, output_dir: Path, keep_loggers: bool = False) -> DictConfig:
+    """CPU, bundled digits, no config printing (nor loggers unless kept), outputs in ``output_dir``."""
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir)
@@ -44,7 +44,8 @@ def shrink(cfg: DictConfig, output_dir: Path) -> DictConfig:
         if "callbacks" in cfg and cfg.callbacks:
             cfg.callbacks.rich_progress_bar = None
             cfg.callbacks.model_summary = None
-        cfg.logger = None
+        if not keep_loggers:
+            cfg.logger = None
     HydraConfig().set_config(cfg)
     return cfg
 
@@ -53,8 +54,10 @@ def shrink(cfg: DictConfig, output_dir: Path) -> DictConfig:
 def make_cfg(tmp_path: Path) -> Iterator:
     """``make_cfg(name, overrides)`` → a shrunk config whose outputs go to ``tmp_path``."""
 
-    def make(config_name: str = "train", overrides: list[str] | None = None) -> DictConfig:
-        return shrink(compose_config(config_name, overrides), tmp_path)
+    def make(
+        config_name: str = "train", overrides: list[str] | None = None, keep_loggers: bool = False
+    ) -> DictConfig:
+        return shrink(compose_config(config_name, overrides), tmp_path, keep_loggers)
 
     yield make
     GlobalHydra.instance().clear()

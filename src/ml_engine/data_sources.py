@@ -108,7 +108,8 @@ def load_torchvision(
         try:
             _download_torchvision(data_dir, timeout_s)
         except Exception as exc:  # any network or archive failure means "not available"
-            raise UserError(f"could not download MNIST into {data_dir}: {exc}") from exc
+            reason = " ".join(str(exc).split())  # urllib's report spans lines
+            raise UserError(f"could not download MNIST into {data_dir}: {reason}") from exc
     train_images, train_labels = _torchvision_arrays(data_dir, train=True, download=False)
     test = _torchvision_arrays(data_dir, train=False, download=False)
     train, val, _ = stratified_split(train_labels.numpy(), (0.0, val_fraction, 0.0), seed)

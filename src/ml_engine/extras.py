@@ -66,16 +66,11 @@ def collect_metrics(trainer: L.Trainer, fit_metrics: Mapping[str, Any]) -> dict[
 
 
 def _flat_hparams(cfg: DictConfig, model: L.LightningModule) -> dict[str, Any]:
-    container = OmegaConf.to_container(cfg, resolve=True)
-    hparams: dict[str, Any] = {
-        "model": container.get("model"),
-        "datamodule": container.get("datamodule"),
-        "trainer": container.get("trainer"),
-        "seed": container.get("seed"),
-        "tags": container.get("tags"),
-        "ckpt_path": container.get("ckpt_path"),
-        "model/params/total": sum(p.numel() for p in model.parameters()),
-    }
+    hparams: dict[str, Any] = {}
+    for key in ("model", "datamodule", "trainer", "seed", "tags", "ckpt_path"):
+        node = cfg.get(key)
+        hparams[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+    hparams["model/params/total"] = sum(p.numel() for p in model.parameters())
     return hparams
 
 

@@ -1,0 +1,110 @@
+"""Every option of every config group composes, and the ones this machine can build, build."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import lightning as L
+import pytest
+from hydra.utils import instantiate
+
+from ml_engine.cli import CONFIG_DIR
+from tests.conftest import compose_config, shrink
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def test_every_group_has_its_documented_options() -> None:
+    assert options("model") == ["cnn_mnist", "mlp_mnist"]
+    assert options("datamodule") == ["mnist"]
+    assert options("trainer") == ["cpu", "ddp", "ddp_cpu", "default", "gpu", "mps"]
+    assert {"default", "none", "model_checkpoint", "early_stopping"} <= set(options("callbacks"))
+    assert options("logger") == ["csv", "none", "tensorboard"]
+    assert options("debug") == ["fdr", "limit", "overfit", "profiler"]
+    assert options("hparams_search") == ["mnist_optuna"]
+
+
+@pytest.mark.parametrize("model", options("model"))
+def test_model_options_build_a_lightning_module(model: str, tmp_path: Path) -> None:
+    cfg = shrink(compose_config("train", [f"model={model}"]), tmp_path)
+    module = instantiate(cfg.model)
+    assert isinstance(module, L.LightningModule)
+    assert module.hparams.net["name"] == model
+
+
+@pytest.mark.parametrize("trainer", options("trainer"))
+def test_trainer_options_compose(trainer: str, tmp_path: Path) -> None:
+    cfg = compose_config("train", [f"trainer={trainer}"])
+    assert cfg.trainer._target_ == "lightning.pytorch.trainer.Trainer"
+    expected = {"cpu": "cpu", "gpu": "gpu", "mps": "mps", "ddp": "gpu", "ddp_cpu": "cpu"}
+    assert cfg.trainer.accelerator == expected.get(trainer, "auto")
+
+
+@pytest.mark.parametrize("trainer", ["default", "cpu", "ddp_cpu"])
+def test_trainers_available_here_instantiate(trainer: str, tmp_path: Path) -> None:
+    cfg = compose_config("train", [f"trainer={trainer}"])
+    shrink(cfg, tmp_path)
+    built = instantiate(cfg.trainer)
+    assert isinstance(built, L.Trainer)
+    assert built.num_devices == (2 if trainer == "ddp_cpu" else 1)
+
+
+@pytest.mark.parametrize("callbacks", ["default", "none"])
+@pytest.mark.parametrize("logger", options("logger"))
+def test_callback_and_logger_options_instantiate(callbacks: str, logger: str, tmp_path: Path) -> None:
+    from ml_engine.instantiators import instantiate_callbacks, instantiate_loggers
+
+    cfg = compose_config("train", [f"callbacks={callbacks}", f"logger={logger}"])
+    cfg.paths.output_dir = str(tmp_path)
+    built_callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    built_loggers = instantiate_loggers(cfg.get("logger"))
+    assert len(built_callbacks) == (5 if callbacks == "default" else 0)
+    assert len(built_loggers) == (0 if logger == "none" else 1)
+
+
+def test_template_style_keys_are_where_users_expect_them() -> None:
+    cfg = compose_config(
+        "train",
+        [
+            "callbacks.model_checkpoint.monitor=val/loss",
+            "callbacks.early_stopping.patience=3",
+            "trainer.max_epochs=2",
+            "datamodule.batch_size=128",
+            "model.optimizer.lr=0.01",
+        ],
+    )
+    assert cfg.callbacks.early_stopping.patience == 3
+    assert cfg.trainer.max_epochs == 2
+    assert cfg.datamodule.batch_size == 128
+    assert cfg.model.scheduler.max_lr == 0.01  # follows the optimizer's lr
+
+
+@pytest.mark.parametrize("debug", options("debug"))
+def test_debug_options_compose(debug: str) -> None:
+    cfg = compose_config("train", [f"debug={debug}"])
+    assert cfg.trainer
+
+
+def test_experiment_and_hparams_search_compose() -> None:
+    cfg = compose_config("train", ["experiment=mlp_quick"])
+    assert cfg.model.net.name == "mlp_mnist"
+    assert cfg.trainer.max_epochs == 5
+    cfg = compose_config("train", ["hparams_search=mnist_optuna"])
+    assert cfg.hydra.sweeper.direction == "maximize"
+    assert cfg.optimized_metric == "val/acc_best"
+
+
+def test_eval_and_predict_configs_compose() -> None:
+    assert compose_config("eval", ["ckpt_path=x.ckpt"]).ckpt_path == "x.ckpt"
+    cfg = compose_config("predict", ["ckpt_path=x.ckpt", "input=digits/"])
+    assert (cfg.input, cfg.output, cfg.invert) == ("digits/", "predictions.csv", "auto")
+
+
+def test_run_dirs_carry_a_random_id_and_are_grouped_by_task() -> None:
+    cfg = compose_config("train")
+    stamp = r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_[0-9a-f]{6}$"
+    assert re.search(r"/train/runs/" + stamp, cfg.hydra.run.dir)
+    assert re.search(r"/train/multiruns/" + stamp, cfg.hydra.sweep.dir)

@@ -1,0 +1,97 @@
+"""train() as train.py calls it: real short trainings on the bundled digits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from ml_engine.checkpoints import load_classifier
+from ml_engine.evaluate import evaluate
+from ml_engine.module import ClassifierModule
+from ml_engine.train import train
+
+METRIC_KEYS = {"test/acc", "test/loss", "val/acc_best", "best_ckpt", "data_source", "epochs_run", "wall_s"}
+
+
+@pytest.mark.parametrize("model", ["cnn_mnist", "mlp_mnist"])
+def test_fast_dev_run_per_network(make_cfg, model: str) -> None:
+    cfg = make_cfg("train", [f"model={model}", "debug=fdr"])
+    metrics = train(cfg)
+    assert metrics["data_source"] == "bundled"
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+
+
+def test_short_training_learns_and_keeps_the_best_checkpoint(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("train", ["trainer.max_epochs=3", "model=mlp_mnist", "logger=csv"], True)
+    metrics = train(cfg)
+
+    assert METRIC_KEYS <= set(metrics)
+    assert metrics["test/acc"] > 0.85  # chance is 0.10
+    assert metrics["epochs_run"] == 3
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert written["test/acc"] == pytest.approx(metrics["test/acc"])
+
+    best = Path(metrics["best_ckpt"])
+    assert best == tmp_path / "checkpoints" / "best.ckpt"
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(p.name for p in best.parent.iterdir()) == ["best.ckpt", "last.ckpt"]
+    state = torch.load(best, map_location="cpu", weights_only=True)
+    callback_state = next(v for k, v in state["callbacks"].items() if "ModelCheckpoint" in k)
+    val_history = _csv_column(tmp_path, "val/acc")
+    assert float(callback_state["best_model_score"]) == pytest.approx(max(val_history))
+    assert metrics["val/acc_best"] == pytest.approx(max(val_history))
+
+    restored = ClassifierModule.load_from_checkpoint(best)  # from the checkpoint alone
+    assert restored.hparams.net["name"] == "mlp_mnist"
+    # the original engine's safety net: channel-less batches are reshaped
+    assert restored(torch.zeros(4, 28, 28)).shape == (4, 10)
+
+
+def _csv_column(run_dir: Path, column: str) -> list[float]:
+    import csv
+
+    (metrics_csv,) = run_dir.rglob("metrics.csv")
+    with metrics_csv.open() as handle:
+        return [float(row[column]) for row in csv.DictReader(handle) if row.get(column)]
+
+
+def test_early_stopping_stops_before_max_epochs(make_cfg) -> None:
+    cfg = make_cfg(
+        "train",
+        [
+            "model=mlp_mnist",
+            "trainer.max_epochs=20",
+            "trainer.limit_train_batches=3",
+            "callbacks.early_stopping.patience=1",
+            "callbacks.early_stopping.min_delta=0.5",  # no epoch can improve this much
+            "test=false",
+        ],
+    )
+    metrics = train(cfg)
+    assert metrics["epochs_run"] == 2  # the first epoch sets the bar, one more without gain
+
+
+def test_eval_reproduces_the_training_test_metric(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("train", ["model=mlp_mnist", "trainer.max_epochs=1"])
+    trained = train(cfg)
+
+    eval_dir = tmp_path / "eval"
+    eval_cfg = make_cfg("eval", [f"ckpt_path={trained['best_ckpt']}"])
+    with open_dict(eval_cfg):
+        eval_cfg.paths.output_dir = str(eval_dir)
+    evaluated = evaluate(eval_cfg)
+    assert evaluated["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
+    assert evaluated["test/loss"] == pytest.approx(trained["test/loss"], rel=1e-5)
+    assert json.loads((eval_dir / "metrics.json").read_text())["ckpt_path"] == trained["best_ckpt"]
+
+
+def test_checkpoint_loads_with_weights_only_unpickler(make_cfg) -> None:
+    cfg = make_cfg("train", ["debug=fdr", "callbacks=default", "trainer.fast_dev_run=false",
+                             "trainer.max_epochs=1", "trainer.limit_train_batches=2"])
+    metrics = train(cfg)
+    model = load_classifier(metrics["best_ckpt"])
+    assert not model.training
