@@ -1,0 +1,1 @@
+"""Local LLM generation: GGUF writing and quantization, llama.cpp backends, sweep measurements."""

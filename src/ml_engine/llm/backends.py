@@ -1,0 +1,621 @@
+"""Text generation backends: llama.cpp through llama-cpp-python, and a clearly labelled mock.
+
+Contract (used by the generation sweep and the HTTP server):
+
+- ``open_backend(llm_cfg, models_dir) -> LlmBackend``
+- ``LlmBackend.complete(prompt, *, max_tokens, temperature, top_k, top_p, repeat_penalty=1.1,
+  seed=None) -> dict`` with ``text, prompt_tokens, completion_tokens, finish_reason, timings``
+- ``LlmBackend.stream(prompt, *, same keywords) -> Iterator[str]`` (text pieces)
+- ``LlmBackend.close()`` and ``LlmBackend.name`` (``"llama_cpp"`` or ``"mock"``)
+
+A backend serves one request at a time; callers serialize access.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml_engine.errors import UnknownNameError, UserError
+
+BACKENDS = ("llama_cpp", "mock")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling settings of one request; ``temperature <= 0`` means greedy."""
+
+    max_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    repeat_penalty: float = 1.1
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    """One completion with its clock readings (``perf_counter`` seconds) and llama.cpp counters.
+
+    The generation phase runs from the first sampled token to the last; each of its
+    ``n_decoded`` steps is one single-token decode plus sampling, which is also what llama.cpp's
+    decode counters (``n_eval``, ``t_eval``) count.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+    finish_reason: str = "length"
+    load_s: float = 0.0
+    prompt_eval_s: float = 0.0
+    ttft_s: float = 0.0
+    gen_s: float = 0.0
+    n_decoded: int = 0
+    counters: dict[str, float] = field(default_factory=dict)
+    text: str = ""
+
+    @property
+    def gen_tokens_per_s(self) -> float:
+        return self.n_decoded / self.gen_s if self.gen_s > 0 and self.n_decoded else float("nan")
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prompt_eval_s if self.prompt_eval_s > 0 else float("nan")
+
+    def timings(self) -> dict[str, float]:
+        return {
+            "load_s": self.load_s,
+            "prompt_eval_s": self.prompt_eval_s,
+            "gen_s": self.gen_s,
+            "ttft_s": self.ttft_s,
+            "gen_tokens_per_s": self.gen_tokens_per_s,
+        }
+
+    def as_completion(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": len(self.tokens),
+            "finish_reason": self.finish_reason,
+            "timings": self.timings(),
+        }
+
+
+class LlmBackend(ABC):
+    """What generation sweeps and the server need from a text generator."""
+
+    name: str
+
+    @abstractmethod
+    def generate(self, prompt: str, sampling: Sampling) -> Generation:
+        """One completion with its measurements."""
+
+    @abstractmethod
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        """Yield the completion's text as it is produced (pieces never split a character)."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """Model and runtime facts for result files (description, sizes, offload)."""
+
+    def complete(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        repeat_penalty: float = 1.1,
+        seed: int | None = None,
+    ) -> dict[str, Any]:
+        """``{text, prompt_tokens, completion_tokens, finish_reason, timings}``; timings are
+        floats: ``load_s, prompt_eval_s, gen_s, ttft_s, gen_tokens_per_s``."""
+        sampling = Sampling(max_tokens, temperature, top_k, top_p, repeat_penalty, seed)
+        return self.generate(prompt, sampling).as_completion()
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the model; the backend is unusable afterwards."""
+
+    def __enter__(self) -> LlmBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- llama.cpp logging
+
+_LOG_TAIL: deque[str] = deque(maxlen=40)
+_log_callback = None  # kept referenced: llama.cpp calls it from C
+
+
+def _capture_llama_logs(echo: bool) -> None:
+    """Route llama.cpp's log lines into a ring buffer, so a failed load can say why in one line."""
+    global _log_callback
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        line = text.decode("utf-8", errors="replace")
+        if level in (2, 3):  # GGML_LOG_LEVEL_WARN, _ERROR
+            _LOG_TAIL.append(line.strip())
+        if echo:
+            import sys
+
+            sys.stderr.write(line)
+
+    _log_callback = callback
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+
+
+def last_llama_error() -> str:
+    for line in reversed(_LOG_TAIL):
+        if line:
+            return line
+    return ""
+
+
+def gpu_offload_supported() -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def compute_backend_of_build() -> str:
+    """The accelerator this llama.cpp build was compiled for (CPU when none)."""
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode(errors="replace").upper()
+    for marker, label in (
+        ("CUDA", "CUDA"),
+        ("METAL", "Metal"),
+        ("HIP", "ROCm"),
+        ("VULKAN", "Vulkan"),
+        ("SYCL", "SYCL"),
+    ):
+        if marker in info:
+            return label
+    return "CUDA" if gpu_offload_supported() else "CPU"
+
+
+# --------------------------------------------------------------------------- llama.cpp backend
+
+
+class LlamaCppBackend(LlmBackend):
+    """A GGUF model loaded once; each request clears the KV cache (no prompt-prefix reuse).
+
+    The token loop calls llama.cpp directly (decode → sample) instead of going through
+    ``Llama.create_completion``, whose per-token Python work would otherwise be a visible share
+    of the measured rate on small models.
+    """
+
+    name = "llama_cpp"
+
+    def __init__(
+        self,
+        model_path: Path,
+        *,
+        n_gpu_layers: int = 0,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        flash_attn: bool = False,
+        use_mmap: bool = True,
+        chat_template: bool = False,
+        ignore_eos: bool = False,
+        verbose: bool = False,
+    ) -> None:
+        import llama_cpp
+
+        self._lib = llama_cpp
+        _capture_llama_logs(echo=verbose)
+        self.model_path = Path(model_path)
+        self.n_gpu_layers_requested = n_gpu_layers
+        self.ignore_eos = ignore_eos
+        self.use_chat_template = chat_template
+        started = time.perf_counter()
+        _LOG_TAIL.clear()
+        try:
+            self._llama = llama_cpp.Llama(
+                str(self.model_path),
+                n_gpu_layers=n_gpu_layers,
+                n_ctx=n_ctx,
+                n_batch=n_batch,
+                n_ubatch=n_batch,
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                flash_attn=flash_attn,
+                use_mmap=use_mmap,
+                verbose=verbose,
+            )
+        except (ValueError, RuntimeError) as exc:
+            reason = last_llama_error() or str(exc)
+            raise UserError(
+                f"llama.cpp could not load {self.model_path} (corrupt or truncated GGUF?): {reason}"
+            ) from exc
+        self.load_s = time.perf_counter() - started
+        self._ctx = self._llama._ctx.ctx
+        self._model = self._llama._model.model
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
+        self.n_batch = int(n_batch)
+        self.n_threads = int(self._llama.context_params.n_threads)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._template = (
+            llama_cpp.llama_model_chat_template(self._model, None) if chat_template else None
+        )
+        self._piece_buffer = ctypes.create_string_buffer(256)
+        self._closed = False
+
+    # ---- facts
+
+    def describe(self) -> dict[str, Any]:
+        lib = self._lib
+        buffer = ctypes.create_string_buffer(256)
+        lib.llama_model_desc(self._model, buffer, len(buffer))
+        n_layer = int(lib.llama_model_n_layer(self._model))
+        offload = gpu_offload_supported()
+        requested = self.n_gpu_layers_requested
+        # llama.cpp offloads the output layer as one more "layer": n_layer + 1 is everything.
+        wanted = n_layer + 1 if requested < 0 else min(requested, n_layer + 1)
+        effective = wanted if offload else 0
+        return {
+            "backend": self.name,
+            "model_path": str(self.model_path),
+            "model_description": buffer.value.decode(errors="replace"),
+            "file_size_bytes": self.model_path.stat().st_size,
+            "n_params": int(lib.llama_model_n_params(self._model)),
+            "n_layer": n_layer,
+            "n_vocab": self.n_vocab,
+            "n_ctx": self.n_ctx,
+            "n_batch": self.n_batch,
+            "n_threads": self.n_threads,
+            "n_gpu_layers_requested": requested,
+            "n_gpu_layers_effective": effective,
+            "gpu_offload_supported": offload,
+            "compute_backend": compute_backend_of_build() if effective > 0 else "CPU",
+            "offload_note": _offload_note(offload, requested),
+            "chat_template_used": self._template is not None,
+            "load_s": self.load_s,
+        }
+
+    # ---- tokens
+
+    def format_prompt(self, prompt: str) -> str:
+        """The prompt in the model's chat template, when configured and known to llama.cpp."""
+        if not self._template:
+            return prompt
+        message = (self._lib.llama_chat_message * 1)(
+            self._lib.llama_chat_message(b"user", prompt.encode())
+        )
+        size = max(1024, 4 * len(prompt.encode()) + 512)
+        for _ in range(2):
+            buffer = ctypes.create_string_buffer(size)
+            n = self._lib.llama_chat_apply_template(self._template, message, 1, True, buffer, size)
+            if n < 0:  # a template llama.cpp does not recognise: use the raw prompt
+                return prompt
+            if n <= size:
+                return buffer.raw[:n].decode("utf-8", errors="replace")
+            size = n + 1
+        return prompt
+
+    def tokenize(self, text: str, *, special: bool = False) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        tokens = (self._lib.llama_token * capacity)()
+        n = self._lib.llama_tokenize(self._vocab, data, len(data), tokens, capacity, True, special)
+        if n < 0:
+            capacity = -n
+            tokens = (self._lib.llama_token * capacity)()
+            n = self._lib.llama_tokenize(
+                self._vocab, data, len(data), tokens, capacity, True, special
+            )
+        return list(tokens[:n])
+
+    def prompt_tokens(self, prompt: str) -> list[int]:
+        """Tokens of the (chat-formatted) prompt, checked against the context size."""
+        if not prompt:
+            raise UserError("the prompt is empty; expected at least one character")
+        text = self.format_prompt(prompt)
+        tokens = self.tokenize(text, special=self._template is not None)
+        if len(tokens) >= self.n_ctx:
+            raise UserError(
+                f"the prompt has {len(tokens)} tokens but llm.n_ctx={self.n_ctx}; "
+                "raise llm.n_ctx or shorten the prompt"
+            )
+        return tokens
+
+    def piece(self, token: int) -> bytes:
+        n = self._lib.llama_token_to_piece(self._vocab, token, self._piece_buffer, 256, 0, False)
+        return self._piece_buffer.raw[: max(n, 0)]
+
+    def detokenize(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    # ---- decoding
+
+    def _clear_kv_cache(self) -> None:
+        lib = self._lib
+        if hasattr(lib, "llama_memory_clear"):
+            lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+        elif hasattr(lib, "llama_kv_self_clear"):
+            lib.llama_kv_self_clear(self._ctx)
+        else:
+            lib.llama_kv_cache_clear(self._ctx)
+
+    def _decode(self, tokens: list[int], start_pos: int, *, all_logits: bool) -> None:
+        batch = self._batch
+        n = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = start_pos + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = all_logits or i == n - 1
+        batch.n_tokens = n
+        status = self._lib.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}: {last_llama_error()}")
+
+    def _decode_prompt(self, tokens: list[int]) -> None:
+        for start in range(0, len(tokens), self.n_batch):
+            self._decode(tokens[start : start + self.n_batch], start, all_logits=False)
+
+    def _penalties(self, repeat_penalty: float):
+        init = self._lib.llama_sampler_init_penalties
+        args = (64, repeat_penalty, 0.0, 0.0)
+        # Some llama-cpp-python versions still take the vocabulary size first.
+        if len(getattr(init, "argtypes", None) or args) == 5:
+            args = (self.n_vocab, *args)
+        return init(*args)
+
+    def _sampler(self, sampling: Sampling):
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        if sampling.repeat_penalty != 1.0:
+            lib.llama_sampler_chain_add(chain, self._penalties(sampling.repeat_penalty))
+        if sampling.temperature <= 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+            return chain
+        if sampling.top_k > 0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(sampling.top_k))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(sampling.top_p, 1))
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(sampling.temperature))
+        seed = 0xFFFFFFFF if sampling.seed is None else int(sampling.seed) & 0xFFFFFFFF
+        lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
+        return chain
+
+    def _token_loop(
+        self, prompt_ids: list[int], sampling: Sampling, record: Generation
+    ) -> Iterator[int]:
+        """Yield generated token ids; fills ``record``'s clock readings and finish reason."""
+        lib, ctx = self._lib, self._ctx
+        clock = time.perf_counter
+        limit = min(sampling.max_tokens, self.n_ctx - len(prompt_ids))
+        sampler = self._sampler(sampling)
+        batch = self._batch
+        try:
+            self._clear_kv_cache()
+            lib.llama_perf_context_reset(ctx)
+            record.prompt_tokens = len(prompt_ids)
+            t_start = clock()
+            self._decode_prompt(prompt_ids)
+            lib.llama_synchronize(ctx)
+            t_prompt = clock()
+            token = lib.llama_sampler_sample(sampler, ctx, -1)
+            t_first = clock()
+            record.prompt_eval_s, record.ttft_s = t_prompt - t_start, t_first - t_start
+            # Single-token batches from here on: only the token and its position change.
+            batch.n_tokens, batch.n_seq_id[0], batch.seq_id[0][0], batch.logits[0] = 1, 1, 0, 1
+            position, produced, decoded = len(prompt_ids), 0, 0
+            ignore_eos, is_eog = self.ignore_eos, lib.llama_vocab_is_eog
+            decode, sample, vocab = lib.llama_decode, lib.llama_sampler_sample, self._vocab
+            record.finish_reason = "length"
+            while limit > 0:
+                if not ignore_eos and is_eog(vocab, token):
+                    record.finish_reason = "stop"
+                    break
+                produced += 1
+                yield token
+                if produced >= limit:
+                    break
+                batch.token[0], batch.pos[0] = token, position
+                if decode(ctx, batch) != 0:
+                    raise RuntimeError(f"llama_decode failed: {last_llama_error()}")
+                position += 1
+                decoded += 1
+                token = sample(sampler, ctx, -1)
+            lib.llama_synchronize(ctx)
+            record.gen_s = clock() - t_first
+            record.n_decoded = decoded
+            record.counters = self.perf_counters()
+        finally:
+            lib.llama_sampler_free(sampler)
+
+    def perf_counters(self) -> dict[str, float]:
+        """llama.cpp's own prompt/decode counters since the last reset (after synchronizing)."""
+        lib = self._lib
+        lib.llama_synchronize(self._ctx)
+        data = lib.llama_perf_context(self._ctx)
+        return {
+            "p_eval_ms": float(data.t_p_eval_ms),
+            "n_p_eval": int(data.n_p_eval),
+            "eval_ms": float(data.t_eval_ms),
+            "n_eval": int(data.n_eval),
+            "eval_tokens_per_s": 1000.0 * data.n_eval / data.t_eval_ms
+            if data.t_eval_ms
+            else float("nan"),
+        }
+
+    def generate(self, prompt: str, sampling: Sampling) -> Generation:
+        record = Generation(load_s=self.load_s)
+        prompt_ids = self.prompt_tokens(prompt)
+        record.tokens = list(self._token_loop(prompt_ids, sampling, record))
+        record.text = self.detokenize(record.tokens)
+        return record
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        record = Generation(load_s=self.load_s)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for token in self._token_loop(self.prompt_tokens(prompt), Sampling(**sampling), record):
+            text = decoder.decode(self.piece(token))
+            if text:
+                yield text
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
+    def next_token_logprobs(self, tokens: list[int]) -> np.ndarray:
+        """Log-probabilities of the next token after each of ``tokens[:-1]`` (n-1 × vocab)."""
+        if len(tokens) < 2 or len(tokens) > self.n_ctx:
+            raise ValueError(f"need 2..{self.n_ctx} tokens, got {len(tokens)}")
+        self._clear_kv_cache()
+        rows = []
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            self._decode(chunk, start, all_logits=True)
+            pointer = self._lib.llama_get_logits(self._ctx)
+            logits = np.ctypeslib.as_array(pointer, shape=(len(chunk), self.n_vocab))
+            rows.append(_log_softmax(logits.astype(np.float64)))
+        return np.concatenate(rows)[:-1].astype(np.float32)
+
+    def close(self) -> None:
+        if getattr(self, "_closed", True):
+            return
+        self._closed = True
+        self._lib.llama_batch_free(self._batch)
+        self._llama.close()
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def _offload_note(offload: bool, requested: int) -> str:
+    if requested == 0:
+        return "CPU only (n_gpu_layers=0)"
+    if not offload:
+        return "this llama-cpp-python build is CPU-only: n_gpu_layers has no effect; see README"
+    return "layers offloaded to the GPU"
+
+
+# --------------------------------------------------------------------------- mock backend
+
+
+class MockBackend(LlmBackend):
+    """MOCK: loads no model; the completion echoes the prompt's words, deterministically.
+
+    For dry runs of sweeps and servers. Tokens are whitespace-separated words; its timings
+    measure this echo, not a model.
+    """
+
+    name = "mock"
+
+    def __init__(self) -> None:
+        self.load_s = 0.0
+
+    def _words(self, prompt: str, sampling: Sampling) -> tuple[list[str], list[str]]:
+        if not prompt:
+            raise UserError("the prompt is empty; expected at least one character")
+        words = prompt.split() or [prompt]
+        return words, words[: sampling.max_tokens]
+
+    def generate(self, prompt: str, sampling: Sampling) -> Generation:
+        clock = time.perf_counter
+        t_start = clock()
+        words, echoed = self._words(prompt, sampling)
+        t_first = clock()
+        text = " ".join(echoed)
+        record = Generation(
+            tokens=list(range(len(echoed))),
+            prompt_tokens=len(words),
+            finish_reason="stop" if len(echoed) == len(words) else "length",
+            ttft_s=t_first - t_start,
+            prompt_eval_s=t_first - t_start,
+            text=text,
+        )
+        record.gen_s = clock() - t_first
+        record.n_decoded = max(len(echoed) - 1, 0)
+        return record
+
+    def stream(self, prompt: str, **sampling: Any) -> Iterator[str]:
+        _, echoed = self._words(prompt, Sampling(**sampling))
+        for index, word in enumerate(echoed):
+            yield word if index == 0 else " " + word
+
+    def close(self) -> None:
+        """Nothing to release: the mock holds no model."""
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "model_description": "mock echo backend (no model loaded)",
+            "gpu_offload_supported": False,
+            "n_gpu_layers_effective": 0,
+            "compute_backend": "none (mock)",
+            "offload_note": "mock backend: nothing runs on any device",
+            "load_s": 0.0,
+        }
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def _backend_name(llm_cfg: Mapping[str, Any]) -> str:
+    backend = llm_cfg.get("backend")
+    name = backend.get("name") if isinstance(backend, Mapping) else backend
+    if name not in BACKENDS:
+        raise UnknownNameError("llm backend", str(name), list(BACKENDS))
+    return str(name)
+
+
+def open_backend(llm_cfg: Mapping[str, Any], models_dir: Path) -> LlmBackend:
+    """A ready backend for the composed ``llm`` config node.
+
+    ``llm_cfg`` holds ``backend`` (node with ``name``: llama_cpp | mock), ``model`` (a
+    ``conf/llm/model`` node), ``quantization``, ``n_gpu_layers``, ``n_ctx``, ``n_threads``,
+    ``n_batch``, ``flash_attn`` and ``allow_download``. The model file is resolved first: the
+    embedded tiny model is written on first use and a missing quantization is produced from a
+    higher-precision file on disk. User mistakes raise ``UserError`` with a one-line message.
+    """
+    name = _backend_name(llm_cfg)
+    if name == "mock":
+        return MockBackend()
+    from ml_engine.llm.models import ensure_model_file
+
+    model_cfg = llm_cfg["model"]
+    n_threads = llm_cfg.get("n_threads")
+    resolved = ensure_model_file(
+        model_cfg,
+        str(llm_cfg["quantization"]),
+        Path(models_dir),
+        allow_download=bool(llm_cfg.get("allow_download", False)),
+        n_threads=n_threads,
+    )
+    backend_cfg = llm_cfg.get("backend") or {}
+    backend = LlamaCppBackend(
+        resolved.path,
+        n_gpu_layers=int(llm_cfg.get("n_gpu_layers", 0)),
+        n_ctx=int(llm_cfg.get("n_ctx", 2048)),
+        n_threads=n_threads,
+        n_batch=int(llm_cfg.get("n_batch", 512)),
+        flash_attn=bool(llm_cfg.get("flash_attn", False)),
+        use_mmap=bool(backend_cfg.get("use_mmap", True)),
+        chat_template=bool(model_cfg.get("chat_template", False)),
+        ignore_eos=bool(model_cfg.get("ignore_eos", False)),
+        verbose=bool(backend_cfg.get("verbose", False)),
+    )
+    backend.model_file = resolved  # how the file was obtained, for result files
+    return backend

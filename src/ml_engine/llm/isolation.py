@@ -1,0 +1,137 @@
+"""Run a job's model work in a child process.
+
+A crash inside llama.cpp (a corrupt GGUF, an abort, running out of memory) then ends only the
+child: the job becomes a failed row with the reason and the sweep goes on. The child's exit also
+returns all of its memory, so a long sweep does not grow. The child imports only what the work
+needs (numpy, llama_cpp), not Hydra or the training stack, to keep per-job start-up low.
+
+Protocol: the parent writes ``{"target": "module:function", "payload": {...}}`` as JSON to the
+child's stdin; the child writes ``{"status": "ok"|"user_error"|"error", ...}`` to a result file.
+The child's stdout and stderr (llama.cpp's own messages) go to a log file in the run dir.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ml_engine.errors import UserError
+from ml_engine.llm.quantize import remove_partials_of
+
+
+class WorkerFailed(UserError):
+    """The child process died or failed; the message names how and llama.cpp's last words."""
+
+
+def _last_log_line(log_path: Path) -> str:
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    meaningful = [line.strip() for line in lines if line.strip()]
+    return meaningful[-1][:300] if meaningful else ""
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+def run_isolated(
+    target: str,
+    payload: dict[str, Any],
+    *,
+    log_path: Path,
+    timeout_s: float,
+    cleanup_dirs: tuple[Path, ...] = (),
+) -> Any:
+    """Run ``target(payload)`` in a fresh interpreter and return its value.
+
+    A ``UserError`` raised in the child is raised here with the same message; a crash or
+    timeout raises ``WorkerFailed``. Files the child left half-written under ``cleanup_dirs``
+    are removed.
+    """
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    result_path = log_path.with_name(log_path.stem + ".result.json")
+    result_path.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _python_path()}
+    request = json.dumps({"target": target, "payload": payload, "result": str(result_path)})
+    with log_path.open("ab") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "ml_engine.llm.isolation"],
+            stdin=subprocess.PIPE,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        try:
+            child.communicate(request.encode(), timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+            _cleanup(cleanup_dirs, child.pid)
+            raise WorkerFailed(
+                f"model work exceeded worker.timeout_s={timeout_s:g} and was stopped"
+            ) from None
+    if not result_path.is_file():
+        _cleanup(cleanup_dirs, child.pid)
+        last = _last_log_line(log_path)
+        raise WorkerFailed(
+            f"model worker {_describe_exit(child.returncode)}" + (f": {last}" if last else "")
+        )
+    outcome = json.loads(result_path.read_text())
+    result_path.unlink(missing_ok=True)
+    if outcome["status"] == "ok":
+        return outcome["value"]
+    _cleanup(cleanup_dirs, child.pid)
+    if outcome["status"] == "user_error":
+        raise UserError(outcome["message"])
+    raise WorkerFailed(f"model worker failed: {outcome['message']}")
+
+
+def _cleanup(directories: tuple[Path, ...], pid: int) -> None:
+    for directory in directories:
+        remove_partials_of(Path(directory), pid)
+
+
+def _python_path() -> str:
+    # The child must import this same ml_engine, installed or not.
+    source_root = str(Path(__file__).resolve().parents[2])
+    existing = os.environ.get("PYTHONPATH")
+    return source_root + (os.pathsep + existing if existing else "")
+
+
+def call_target(target: str, payload: dict[str, Any]) -> Any:
+    module_name, function_name = target.split(":")
+    return getattr(importlib.import_module(module_name), function_name)(payload)
+
+
+def _child_main() -> None:
+    request = json.loads(sys.stdin.read())
+    try:
+        outcome = {"status": "ok", "value": call_target(request["target"], request["payload"])}
+    except UserError as exc:
+        outcome = {"status": "user_error", "message": str(exc)}
+    except Exception as exc:
+        traceback.print_exc()
+        first_line = (str(exc).splitlines() or [""])[0]
+        outcome = {"status": "error", "message": f"{type(exc).__name__}: {first_line}"}
+    result = Path(request["result"])
+    tmp = result.with_name(f".{result.name}.tmp")
+    tmp.write_text(json.dumps(outcome, default=str))
+    os.replace(tmp, result)
+
+
+if __name__ == "__main__":
+    _child_main()

@@ -1,0 +1,76 @@
+"""One generation job's model work: open the backend, benchmark, measure quality.
+
+Runs inside the isolated worker process (see ``isolation``), so it takes and returns plain
+JSON-ready data and imports nothing of Hydra or the training stack.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+from ml_engine.llm.backends import LlamaCppBackend, Sampling, open_backend
+from ml_engine.llm.bench import run_benchmark
+from ml_engine.llm.models import base_quantization, model_path
+from ml_engine.llm.quality import evaluate_quality, quality_settings
+
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "repeat_penalty", "seed")
+
+
+def sampling_from(llm: dict[str, Any]) -> Sampling:
+    return Sampling(**{key: llm[key] for key in SAMPLING_KEYS})
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec`` keys: llm (the resolved llm node), prompts, bench, quality, models_dir."""
+    llm, models_dir = spec["llm"], Path(spec["models_dir"])
+    bench = spec["bench"]
+    with open_backend(llm, models_dir) as backend:
+        facts = backend.describe()
+        origin = getattr(backend, "model_file", None)
+        facts["model_origin"] = origin.origin if origin else None
+        timing = run_benchmark(
+            backend,
+            spec["prompts"],
+            sampling_from(llm),
+            warmup=int(bench["warmup"]),
+            repetitions=int(bench["repetitions"]),
+        )
+        # Read before the quality step, which may load the base file as well.
+        peak = peak_rss_mb()
+        quality = _quality(backend, llm, spec, models_dir)
+    return {"facts": facts, "bench": timing, "peak_rss_mb": peak, "quality": quality}
+
+
+def _quality(backend: Any, llm: dict[str, Any], spec: dict[str, Any], models_dir: Path) -> dict:
+    enabled, n_tokens = quality_settings(spec)
+    if not enabled or not isinstance(backend, LlamaCppBackend):
+        return {}
+    base = base_quantization(llm["model"], models_dir)
+    base_file = model_path(llm["model"], base, models_dir) if base else None
+
+    def open_base(path: Path) -> LlamaCppBackend:
+        return LlamaCppBackend(
+            path,
+            n_gpu_layers=int(llm.get("n_gpu_layers", 0)),
+            n_ctx=backend.n_ctx,
+            n_threads=llm.get("n_threads"),
+            n_batch=backend.n_batch,
+        )
+
+    return evaluate_quality(
+        backend,
+        base_file=base_file,
+        base_quantization=base,
+        models_dir=models_dir,
+        n_tokens=n_tokens,
+        open_base=open_base,
+    )
