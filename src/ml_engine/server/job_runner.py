@@ -1,0 +1,309 @@
+"""Training jobs as ``python train.py ...`` subprocesses: queue, progress, cancel, recovery.
+
+Each job runs through the same entrypoint a user runs, in its own process group, so a crash
+(or an out-of-memory kill) in training cannot take the server down, and cancelling a job ends
+every process it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from ml_engine.cli import JOB_RECORD, PROJECT_ROOT
+from ml_engine.server.jobs_store import (
+    CANCELLED,
+    FAILED,
+    FINAL_STATUSES,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Job,
+    JobStore,
+    new_job_id,
+)
+from ml_engine.server.progress import PROGRESS_FILE
+
+log = logging.getLogger(__name__)
+
+TRAIN_SCRIPT = PROJECT_ROOT / "train.py"
+OUTPUT_LOG = "stdout.log"
+PROGRESS_CALLBACK = "+callbacks.job_progress={_target_:ml_engine.server.progress.JobProgress}"
+DEVICE_TO_ACCELERATOR = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "mps": "mps", "auto": "auto"}
+# request field → training config key; only these reach the command line
+REQUEST_TO_OVERRIDE = {
+    "epochs": "trainer.max_epochs",
+    "batch_size": "datamodule.batch_size",
+    "lr": "model.optimizer.lr",
+    "weight_decay": "model.optimizer.weight_decay",
+    "seed": "seed",
+    "data_source": "datamodule.source",
+}
+RESTART_ERROR = "the server stopped while this job was running"
+
+
+def _quoted(value: str) -> str:
+    """A Hydra override value that stays one string whatever characters a path holds."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def training_overrides(model: str, request: dict[str, Any], run_dir: Path) -> list[str]:
+    """The ``train.py`` overrides for a validated request: names and numbers, never paths."""
+    overrides = [f"model={model}"]
+    device = request.get("device")
+    if device is not None:
+        overrides.append(f"trainer.accelerator={DEVICE_TO_ACCELERATOR[device]}")
+    for field, key in REQUEST_TO_OVERRIDE.items():
+        value = request.get(field)
+        if value is not None:
+            overrides.append(f"{key}={value!r}" if isinstance(value, float) else f"{key}={value}")
+    overrides += [f"hydra.run.dir={_quoted(str(run_dir))}", PROGRESS_CALLBACK]
+    return overrides
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _last_error_line(log_path: Path) -> str | None:
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    errors = [line[len("error: ") :] for line in lines if line.startswith("error: ")]
+    return errors[-1] if errors else None
+
+
+def _pid_runs(pid: int, marker: str) -> bool:
+    """Whether ``pid`` is alive and still the process we started (its command line names
+    ``marker``): a pid from a previous server life may have been reused by another program."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return marker in cmdline
+
+
+@dataclass
+class _Running:
+    job_id: str
+    process: subprocess.Popen
+    run_dir: Path
+    log_handle: Any
+    progress_mtime: float = 0.0
+    terminate_sent_at: float | None = None
+
+
+class JobRunner:
+    """Starts queued jobs (at most ``max_running`` at once) and tracks them in a thread."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        runs_dir: Path,
+        extra_overrides: tuple[str, ...] = (),
+        max_running: int = 1,
+        poll_interval_s: float = 0.5,
+        kill_grace_s: float = 5.0,
+    ) -> None:
+        self.store, self.runs_dir = store, runs_dir
+        self.extra_overrides = list(extra_overrides)
+        self.max_running, self.poll_interval_s, self.kill_grace_s = (
+            max_running,
+            poll_interval_s,
+            kill_grace_s,
+        )
+        self._running: dict[str, _Running] = {}
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._recover()
+        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the loop; jobs still running are killed and recorded as failed."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        for running in list(self._running.values()):
+            self._kill(running.process, signal.SIGKILL)
+            running.process.wait(timeout=30)
+            self._finish(running, error_override="the server shut down while this job was running")
+
+    def _recover(self) -> None:
+        """Jobs left ``running`` by a previous server life are failed, never left running."""
+        for job in self.store.with_status(RUNNING):
+            if job.pid and _pid_runs(job.pid, job.run_dir):
+                self._kill_group(job.pid, signal.SIGKILL)
+            self.store.transition(
+                job.id, (RUNNING,), status=FAILED, error=RESTART_ERROR, finished_at=time.time()
+            )
+            log.warning("job %s was running when the server stopped; marked failed", job.id)
+
+    # requests --------------------------------------------------------------------------------
+
+    def submit(self, model: str, request: dict[str, Any]) -> Job:
+        job_id = new_job_id()
+        stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+        run_dir = self.runs_dir / f"{stamp}_job-{job_id}"
+        overrides = training_overrides(model, request, run_dir) + self.extra_overrides
+        job = self.store.create(job_id, model, request, overrides, str(run_dir))
+        self._wake.set()
+        return job
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued job at once; a running one is signalled and ends as ``cancelled``."""
+        job = self.store.get(job_id)
+        if job is None or job.status in FINAL_STATUSES:
+            return job
+        if self.store.transition(
+            job_id, (QUEUED,), status=CANCELLED, cancel_requested=1, finished_at=time.time()
+        ):
+            return self.store.get(job_id)
+        self.store.transition(job_id, (RUNNING,), cancel_requested=1)
+        self._wake.set()
+        return self.store.get(job_id)
+
+    # the loop --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._tick()
+            except Exception:  # the runner must outlive any one bad job record
+                log.exception("job runner tick failed")
+            self._wake.wait(self.poll_interval_s)
+            self._wake.clear()
+
+    def _tick(self) -> None:
+        for running in list(self._running.values()):
+            self._read_progress(running)
+            if running.process.poll() is not None:
+                self._finish(running)
+            else:
+                self._enforce_cancel(running)
+        while len(self._running) < self.max_running and not self._stopping.is_set():
+            queued = self.store.with_status(QUEUED)
+            if not queued:
+                break
+            self._launch(queued[0])
+
+    def _launch(self, job: Job) -> None:
+        run_dir = Path(job.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_handle = (run_dir / OUTPUT_LOG).open("ab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "ML_ENGINE_JOB_ID": job.id}
+        env.pop("HYDRA_FULL_ERROR", None)
+        env.pop("ML_ENGINE_TRACEBACK", None)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, str(TRAIN_SCRIPT), *job.overrides],
+                cwd=str(PROJECT_ROOT),
+                stdin=subprocess.DEVNULL,
+                stdout=log_handle,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # its own process group: cancel kills all of it
+            )
+        except OSError as exc:
+            log_handle.close()
+            self.store.transition(
+                job.id,
+                (QUEUED,),
+                status=FAILED,
+                error=f"could not start training: {exc}",
+                finished_at=time.time(),
+            )
+            return
+        if not self.store.transition(
+            job.id, (QUEUED,), status=RUNNING, pid=process.pid, started_at=time.time()
+        ):  # cancelled between the query and here
+            self._kill(process, signal.SIGKILL)
+            process.wait()
+            log_handle.close()
+            return
+        self._running[job.id] = _Running(job.id, process, run_dir, log_handle)
+        log.info("job %s started (pid %d): %s", job.id, process.pid, " ".join(job.overrides))
+
+    def _read_progress(self, running: _Running) -> None:
+        path = running.run_dir / PROGRESS_FILE
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return
+        if mtime == running.progress_mtime:
+            return
+        progress = _read_json(path)
+        if progress is not None:
+            running.progress_mtime = mtime
+            self.store.update(running.job_id, progress=progress)
+
+    def _enforce_cancel(self, running: _Running) -> None:
+        job = self.store.get(running.job_id)
+        if job is None or not job.cancel_requested:
+            return
+        now = time.monotonic()
+        if running.terminate_sent_at is None:
+            self._kill(running.process, signal.SIGTERM)
+            running.terminate_sent_at = now
+        elif now - running.terminate_sent_at > self.kill_grace_s:
+            self._kill(running.process, signal.SIGKILL)
+
+    def _finish(self, running: _Running, error_override: str | None = None) -> None:
+        self._running.pop(running.job_id, None)
+        running.log_handle.close()
+        self._read_progress(running)
+        job = self.store.get(running.job_id)
+        if job is None:
+            return
+        values = self._outcome(job, running, error_override)
+        self.store.transition(job.id, (RUNNING,), finished_at=time.time(), **values)
+        log.info("job %s %s", job.id, values["status"])
+
+    def _outcome(self, job: Job, running: _Running, error_override: str | None) -> dict[str, Any]:
+        if error_override:
+            return {"status": FAILED, "error": error_override}
+        if job.cancel_requested:
+            return {"status": CANCELLED, "error": None}
+        record = _read_json(running.run_dir / JOB_RECORD) or {}
+        code = running.process.returncode
+        if code == 0 and record.get("status") == "ok":
+            return {"status": SUCCEEDED, "metrics": record.get("metrics") or {}, "error": None}
+        error = (
+            record.get("error")
+            or _last_error_line(running.run_dir / OUTPUT_LOG)
+            or (f"training was killed by signal {-code}" if code < 0 else None)
+            or f"train.py exited with status {code}"
+        )
+        return {"status": FAILED, "error": error}
+
+    # signals ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _kill_group(pid: int, sig: signal.Signals) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, sig)
+
+    def _kill(self, process: subprocess.Popen, sig: signal.Signals) -> None:
+        if process.poll() is None:
+            self._kill_group(process.pid, sig)

@@ -1,0 +1,170 @@
+"""Training job records in SQLite (stdlib ``sqlite3``), so they survive a server restart."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
+    "queued",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+)
+FINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    status TEXT NOT NULL,
+    request TEXT NOT NULL,
+    overrides TEXT NOT NULL,
+    run_dir TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    pid INTEGER,
+    progress TEXT NOT NULL DEFAULT '{}',
+    metrics TEXT NOT NULL DEFAULT '{}',
+    error TEXT,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+"""
+
+_JSON_COLUMNS = ("request", "overrides", "progress", "metrics")
+
+
+@dataclass
+class Job:
+    id: str
+    seq: int
+    model: str
+    status: str
+    request: dict[str, Any]
+    overrides: list[str]
+    run_dir: str
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    pid: int | None = None
+    progress: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    cancel_requested: bool = False
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _to_job(row: sqlite3.Row) -> Job:
+    values = dict(row)
+    for column in _JSON_COLUMNS:
+        values[column] = json.loads(values[column])
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    return Job(**values)
+
+
+class JobStore:
+    """Thread-safe access to the jobs table; every write is its own transaction."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        # WAL: readers (GET /ml/jobs) never wait on the runner's progress writes
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def create(
+        self, job_id: str, model: str, request: dict[str, Any], overrides: list[str], run_dir: str
+    ) -> Job:
+        with self._transaction() as db:
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
+            db.execute(
+                "INSERT INTO jobs (id, seq, model, status, request, overrides, run_dir, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job_id,
+                    seq,
+                    model,
+                    QUEUED,
+                    json.dumps(request),
+                    json.dumps(overrides),
+                    run_dir,
+                    time.time(),
+                ),
+            )
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _to_job(row) if row else None
+
+    def list(self, status: str | None = None, limit: int = 100) -> list[Job]:
+        query, params = "SELECT * FROM jobs", []
+        if status:
+            query, params = query + " WHERE status = ?", [status]
+        with self._lock:
+            rows = self._db.execute(
+                query + " ORDER BY seq DESC LIMIT ?", (*params, limit)
+            ).fetchall()
+        return [_to_job(row) for row in rows]
+
+    def with_status(self, status: str) -> list[Job]:
+        """Jobs in ``status``, oldest first (the queue order)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM jobs WHERE status = ? ORDER BY seq", (status,)
+            ).fetchall()
+        return [_to_job(row) for row in rows]
+
+    def update(self, job_id: str, **values: Any) -> None:
+        if not values:
+            return
+        columns = ", ".join(f"{name} = ?" for name in values)
+        params = [json.dumps(v) if k in _JSON_COLUMNS else v for k, v in values.items()]
+        with self._transaction() as db:
+            db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*params, job_id))
+
+    def transition(self, job_id: str, from_statuses: tuple[str, ...], **values: Any) -> bool:
+        """Update only if the job is still in one of ``from_statuses`` (no lost races)."""
+        columns = ", ".join(f"{name} = ?" for name in values)
+        params = [json.dumps(v) if k in _JSON_COLUMNS else v for k, v in values.items()]
+        marks = ", ".join("?" for _ in from_statuses)
+        with self._transaction() as db:
+            cursor = db.execute(
+                f"UPDATE jobs SET {columns} WHERE id = ? AND status IN ({marks})",
+                (*params, job_id, *from_statuses),
+            )
+        return cursor.rowcount == 1

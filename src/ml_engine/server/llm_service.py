@@ -1,0 +1,244 @@
+"""Text generation for the API: composed LLM configs, a cache of loaded backends, one request
+at a time per loaded model (a llama.cpp context is not thread-safe), other work continues."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ml_engine.cli import CONFIG_DIR
+from ml_engine.errors import UnknownNameError
+
+BACKENDS = ("llama_cpp", "mock")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "repeat_penalty", "seed")
+
+_hydra_lock = threading.Lock()
+
+
+def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with ``overrides``, inside or outside a Hydra run.
+
+    Hydra's composition state is process-global, hence the lock.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    with _hydra_lock:
+        if GlobalHydra.instance().is_initialized():
+            return compose(config_name, overrides=overrides)
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name, overrides=overrides)
+
+
+@dataclass(frozen=True)
+class LlmKey:
+    backend: str
+    model: str
+    quantization: str | None
+    n_ctx: int | None
+    n_gpu_layers: int | None
+
+    def overrides(self) -> list[str]:
+        values = [f"llm/backend={self.backend}", f"llm/model={self.model}"]
+        if self.quantization is not None:
+            values.append(f"llm.quantization={self.quantization}")
+        if self.n_ctx is not None:
+            values.append(f"llm.n_ctx={self.n_ctx}")
+        if self.n_gpu_layers is not None:
+            values.append(f"llm.n_gpu_layers={self.n_gpu_layers}")
+        return values
+
+
+@dataclass
+class _Loaded:
+    backend: Any
+    quantization: str | None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+
+
+class LlmService:
+    def __init__(
+        self,
+        models_dir: Path,
+        config_name: str = "generate",
+        allowed_models: tuple[str, ...] | None = None,
+        cache_size: int = 2,
+    ) -> None:
+        self.models_dir, self.config_name = models_dir, config_name
+        self.allowed_models, self.cache_size = allowed_models, max(1, cache_size)
+        self._loaded: OrderedDict[LlmKey, _Loaded] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._load_locks: dict[LlmKey, threading.Lock] = {}
+
+    def model_names(self) -> list[str]:
+        from ml_engine.llm.models import model_names
+
+        names = model_names()
+        if self.allowed_models is not None:
+            names = [n for n in names if n in self.allowed_models]
+        return sorted(names)
+
+    def check_model(self, name: str) -> None:
+        names = self.model_names()
+        if name not in names:
+            raise UnknownNameError("llm model", name, names)
+
+    def describe_models(self) -> list[dict[str, Any]]:
+        from ml_engine.llm.models import available_quantizations
+
+        models = []
+        for name in self.model_names():
+            llm = compose_config(self.config_name, [f"llm/model={name}"]).llm
+            models.append(
+                {
+                    "name": name,
+                    "quantizations_on_disk": available_quantizations(llm.model, self.models_dir),
+                    "default_quantization": OmegaConf.select(llm, "quantization", default=None),
+                }
+            )
+        return models
+
+    # loading ---------------------------------------------------------------------------------
+
+    def _open(self, key: LlmKey) -> _Loaded:
+        from ml_engine.llm.backends import open_backend
+
+        llm = compose_config(self.config_name, key.overrides()).llm
+        backend = open_backend(llm, self.models_dir)
+        return _Loaded(backend, OmegaConf.select(llm, "quantization", default=None))
+
+    def acquire(self, key: LlmKey) -> _Loaded:
+        """The loaded backend for ``key``, its lock held; release with ``release``."""
+        self.check_model(key.model)
+        while True:
+            loaded = self._get_or_load(key)
+            loaded.lock.acquire()
+            if not loaded.closed:  # evicted between the lookup and the lock: load again
+                return loaded
+            loaded.lock.release()
+
+    @staticmethod
+    def release(loaded: _Loaded) -> None:
+        loaded.lock.release()
+
+    def _get_or_load(self, key: LlmKey) -> _Loaded:
+        with self._cache_lock:
+            if key in self._loaded:
+                self._loaded.move_to_end(key)
+                return self._loaded[key]
+            load_lock = self._load_locks.setdefault(key, threading.Lock())
+        with load_lock:  # one load per key, other keys load in parallel
+            with self._cache_lock:
+                if key in self._loaded:
+                    return self._loaded[key]
+            loaded = self._open(key)
+            with self._cache_lock:
+                self._loaded[key] = loaded
+                evicted = []
+                while len(self._loaded) > self.cache_size:
+                    evicted.append(self._loaded.popitem(last=False)[1])
+        for old in evicted:
+            self._close(old)
+        return loaded
+
+    @staticmethod
+    def _close(loaded: _Loaded) -> None:
+        with loaded.lock:  # waits for the request using it
+            loaded.closed = True
+            loaded.backend.close()
+
+    def close(self) -> None:
+        with self._cache_lock:
+            loaded, self._loaded = list(self._loaded.values()), OrderedDict()
+        for entry in loaded:
+            self._close(entry)
+
+    # generation ------------------------------------------------------------------------------
+
+    def complete(self, key: LlmKey, prompt: str, sampling: dict[str, Any]) -> dict[str, Any]:
+        loaded = self.acquire(key)
+        try:
+            result = loaded.backend.complete(prompt, **sampling)
+            return {**result, "engine": loaded.backend.name, "quantization": loaded.quantization}
+        finally:
+            self.release(loaded)
+
+    def stream_loaded(self, loaded: _Loaded, prompt: str, sampling: dict[str, Any]) -> TokenStream:
+        """Stream from a backend taken with ``acquire``; the stream releases it when done."""
+        return TokenStream(self, loaded, prompt, sampling)
+
+
+class TokenStream:
+    """Events ``{"token": piece}`` … then ``{"done": True, ...}``.
+
+    Holds the model's lock from creation until exhausted or closed, even if never iterated,
+    so a client that disconnects early cannot leave the model locked.
+    """
+
+    def __init__(
+        self, service: LlmService, loaded: _Loaded, prompt: str, sampling: dict[str, Any]
+    ) -> None:
+        self._service, self._loaded = service, loaded
+        self._events = self._generate(prompt, sampling)
+        self._released = False
+        self._release_lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        try:
+            return next(self._events)
+        except BaseException:
+            self.close()
+            raise
+
+    def _generate(self, prompt: str, sampling: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        backend = self._loaded.backend
+        started = time.perf_counter()
+        pieces: list[str] = []
+        first_at = None
+        tokens = backend.stream(prompt, **sampling)
+        try:
+            for piece in tokens:
+                if first_at is None:
+                    first_at = time.perf_counter() - started
+                pieces.append(piece)
+                yield {"token": piece}
+        finally:
+            # the backend's own generator ends before the next request may use the model
+            close = getattr(tokens, "close", None)
+            if close is not None:
+                close()
+        elapsed = time.perf_counter() - started
+        self.close()
+        yield {
+            "done": True,
+            "engine": backend.name,
+            "quantization": self._loaded.quantization,
+            "output": "".join(pieces),
+            "pieces": len(pieces),
+            "timings": {"ttft_s": round(first_at or elapsed, 4), "total_s": round(elapsed, 4)},
+        }
+
+    def close(self) -> None:
+        with self._release_lock:
+            if self._released:
+                return
+            self._released = True
+        # "generator already executing" (ValueError) when closed from inside its own step
+        with contextlib.suppress(ValueError):
+            self._events.close()
+        self._service.release(self._loaded)
+
+    def __del__(self) -> None:
+        self.close()

@@ -1,0 +1,85 @@
+"""A Lightning callback that reports a training job's progress to the server through a file.
+
+The server starts ``train.py`` with ``+callbacks.job_progress={_target_: <this class>}``; the
+callback writes ``progress.json`` (atomically) into the run dir, and the server reads it. A file,
+not a socket, so a job keeps running (and its progress stays readable) across a server restart.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from ml_engine.cli import write_json_atomic
+
+PROGRESS_FILE = "progress.json"
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    values = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            values[key] = float(value)
+    return values
+
+
+class JobProgress(L.Callback):
+    """Epoch/step progress and the latest metrics, at most every ``min_interval_s`` seconds."""
+
+    def __init__(self, min_interval_s: float = 0.5) -> None:
+        self.min_interval_s = min_interval_s
+        self._last_write = 0.0
+        self._stage = "starting"
+        self._epochs_done = 0
+
+    def _write(self, trainer: L.Trainer, force: bool = False) -> None:
+        now = time.monotonic()
+        if not trainer.is_global_zero or (
+            not force and now - self._last_write < self.min_interval_s
+        ):
+            return
+        self._last_write = now
+        batches = trainer.num_training_batches
+        progress = {
+            "stage": self._stage,
+            # 1-based epoch in progress, as a user counts them
+            "epoch": min(trainer.current_epoch + 1, max(trainer.max_epochs or 1, 1)),
+            "epochs_done": self._epochs_done,
+            "max_epochs": trainer.max_epochs,
+            "step": trainer.global_step,
+            "batch": trainer.fit_loop.epoch_loop.batch_progress.current.completed,
+            "batches_per_epoch": batches if isinstance(batches, int) else None,
+            "metrics": _scalars(dict(trainer.callback_metrics)),
+            "updated_at": time.time(),
+        }
+        write_json_atomic(Path(trainer.default_root_dir) / PROGRESS_FILE, progress)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stage = "fit"
+        self._write(trainer, force=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._write(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._write(trainer, force=True)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epochs_done = trainer.current_epoch + 1
+        self._write(trainer, force=True)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stage = "test"
+        self._write(trainer, force=True)
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._stage = "done"
+        self._write(trainer, force=True)

@@ -1,0 +1,146 @@
+"""``/llm``: configured models and text generation, whole or streamed as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import StreamingResponse
+
+from ml_engine.errors import UserError
+from ml_engine.server.errors import ApiError
+from ml_engine.server.guards import check_range
+from ml_engine.server.llm_service import BACKENDS, SAMPLING_FIELDS, LlmKey
+from ml_engine.server.schemas import GenerateRequest, GenerateResponse, LlmModelList
+from ml_engine.server.state import ServerState
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/llm", tags=["llm"])
+
+STREAM_DOC = {
+    "responses": {
+        200: {
+            "description": "JSON, or with `stream: true` server-sent events: `token` events "
+            '(`{"token": ...}`), then one `done` event with the whole output and timings, '
+            "or an `error` event.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        }
+    }
+}
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+@router.get("/models", response_model=LlmModelList, summary="Configured models, files on disk")
+def list_models(request: Request) -> dict[str, Any]:
+    return {"backends": list(BACKENDS), "models": _state(request).llm.describe_models()}
+
+
+def _validate(state: ServerState, body: GenerateRequest) -> None:
+    limits = state.settings.limits
+    if not body.prompt:
+        raise ApiError(422, "prompt is empty; give at least one character")
+    if len(body.prompt) > limits.max_prompt_chars:
+        raise ApiError(
+            422,
+            f"prompt has {len(body.prompt)} characters; allowed: [1, {limits.max_prompt_chars}]",
+        )
+    check_range("max_tokens", body.max_tokens, limits.max_tokens)
+    check_range("n_ctx", body.n_ctx, limits.n_ctx)
+    check_range("n_gpu_layers", body.n_gpu_layers, limits.n_gpu_layers)
+    state.llm.check_model(body.model)
+
+
+def _params(body: GenerateRequest) -> dict[str, Any]:
+    fields = (*SAMPLING_FIELDS, "n_ctx", "n_gpu_layers")
+    return {name: getattr(body, name) for name in fields}
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+def _generation_error(exc: Exception) -> str:
+    if isinstance(exc, (UserError, ValueError)):
+        return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"generation failed: {type(exc).__name__}"
+
+
+async def _relay(events: Iterator[dict[str, Any]], extra: dict[str, Any]) -> AsyncIterator[bytes]:
+    """Run the blocking token iterator in its own thread and pass its events on as SSE.
+
+    The iterator holds the model's lock; when the client goes away the thread is told to stop
+    and closes the iterator, which releases the lock for the next request.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
+    stop = threading.Event()
+
+    def put(item: tuple[str, dict[str, Any]]) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (server shutting down)
+            stop.set()
+
+    def produce() -> None:
+        try:
+            for event in events:
+                put(("done", {**event, **extra}) if event.get("done") else ("token", event))
+                if stop.is_set():
+                    break
+        except Exception as exc:
+            if not isinstance(exc, (UserError, ValueError)):
+                log.exception("streamed generation failed")
+            put(("error", {"error": _generation_error(exc)}))
+        finally:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+            put(("end", {}))
+
+    threading.Thread(target=produce, name="llm-stream", daemon=True).start()
+    try:
+        while True:
+            kind, data = await queue.get()
+            if kind == "end":
+                return
+            yield _sse(kind, data)
+    finally:
+        stop.set()
+
+
+@router.post(
+    "/generate", response_model=GenerateResponse, summary="Generate text", openapi_extra=STREAM_DOC
+)
+async def generate(request: Request, body: GenerateRequest) -> Any:
+    state = _state(request)
+    _validate(state, body)
+    key = LlmKey(body.backend, body.model, body.quantization, body.n_ctx, body.n_gpu_layers)
+    sampling = {name: getattr(body, name) for name in SAMPLING_FIELDS}
+    extra = {"model": body.model, "prompt": body.prompt, "params": _params(body)}
+    if body.stream:
+        # load (and report load errors as plain 4xx JSON) before the stream starts
+        loaded = await run_in_threadpool(state.llm.acquire, key)
+        events = state.llm.stream_loaded(loaded, body.prompt, sampling)
+        return StreamingResponse(
+            _relay(events, extra),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    try:
+        result = await run_in_threadpool(state.llm.complete, key, body.prompt, sampling)
+    except (UserError, ApiError):
+        raise
+    except ValueError as exc:  # llama.cpp: prompt longer than the context, and the like
+        raise ApiError(422, _generation_error(exc)) from None
+    output = result.pop("text")
+    return {**extra, **result, "output": output}

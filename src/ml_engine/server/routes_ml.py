@@ -1,0 +1,291 @@
+"""``/ml``: networks and their best runs, training jobs, digit prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from ml_engine.errors import UnknownNameError
+from ml_engine.server.errors import ApiError, NotFound
+from ml_engine.server.guards import check_range
+from ml_engine.server.jobs_store import FINAL_STATUSES, Job
+from ml_engine.server.predict_service import arrays_to_digits, decode_image
+from ml_engine.server.schemas import (
+    JobList,
+    JobView,
+    ModelList,
+    PredictJson,
+    PredictResponse,
+    TrainAllResponse,
+    TrainOptions,
+    TrainRequest,
+    _check_name,
+)
+from ml_engine.server.state import ServerState
+
+router = APIRouter(prefix="/ml", tags=["ml"])
+
+FORM_FIELDS = ("image", "model", "run", "invert")
+INVERT_CHOICES = ("auto", "true", "false")
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "model": job.model,
+        "status": job.status,
+        "request": job.request,
+        "run": Path(job.run_dir).name,
+        "run_dir": job.run_dir,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "progress": job.progress,
+        "metrics": job.metrics,
+        "error": job.error,
+    }
+
+
+# ---- models ---------------------------------------------------------------------------------
+
+
+@router.get("/models", response_model=ModelList, summary="Registered networks and best runs")
+def list_models(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    runs = state.runs.runs()
+    best = state.runs.best_by_network()
+    models = []
+    for name in state.networks:
+        info = best.get(name)
+        best_view = None
+        if info is not None:
+            best_view = {k: v for k, v in info.to_dict().items() if k != "network"}
+        models.append(
+            {
+                "name": name,
+                "trainable": name in state.trainable,
+                "runs": sum(1 for r in runs if r.network == name),
+                "best": best_view,
+            }
+        )
+    return {"models": models}
+
+
+# ---- training jobs --------------------------------------------------------------------------
+
+
+def _training_request(state: ServerState, options: TrainOptions) -> dict[str, Any]:
+    """Validated request values with the server's defaults filled in."""
+    limits = state.settings.limits
+    values = options.model_dump(exclude_none=True, exclude={"model"})
+    for key, default in state.settings.train_defaults.items():
+        values.setdefault(key, default)
+    check_range("epochs", values.get("epochs"), limits.epochs)
+    check_range("batch_size", values.get("batch_size"), limits.batch_size)
+    check_range("lr", values.get("lr"), limits.lr)
+    check_range("seed", values.get("seed"), limits.seed)
+    weight_decay = values.get("weight_decay")
+    if weight_decay is not None and not 0 <= weight_decay <= 1:
+        raise ApiError(422, f"weight_decay={weight_decay!r} is out of range; allowed: [0, 1]")
+    device = values.get("device")
+    if device is not None and device not in state.devices:
+        raise ApiError(
+            422,
+            f"device '{device}' is not available on this server; accepted: "
+            + ", ".join(state.devices),
+        )
+    return values
+
+
+def _submit(state: ServerState, model: str, options: TrainOptions) -> dict[str, Any]:
+    if model not in state.trainable:
+        raise UnknownNameError("model", model, state.trainable)
+    values = _training_request(state, options)
+    return job_view(state.jobs.submit(model, {"model": model, **values}))
+
+
+@router.post("/train", status_code=202, response_model=JobView, summary="Queue a training job")
+def train(request: Request, body: TrainRequest) -> dict[str, Any]:
+    return _submit(_state(request), body.model, body)
+
+
+@router.post(
+    "/train-all",
+    status_code=202,
+    response_model=TrainAllResponse,
+    summary="Queue one training job per trainable network",
+)
+def train_all(request: Request, body: Annotated[TrainOptions | None, Body()] = None) -> dict:
+    state = _state(request)
+    options = body or TrainOptions()
+    _training_request(state, options)  # refuse bad values before any job is queued
+    return {"jobs": [_submit(state, name, options) for name in state.trainable]}
+
+
+@router.get("/jobs", response_model=JobList, summary="Training jobs, newest first")
+def list_jobs(
+    request: Request,
+    status: Annotated[str | None, Query(description="queued, running, succeeded, ...")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> dict[str, Any]:
+    accepted = ("queued", "running", "succeeded", "failed", "cancelled")
+    if status is not None and status not in accepted:
+        raise ApiError(422, f"status '{status}' is not valid; accepted: {', '.join(accepted)}")
+    return {"jobs": [job_view(j) for j in _state(request).store.list(status, limit)]}
+
+
+def _job(state: ServerState, job_id: str) -> Job:
+    job = state.store.get(job_id)
+    if job is None:
+        raise NotFound(f"no job '{job_id[:64]}'; see GET /ml/jobs")
+    return job
+
+
+@router.get("/jobs/{job_id}", response_model=JobView, summary="One job's status and progress")
+def get_job(request: Request, job_id: str) -> dict[str, Any]:
+    return job_view(_job(_state(request), job_id))
+
+
+@router.delete("/jobs/{job_id}", response_model=JobView, summary="Cancel a queued or running job")
+def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
+    state = _state(request)
+    job = _job(state, job_id)
+    if job.status in FINAL_STATUSES:
+        raise ApiError(
+            409, f"job '{job_id}' already {job.status}; only queued or running jobs cancel"
+        )
+    return job_view(state.jobs.cancel(job_id) or job)
+
+
+# ---- prediction -----------------------------------------------------------------------------
+
+_MULTIPART_SCHEMA = {
+    "type": "object",
+    "required": ["image"],
+    "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "model": {"type": "string"},
+        "run": {"type": "string"},
+        "invert": {"type": "string", "enum": list(INVERT_CHOICES)},
+    },
+}
+
+PREDICT_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": PredictJson.model_json_schema()},
+            "multipart/form-data": {"schema": _MULTIPART_SCHEMA},
+        },
+    }
+}
+
+
+def _optional_name(value: Any, field: str) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ApiError(422, f"{field} must be a text field")
+    try:
+        return _check_name(value)
+    except ValueError as exc:
+        raise ApiError(422, f"{field}: {exc}") from None
+
+
+async def _read_multipart(request: Request, state: ServerState) -> tuple[list, dict[str, Any]]:
+    limits = state.settings.limits
+    form = await request.form(max_files=limits.max_images, max_fields=len(FORM_FIELDS))
+    unknown = sorted({key for key in form if key not in FORM_FIELDS})
+    if unknown:
+        raise ApiError(
+            422, f"unknown field(s): {', '.join(unknown)}; accepted: {', '.join(FORM_FIELDS)}"
+        )
+    uploads = form.getlist("image")
+    if not uploads:
+        raise ApiError(422, "missing field 'image': send one or more PNG/JPEG files as 'image'")
+    images = []
+    for index, upload in enumerate(uploads):
+        if not isinstance(upload, UploadFile):
+            raise ApiError(422, f"image #{index} is not a file; send PNG/JPEG files as 'image'")
+        # the client's filename is only echoed back, never used as a path
+        name = (upload.filename or f"image[{index}]")[:128]
+        images.append((name, await upload.read()))
+    invert = form.get("invert") or "auto"
+    if invert not in INVERT_CHOICES:
+        raise ApiError(
+            422, f"invert={invert!r} is not valid; accepted: {', '.join(INVERT_CHOICES)}"
+        )
+    options = {
+        "model": _optional_name(form.get("model"), "model"),
+        "run": _optional_name(form.get("run"), "run"),
+        "invert": invert,
+    }
+    return images, options
+
+
+async def _read_json(request: Request) -> PredictJson:
+    body = await request.body()
+    try:
+        return PredictJson.model_validate_json(body)
+    except ValidationError as exc:
+        raise RequestValidationError(
+            [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        ) from None
+
+
+def _count_check(count: int, state: ServerState) -> None:
+    high = state.settings.limits.max_images
+    if not 1 <= count <= high:
+        raise ApiError(422, f"{count} images sent; allowed: [1, {high}] per request")
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    summary="Digits and class probabilities for PNG/JPEG uploads or 28×28 arrays",
+    openapi_extra=PREDICT_OPENAPI,
+)
+async def predict(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        body = await _read_json(request)
+        _count_check(len(body.images), state)
+        names = [f"images[{i}]" for i in range(len(body.images))]
+        run = _resolve_run(state, body.model, body.run)
+        digits = await run_in_threadpool(arrays_to_digits, body.images)
+    elif content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
+        images, options = await _read_multipart(request, state)
+        _count_check(len(images), state)
+        names = [name for name, _ in images]
+        run = _resolve_run(state, options["model"], options["run"])
+        limits, invert = state.settings.limits, options["invert"]
+
+        def decode_all() -> Any:
+            import numpy as np
+
+            return np.stack([decode_image(data, name, limits, invert) for name, data in images])
+
+        digits = await run_in_threadpool(decode_all)
+    else:
+        raise ApiError(
+            415,
+            f"content type '{content_type or 'none'}' is not accepted; accepted: "
+            "multipart/form-data (field 'image') or application/json ({'images': [...]})",
+        )
+    result = await run_in_threadpool(state.predictor.predict, digits, run)
+    return result.to_dict(names)
+
+
+def _resolve_run(state: ServerState, model: str | None, run: str | None) -> Any:
+    return state.predictor.resolve_run(model, run, state.settings.default_predict_model)

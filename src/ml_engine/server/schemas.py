@@ -1,0 +1,211 @@
+"""Request and response bodies. Requests are strict: an unknown field is a 422 naming it."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_NAME = re.compile(NAME_PATTERN)
+
+
+def _check_name(value: str) -> str:
+    """Configured names only: a path or anything that could climb directories is refused."""
+    if "/" in value or "\\" in value or ".." in value or not _NAME.fullmatch(value):
+        raise ValueError(
+            f"'{value[:80]}' is not a name; give a configured name "
+            "(letters, digits, '_', '-', '.'; no paths)"
+        )
+    return value
+
+
+Name = Annotated[
+    str, AfterValidator(_check_name), Field(json_schema_extra={"pattern": NAME_PATTERN})
+]
+
+
+class StrictBody(BaseModel):
+    # The original engine took executable paths and raw arguments from bodies; here anything
+    # not declared is refused, named in the 422 with the accepted fields (extra="forbid" puts
+    # additionalProperties: false in the schema).
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [str(key)[:64] for key in data if key not in cls.model_fields]
+            if unknown:
+                raise ValueError(
+                    f"unknown field(s): {', '.join(unknown)}; "
+                    f"accepted: {', '.join(cls.model_fields)}"
+                )
+        return data
+
+
+# ---- training -------------------------------------------------------------------------------
+
+Device = Literal["cpu", "gpu", "cuda", "mps", "auto"]
+DataSource = Literal["auto", "torchvision", "bundled"]
+
+
+class TrainOptions(StrictBody):
+    epochs: int | None = Field(None, description="trainer.max_epochs (limits.epochs)")
+    device: Device | None = Field(None, description="cpu, gpu (cuda), mps or auto")
+    batch_size: int | None = Field(None, description="datamodule.batch_size (limits.batch_size)")
+    lr: float | None = Field(None, description="model.optimizer.lr (limits.lr)")
+    weight_decay: float | None = Field(None, description="model.optimizer.weight_decay, ≥ 0")
+    seed: int | None = Field(None, description="seed (limits.seed)")
+    data_source: DataSource | None = Field(None, description="datamodule.source")
+
+
+class TrainRequest(TrainOptions):
+    model: Name = Field(description="a registered network, see GET /ml/models")
+
+
+class JobView(BaseModel):
+    id: str
+    model: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    request: dict[str, Any]
+    run: str
+    run_dir: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    progress: dict[str, Any]
+    metrics: dict[str, Any]
+    error: str | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobView]
+
+
+class TrainAllResponse(BaseModel):
+    jobs: list[JobView]
+
+
+# ---- models and prediction ------------------------------------------------------------------
+
+
+class BestRun(BaseModel):
+    run: str
+    checkpoint: str
+    val_acc: float | None
+    test_acc: float | None
+    date: str
+    epochs_run: int | None
+    data_source: str | None
+
+
+class NetworkView(BaseModel):
+    name: str
+    trainable: bool
+    runs: int
+    best: BestRun | None
+
+
+class ModelList(BaseModel):
+    models: list[NetworkView]
+
+
+Row = Annotated[list[float], Field(min_length=28, max_length=28)]
+Digit = Annotated[list[Row], Field(min_length=28, max_length=28)]
+
+
+class PredictJson(StrictBody):
+    images: list[Digit] = Field(
+        min_length=1, description="28×28 arrays, values in [0, 255] or all in [0, 1]"
+    )
+    model: Name | None = Field(None, description="network whose best run predicts")
+    run: Name | None = Field(None, description="a run name from GET /ml/models")
+
+
+class PredictForm(BaseModel):
+    """Documents the multipart variant of POST /ml/predict (parsed by hand, see routes)."""
+
+    image: list[bytes] = Field(description="one or more PNG/JPEG files, field name 'image'")
+    model: str | None = None
+    run: str | None = None
+    invert: Literal["auto", "true", "false"] | None = None
+
+
+class DigitPrediction(BaseModel):
+    index: int
+    name: str
+    digit: int
+    confidence: float
+    probabilities: list[float]
+
+
+class PredictResponse(BaseModel):
+    model: str
+    run: str
+    val_acc: float | None
+    predictions: list[DigitPrediction]
+
+
+# ---- generation -----------------------------------------------------------------------------
+
+
+def _backend_alias(value: Any) -> Any:
+    # the original engine called llama.cpp's backend "llama"
+    return "llama_cpp" if value == "llama" else value
+
+
+Backend = Annotated[Literal["llama_cpp", "mock"], BeforeValidator(_backend_alias)]
+
+
+class GenerateRequest(StrictBody):
+    backend: Backend = Field("llama_cpp", description="llama_cpp (alias: llama) or mock")
+    model: Name = Field("tiny", description="a configured model, see GET /llm/models")
+    quantization: Name | None = Field(None, description="e.g. q8_0; default: the model's own")
+    prompt: str = Field(description="limits.max_prompt_chars")
+    max_tokens: int = Field(64, description="limits.max_tokens")
+    temperature: float = Field(0.8, ge=0.0, le=5.0)
+    top_k: int = Field(40, ge=0, le=1000)
+    top_p: float = Field(0.95, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(1.1, ge=0.0, le=5.0)
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    n_gpu_layers: int | None = Field(None, description="limits.n_gpu_layers; -1 = all")
+    n_ctx: int | None = Field(None, description="limits.n_ctx")
+    stream: bool = False
+
+
+class GenerateResponse(BaseModel):
+    engine: str
+    model: str
+    quantization: str | None
+    output: str
+    prompt: str
+    params: dict[str, Any]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    timings: dict[str, float]
+
+
+class LlmModelView(BaseModel):
+    name: str
+    quantizations_on_disk: list[str]
+    default_quantization: str | None
+
+
+class LlmModelList(BaseModel):
+    backends: list[str]
+    models: list[LlmModelView]
+
+
+class Health(BaseModel):
+    service: str
+    status: str

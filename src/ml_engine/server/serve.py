@@ -1,0 +1,47 @@
+"""The ``serve`` task run by ``python serve.py``: uvicorn on the configured host and port."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from omegaconf import DictConfig
+
+from ml_engine.errors import UserError
+from ml_engine.server.app import create_app
+from ml_engine.server.settings import load_settings
+
+log = logging.getLogger(__name__)
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Fail with one line before uvicorn, whose bind errors are multi-line log output."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise UserError(f"host={host!r} cannot be resolved: {exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise UserError(
+                f"cannot listen on {host}:{port}: {exc.strerror}; choose another with port=<n>"
+            ) from None
+
+
+def serve(cfg: DictConfig) -> dict[str, Any]:
+    import uvicorn
+
+    settings = load_settings(cfg)
+    _check_bindable(settings.host, settings.port)
+    app = create_app(settings)
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
+        log.warning(
+            "listening on %s without api_key: anyone who can reach it can train", settings.host
+        )
+    print(f"serving on http://{settings.host}:{settings.port} (docs at /docs)", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    return {"host": settings.host, "port": settings.port}

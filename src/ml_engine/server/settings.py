@@ -1,0 +1,132 @@
+"""The server's settings, read once from the composed ``serve`` config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ml_engine.errors import UserError
+
+
+@dataclass(frozen=True)
+class Range:
+    """An inclusive allowed range, named in 422 messages."""
+
+    low: float
+    high: float
+
+    def describe(self) -> str:
+        return f"[{self.low:g}, {self.high:g}]"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_images: int = 64
+    max_image_side: int = 4096
+    max_image_bytes: int = 4 * 1024 * 1024
+    max_prompt_chars: int = 8192
+    max_tokens: Range = Range(1, 2048)
+    n_ctx: Range = Range(128, 8192)
+    n_gpu_layers: Range = Range(-1, 1000)
+    epochs: Range = Range(1, 100)
+    batch_size: Range = Range(1, 4096)
+    lr: Range = Range(1e-6, 1.0)
+    seed: Range = Range(0, 2**31 - 1)
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str
+    port: int
+    api_key: str | None
+    runs_dir: Path
+    jobs_db: Path
+    models_dir: Path
+    limits: Limits = field(default_factory=Limits)
+    max_running_jobs: int = 1
+    poll_interval_s: float = 0.5
+    kill_grace_s: float = 5.0
+    extra_overrides: tuple[str, ...] = ()
+    train_models: tuple[str, ...] | None = None
+    train_defaults: dict[str, Any] = field(default_factory=dict)
+    predict_cache_size: int = 4
+    default_predict_model: str = "cnn_mnist"
+    llm_config_name: str = "generate"
+    llm_models: tuple[str, ...] | None = None
+    llm_cache_size: int = 2
+    log_level: str = "info"
+
+
+def _limits(node: dict[str, Any]) -> Limits:
+    values: dict[str, Any] = {}
+    for key, value in node.items():
+        if key not in Limits.__dataclass_fields__:
+            accepted = ", ".join(Limits.__dataclass_fields__)
+            raise UserError(f"unknown limit '{key}'; accepted: {accepted}")
+        if isinstance(value, list):
+            if len(value) != 2 or value[0] > value[1]:
+                raise UserError(f"limits.{key}={value} is not valid; expected [low, high]")
+            value = Range(value[0], value[1])
+        values[key] = value
+    return Limits(**values)
+
+
+def _names(value: Any) -> tuple[str, ...] | None:
+    return None if value is None else tuple(str(v) for v in value)
+
+
+_KEYS = ("host", "port", "api_key", "runs_dir", "jobs_db", "jobs", "train", "predict", "llm")
+_KEYS += ("limits", "log_level")
+
+
+def _plain(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=None)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def load_settings(cfg: DictConfig) -> Settings:
+    """Resolve the config into plain values; a bad value is a one-line UserError."""
+    # Only the keys the server reads are resolved: others (hydra's runtime dirs) may not be
+    # resolvable when the app is built outside a Hydra run, as in tests.
+    data = {key: _plain(cfg, key) for key in _KEYS}
+    data["paths"] = {"models_dir": _plain(cfg, "paths.models_dir")}
+    api_key = data.get("api_key") or None
+    port = data.get("port")
+    port = 18080 if port is None else port
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise UserError(f"port={port!r} is not valid; expected an integer in [0, 65535]")
+    jobs = data.get("jobs") or {}
+    max_running = jobs.get("max_running", 1)
+    if not isinstance(max_running, int) or max_running < 1:
+        raise UserError(f"jobs.max_running={max_running!r} is not valid; expected an integer ≥ 1")
+    train = data.get("train") or {}
+    predict = data.get("predict") or {}
+    llm = data.get("llm") or {}
+    for key in ("runs_dir", "jobs_db"):
+        if not data.get(key):
+            raise UserError(f"{key} is required; give a directory path, e.g. {key}=outputs/...")
+    return Settings(
+        host=str(data.get("host") or "127.0.0.1"),
+        port=port,
+        api_key=str(api_key) if api_key else None,
+        runs_dir=Path(data["runs_dir"]).expanduser().resolve(),
+        jobs_db=Path(data["jobs_db"]).expanduser().resolve(),
+        models_dir=Path(data["paths"]["models_dir"]).expanduser().resolve(),
+        limits=_limits(data.get("limits") or {}),
+        max_running_jobs=max_running,
+        poll_interval_s=float(jobs.get("poll_interval_s", 0.5)),
+        kill_grace_s=float(jobs.get("kill_grace_s", 5.0)),
+        extra_overrides=tuple(str(o) for o in jobs.get("extra_overrides") or ()),
+        train_models=_names(train.get("models")),
+        train_defaults=dict(train.get("defaults") or {}),
+        predict_cache_size=int(predict.get("cache_size", 4)),
+        default_predict_model=str(predict.get("default_model", "cnn_mnist")),
+        llm_config_name=str(llm.get("config_name", "generate")),
+        llm_models=_names(llm.get("models")),
+        llm_cache_size=int(llm.get("cache_size", 2)),
+        log_level=str(data.get("log_level") or "info"),
+    )

@@ -1,0 +1,77 @@
+"""Everything the routes share, built once per app from the settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ml_engine.registry import network_names
+from ml_engine.server.job_runner import JobRunner
+from ml_engine.server.jobs_store import JobStore
+from ml_engine.server.llm_service import LlmService
+from ml_engine.server.predict_service import PredictService
+from ml_engine.server.runs import RunIndex
+from ml_engine.server.settings import Settings
+
+
+def available_devices() -> tuple[str, ...]:
+    """Devices a training request may name on this machine."""
+    devices = ["cpu", "auto"]
+    if torch.cuda.is_available():
+        devices += ["gpu", "cuda"]
+    if torch.backends.mps.is_available():
+        devices.append("mps")
+    return tuple(devices)
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    networks: list[str]
+    trainable: list[str]
+    devices: tuple[str, ...]
+    store: JobStore
+    jobs: JobRunner
+    runs: RunIndex
+    predictor: PredictService
+    llm: LlmService
+
+    @classmethod
+    def build(cls, settings: Settings) -> ServerState:
+        networks = network_names()
+        allowed = settings.train_models
+        trainable = [n for n in networks if allowed is None or n in allowed]
+        store = JobStore(settings.jobs_db)
+        runs = RunIndex(settings.runs_dir)
+        return cls(
+            settings=settings,
+            networks=networks,
+            trainable=trainable,
+            devices=available_devices(),
+            store=store,
+            jobs=JobRunner(
+                store,
+                settings.runs_dir,
+                extra_overrides=settings.extra_overrides,
+                max_running=settings.max_running_jobs,
+                poll_interval_s=settings.poll_interval_s,
+                kill_grace_s=settings.kill_grace_s,
+            ),
+            runs=runs,
+            predictor=PredictService(runs, networks, settings.predict_cache_size),
+            llm=LlmService(
+                settings.models_dir,
+                settings.llm_config_name,
+                settings.llm_models,
+                settings.llm_cache_size,
+            ),
+        )
+
+    def start(self) -> None:
+        self.jobs.start()
+
+    def stop(self) -> None:
+        self.jobs.stop()
+        self.llm.close()
+        self.store.close()

@@ -1,0 +1,242 @@
+// ml-engine UI: plain JS against the same REST API that curl uses; no build step.
+"use strict";
+
+const $ = (selector) => document.querySelector(selector);
+const FINAL = ["succeeded", "failed", "cancelled"];
+const watched = new Map(); // job id → poll timer
+
+function token() { return localStorage.getItem("ml-engine-token") || ""; }
+
+function showError(message) {
+  const box = $("#error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  if (token()) headers.Authorization = `Bearer ${token()}`;
+  const response = await fetch(path, { ...options, headers });
+  if (response.status === 401) {
+    $("#token-form").hidden = false;
+    throw new Error("this server needs an API key: enter it above");
+  }
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    try { message = (await response.json()).error || message; } catch (_) { /* not JSON */ }
+    throw new Error(message);
+  }
+  return response;
+}
+
+const getJson = async (path) => (await api(path)).json();
+const postJson = (path, body) => api(path, {
+  method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+});
+const pct = (value) => (value == null ? "—" : `${(100 * value).toFixed(2)}%`);
+
+// ---- models and training ----------------------------------------------------------------------
+
+async function loadModels() {
+  const { models } = await getJson("/ml/models");
+  const rows = models.map((m) => `<tr data-model="${m.name}">
+      <td>${m.name}</td><td class="val-acc">${pct(m.best && m.best.val_acc)}</td>
+      <td>${pct(m.best && m.best.test_acc)}</td>
+      <td>${m.best ? m.best.date.replace("T", " ") : "—"}</td><td>${m.runs}</td>
+      <td>${m.trainable ? `<button class="train-btn" data-model="${m.name}">Train</button>` : ""}</td>
+    </tr>`);
+  $("#models-table tbody").innerHTML = rows.join("");
+  document.querySelectorAll(".train-btn").forEach((button) => {
+    button.onclick = () => startTraining(button.dataset.model).catch((e) => showError(e.message));
+  });
+  const select = $("#predict-model");
+  const current = select.value;
+  select.innerHTML = models.filter((m) => m.best)
+    .map((m) => `<option value="${m.name}">${m.name} (${pct(m.best.val_acc)})</option>`).join("");
+  if (current) select.value = current;
+}
+
+async function startTraining(model) {
+  showError("");
+  const body = { model, epochs: Number($("#epochs").value), device: $("#device").value };
+  const job = await (await postJson("/ml/train", body)).json();
+  renderJob(job);
+  watchJob(job.id);
+}
+
+function progressText(job) {
+  const p = job.progress || {};
+  if (p.epoch == null) return job.status === "queued" ? "waiting" : "starting";
+  const batches = p.batches_per_epoch ? `${p.batch}/${p.batches_per_epoch}` : p.batch;
+  return `epoch ${p.epoch}/${p.max_epochs} · batch ${batches} · step ${p.step} · ${p.stage}`;
+}
+
+function metricsText(job) {
+  const m = Object.keys(job.metrics || {}).length ? job.metrics : (job.progress || {}).metrics || {};
+  const parts = [];
+  if (m["val/acc"] != null) parts.push(`val ${pct(m["val/acc"])}`);
+  if (m["test/acc"] != null) parts.push(`test ${pct(m["test/acc"])}`);
+  if (m["train/loss_step"] != null) parts.push(`loss ${m["train/loss_step"].toFixed(3)}`);
+  return parts.join(" · ");
+}
+
+function renderJob(job) {
+  let row = document.getElementById(`job-${job.id}`);
+  if (!row) {
+    row = document.createElement("tr");
+    row.id = `job-${job.id}`;
+    row.className = "job";
+    $("#jobs-table tbody").prepend(row);
+  }
+  const p = job.progress || {};
+  const done = (p.epochs_done || 0) * (p.batches_per_epoch || 1) + (p.stage === "fit" ? p.batch || 0 : 0);
+  const total = (p.max_epochs || 1) * (p.batches_per_epoch || 1);
+  const value = job.status === "succeeded" ? total : Math.min(done, total);
+  row.dataset.status = job.status;
+  row.innerHTML = `<td>${job.id}</td><td>${job.model}</td><td class="status">${job.status}</td>
+    <td><progress max="${total}" value="${value}"></progress>
+        <span class="progress-text muted">${progressText(job)}</span></td>
+    <td class="metrics">${job.error ? `<span class="error">${job.error}</span>` : metricsText(job)}</td>
+    <td>${FINAL.includes(job.status) ? "" : `<button class="cancel-btn">Cancel</button>`}</td>`;
+  const cancel = row.querySelector(".cancel-btn");
+  if (cancel) {
+    cancel.onclick = () => api(`/ml/jobs/${job.id}`, { method: "DELETE" })
+      .then((r) => r.json()).then(renderJob).catch((e) => showError(e.message));
+  }
+}
+
+function watchJob(id) {
+  if (watched.has(id)) return;
+  const poll = async () => {
+    try {
+      const job = await getJson(`/ml/jobs/${id}`);
+      renderJob(job);
+      if (FINAL.includes(job.status)) {
+        clearInterval(watched.get(id));
+        watched.delete(id);
+        if (job.status === "succeeded") await loadModels();
+      }
+    } catch (e) { showError(e.message); }
+  };
+  watched.set(id, setInterval(poll, 1000));
+  poll();
+}
+
+async function loadJobs() {
+  const { jobs } = await getJson("/ml/jobs?limit=10");
+  jobs.reverse().forEach((job) => {
+    renderJob(job);
+    if (!FINAL.includes(job.status)) watchJob(job.id);
+  });
+}
+
+// ---- drawing and prediction -------------------------------------------------------------------
+
+function setupCanvas() {
+  const canvas = $("#canvas");
+  const ctx = canvas.getContext("2d");
+  const clear = () => { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, canvas.width, canvas.height); };
+  clear();
+  ctx.strokeStyle = "#fff";
+  ctx.lineWidth = 22;
+  ctx.lineCap = ctx.lineJoin = "round";
+  let drawing = false;
+  const point = (e) => {
+    const box = canvas.getBoundingClientRect();
+    return [(e.clientX - box.left) * canvas.width / box.width, (e.clientY - box.top) * canvas.height / box.height];
+  };
+  canvas.addEventListener("pointerdown", (e) => {
+    drawing = true;
+    ctx.beginPath();
+    ctx.moveTo(...point(e));
+    ctx.lineTo(...point(e));
+    ctx.stroke();
+  });
+  canvas.addEventListener("pointermove", (e) => {
+    if (!drawing) return;
+    ctx.lineTo(...point(e));
+    ctx.stroke();
+  });
+  ["pointerup", "pointerleave"].forEach((name) => canvas.addEventListener(name, () => { drawing = false; }));
+  $("#clear-btn").onclick = () => { clear(); $("#prediction").hidden = true; };
+  $("#predict-btn").onclick = () => predict(canvas).catch((e) => showError(e.message));
+}
+
+async function predict(canvas) {
+  showError("");
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+  const form = new FormData();
+  form.append("image", blob, "canvas.png");
+  if ($("#predict-model").value) form.append("model", $("#predict-model").value);
+  const result = await (await api("/ml/predict", { method: "POST", body: form })).json();
+  const best = result.predictions[0];
+  $("#prediction-digit").textContent = best.digit;
+  $("#prediction-confidence").textContent = `(${pct(best.confidence)})`;
+  $("#probabilities").innerHTML = best.probabilities.map((p, digit) =>
+    `<div class="bar">${digit} <span class="fill" style="width:${Math.round(p * 150)}px"></span> ${pct(p)}</div>`).join("");
+  $("#prediction-run").textContent = `${result.model}, run ${result.run}`;
+  $("#prediction").hidden = false;
+}
+
+// ---- generation -------------------------------------------------------------------------------
+
+async function loadLlmModels() {
+  const { backends, models } = await getJson("/llm/models");
+  $("#backend").innerHTML = backends.map((b) => `<option>${b}</option>`).join("");
+  $("#llm-model").innerHTML = models.map((m) => `<option>${m.name}</option>`).join("");
+}
+
+async function generate() {
+  showError("");
+  const output = $("#generation-output");
+  const status = $("#generation-status");
+  output.textContent = "";
+  status.textContent = "generating…";
+  const body = {
+    backend: $("#backend").value, model: $("#llm-model").value, prompt: $("#prompt").value,
+    max_tokens: Number($("#max-tokens").value), stream: true,
+  };
+  const response = await postJson("/llm/generate", body);
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      const event = (block.match(/^event: (.*)$/m) || [])[1];
+      const data = JSON.parse((block.match(/^data: (.*)$/m) || [])[1] || "{}");
+      if (event === "token") output.textContent += data.token;
+      else if (event === "done") status.textContent = `done: ${data.pieces} pieces in ${data.timings.total_s}s (${data.engine})`;
+      else if (event === "error") { status.textContent = "failed"; showError(data.error); }
+    }
+  }
+}
+
+// ---- start ------------------------------------------------------------------------------------
+
+async function start() {
+  $("#token-form").onsubmit = (e) => {
+    e.preventDefault();
+    localStorage.setItem("ml-engine-token", $("#token").value);
+    $("#token-form").hidden = true;
+    start();
+  };
+  try {
+    const health = await (await fetch("/health")).json();
+    $("#health").textContent = health.status;
+    await Promise.all([loadModels(), loadJobs()]);
+    await loadLlmModels().catch((e) => showError(`LLM: ${e.message}`));
+  } catch (e) { showError(e.message); }
+}
+
+setupCanvas();
+$("#generate-btn").onclick = () => generate().catch((e) => {
+  $("#generation-status").textContent = "failed";
+  showError(e.message);
+});
+start();

@@ -1,0 +1,127 @@
+"""Fixtures for the server tests: configs under tmp_path, a real trained run, live servers."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ml_engine.server import create_app
+from tests.conftest import compose_config, run_entrypoint, shrink
+
+# every job the test servers start: bundled digits, short epochs, quiet logs
+JOB_OVERRIDES = [
+    "datamodule.source=bundled",
+    "logger=none",
+    "extras.print_config=false",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.model_summary=null",
+    "++trainer.enable_progress_bar=false",
+    "++trainer.limit_train_batches=25",
+]
+
+
+def serve_config(tmp_path: Path, runs_dir: Path | None = None, **values: Any) -> DictConfig:
+    """The composed ``serve`` config with outputs under ``tmp_path`` and ``values`` set."""
+    cfg = shrink(compose_config("serve"), tmp_path)
+    with open_dict(cfg):
+        cfg.runs_dir = str(runs_dir or tmp_path / "runs")
+        cfg.jobs_db = str(tmp_path / "serve" / "jobs.sqlite")
+        cfg.jobs.extra_overrides = list(JOB_OVERRIDES)
+        cfg.jobs.poll_interval_s = 0.2
+        cfg.jobs.kill_grace_s = 3.0
+        for key, value in values.items():
+            OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+@pytest.fixture
+def make_client(tmp_path: Path) -> Iterator[Callable[..., TestClient]]:
+    """``make_client(**config values)`` → a started TestClient on a fresh app."""
+    clients: list[TestClient] = []
+
+    def make(runs_dir: Path | None = None, **values: Any) -> TestClient:
+        client = TestClient(create_app(serve_config(tmp_path, runs_dir, **values)))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A runs dir holding one real cnn_mnist run (2 short epochs on the bundled digits)."""
+    runs = tmp_path_factory.mktemp("trained") / "runs"
+    run_dir = runs / "2025-01-01_00-00-00_fixture"
+    result = run_entrypoint(
+        "train.py",
+        "model=cnn_mnist",
+        "trainer.max_epochs=2",
+        "trainer.accelerator=cpu",
+        "seed=1",
+        f"hydra.run.dir={run_dir}",
+        *JOB_OVERRIDES,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (run_dir / "metrics.json").is_file()
+    return runs
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def live_server(app: FastAPI) -> Iterator[str]:
+    """uvicorn serving ``app`` on 127.0.0.1 and a free port, in a thread; yields the base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def wait_for_job(
+    client: httpx.Client | TestClient,
+    job_id: str,
+    statuses: tuple[str, ...],
+    timeout: float = 300,
+    headers: dict | None = None,
+) -> dict[str, Any]:
+    """Poll a job until its status is one of ``statuses``; every state seen is recorded."""
+    deadline = time.monotonic() + timeout
+    seen: list[str] = []
+    while True:
+        job = client.get(f"/ml/jobs/{job_id}", headers=headers).json()
+        if not seen or seen[-1] != job["status"]:
+            seen.append(job["status"])
+        if job["status"] in statuses:
+            job["seen"] = seen
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} stuck in {job['status']}: {seen}"
+        time.sleep(0.2)
