@@ -247,6 +247,8 @@ class LlamaCppBackend(LlmBackend):
         self._ctx = self._llama._ctx.ctx
         self._model = self._llama._model.model
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        # llama.cpp may round the context up (to 256 at least): keep both for messages.
+        self.n_ctx_requested = n_ctx
         self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
         self.n_batch = int(n_batch)
         self.n_threads = int(self._llama.context_params.n_threads)
@@ -331,8 +333,8 @@ class LlamaCppBackend(LlmBackend):
         tokens = self.tokenize(text, special=self._template is not None)
         if len(tokens) >= self.n_ctx:
             raise UserError(
-                f"the prompt has {len(tokens)} tokens but llm.n_ctx={self.n_ctx}; "
-                "raise llm.n_ctx or shorten the prompt"
+                f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx} "
+                f"(llm.n_ctx={self.n_ctx_requested}); raise llm.n_ctx or shorten the prompt"
             )
         return tokens
 
