@@ -281,10 +281,10 @@ class JobRunner:
         log.info("job %s %s", job.id, values["status"])
 
     def _outcome(self, job: Job, running: _Running, error_override: str | None) -> dict[str, Any]:
-        if error_override:
-            return {"status": FAILED, "error": error_override}
         if job.cancel_requested:
             return {"status": CANCELLED, "error": None}
+        if error_override:
+            return {"status": FAILED, "error": error_override}
         record = _read_json(running.run_dir / JOB_RECORD) or {}
         code = running.process.returncode
         if code == 0 and record.get("status") == "ok":

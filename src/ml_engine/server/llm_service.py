@@ -4,6 +4,7 @@ at a time per loaded model (a llama.cpp context is not thread-safe), other work 
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -15,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ml_engine.cli import CONFIG_DIR
-from ml_engine.errors import UnknownNameError
+from ml_engine.errors import UnknownNameError, UserError
 
 BACKENDS = ("llama_cpp", "mock")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "repeat_penalty", "seed")
@@ -36,6 +37,14 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
             return compose(config_name, overrides=overrides)
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return compose(config_name, overrides=overrides)
+
+
+def finite_values(values: dict[str, Any]) -> dict[str, float | None]:
+    """NaN (a rate over zero tokens) is not JSON: it becomes null."""
+    return {
+        key: float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+        for key, v in values.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -72,9 +81,11 @@ class LlmService:
         config_name: str = "generate",
         allowed_models: tuple[str, ...] | None = None,
         cache_size: int = 2,
+        produce_missing: bool = False,
     ) -> None:
         self.models_dir, self.config_name = models_dir, config_name
         self.allowed_models, self.cache_size = allowed_models, max(1, cache_size)
+        self.produce_missing = produce_missing
         self._loaded: OrderedDict[LlmKey, _Loaded] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._load_locks: dict[LlmKey, threading.Lock] = {}
@@ -109,12 +120,33 @@ class LlmService:
 
     # loading ---------------------------------------------------------------------------------
 
+    def _check_file(self, llm: DictConfig) -> None:
+        """A request may only use model files already on disk: producing one (quantizing a
+        7B model, say) is minutes of CPU and gigabytes of disk, an operator's decision
+        (``llm.produce_missing=true``). The embedded tiny model is cheap and always allowed."""
+        from ml_engine.llm.models import EMBEDDED, available_quantizations
+        from ml_engine.llm.quantize import check_quantization
+
+        quantization = check_quantization(str(llm.quantization))
+        if self.produce_missing or llm.model.get("source") == EMBEDDED:
+            return
+        on_disk = available_quantizations(llm.model, self.models_dir)
+        if quantization not in on_disk:
+            raise UserError(
+                f"quantization '{quantization}' of model '{llm.model.name}' is not on disk; "
+                f"on disk: {', '.join(on_disk) or '(none)'}"
+            )
+
     def _open(self, key: LlmKey) -> _Loaded:
         from ml_engine.llm.backends import open_backend
 
         llm = compose_config(self.config_name, key.overrides()).llm
+        if key.backend != "mock":
+            self._check_file(llm)
         backend = open_backend(llm, self.models_dir)
-        return _Loaded(backend, OmegaConf.select(llm, "quantization", default=None))
+        # the mock loads no file, so it has no quantization to report
+        quantization = None if key.backend == "mock" else llm.get("quantization")
+        return _Loaded(backend, quantization)
 
     def acquire(self, key: LlmKey) -> _Loaded:
         """The loaded backend for ``key``, its lock held; release with ``release``."""
@@ -168,6 +200,7 @@ class LlmService:
         loaded = self.acquire(key)
         try:
             result = loaded.backend.complete(prompt, **sampling)
+            result["timings"] = finite_values(result.get("timings") or {})
             return {**result, "engine": loaded.backend.name, "quantization": loaded.quantization}
         finally:
             self.release(loaded)

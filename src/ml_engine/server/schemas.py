@@ -192,7 +192,7 @@ class GenerateResponse(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
-    timings: dict[str, float]
+    timings: dict[str, float | None]
 
 
 class LlmModelView(BaseModel):

@@ -58,6 +58,7 @@ class Settings:
     llm_config_name: str = "generate"
     llm_models: tuple[str, ...] | None = None
     llm_cache_size: int = 2
+    llm_produce_missing: bool = False
     log_level: str = "info"
 
 
@@ -128,5 +129,6 @@ def load_settings(cfg: DictConfig) -> Settings:
         llm_config_name=str(llm.get("config_name", "generate")),
         llm_models=_names(llm.get("models")),
         llm_cache_size=int(llm.get("cache_size", 2)),
+        llm_produce_missing=bool(llm.get("produce_missing", False)),
         log_level=str(data.get("log_level") or "info"),
     )

@@ -65,6 +65,7 @@ class ServerState:
                 settings.llm_config_name,
                 settings.llm_models,
                 settings.llm_cache_size,
+                settings.llm_produce_missing,
             ),
         )
 
