@@ -135,7 +135,7 @@ def test_corrupt_gguf_is_one_line_and_leaves_no_partial_files(
     data = tiny_f32.read_bytes()
     broken.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a gguf" * 100)
     done = generate_cli("llm.quantization=q8_0", models_dir=models, outputs=tmp_path / "out")
-    _assert_one_line_error(done, str(broken))
+    _assert_one_line_error(done, str(broken), "corrupt or truncated GGUF")
     assert partial_files(tmp_path) == []
     assert not list(tmp_path.rglob("result.json"))
     assert sorted(p.name for p in models.iterdir()) == [broken.name]  # nothing else written

@@ -147,8 +147,8 @@ def _capture_llama_logs(echo: bool) -> None:
     @llama_cpp.llama_log_callback
     def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         line = text.decode("utf-8", errors="replace")
-        if level in (2, 3):  # GGML_LOG_LEVEL_WARN, _ERROR
-            _LOG_TAIL.append(line.strip())
+        # Every level is kept: the numbering of ggml's levels differs between versions.
+        _LOG_TAIL.append(line.strip())
         if echo:
             import sys
 
@@ -159,9 +159,10 @@ def _capture_llama_logs(echo: bool) -> None:
 
 
 def last_llama_error() -> str:
+    """llama.cpp's latest error line, e.g. "tensor '…' data is not within the file bounds"."""
     for line in reversed(_LOG_TAIL):
-        if line:
-            return line
+        if "error" in line.lower():
+            return line.split("error loading model: ")[-1]
     return ""
 
 
@@ -239,7 +240,7 @@ class LlamaCppBackend(LlmBackend):
                 verbose=verbose,
             )
         except (ValueError, RuntimeError) as exc:
-            reason = last_llama_error() or str(exc)
+            reason = last_llama_error() or "not a valid GGUF file"
             raise UserError(
                 f"llama.cpp could not load {self.model_path} (corrupt or truncated GGUF?): {reason}"
             ) from exc

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,7 @@ def flat_metrics(cfg: DictConfig, work: dict[str, Any]) -> dict[str, Any]:
         "ttft_s": bench["ttft_s"],
         "ttft_s_std": bench["ttft_s_std"],
         "peak_rss_mb": work.get("peak_rss_mb"),
+        "work_s": work.get("work_s"),
         "quality/perplexity": quality.get("perplexity"),
         "quality/top1_agreement": quality.get("top1_agreement"),
         "quality/kl_mean": quality.get("kl_mean"),
@@ -213,7 +215,10 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     """
     check_config(cfg, GENERATE_RULES)
     prompts = selected_prompts(cfg)
-    if (cfg.get("extras") or {}).get("print_config"):
+    extras = cfg.get("extras") or {}
+    if extras.get("ignore_warnings"):
+        warnings.filterwarnings("ignore")
+    if extras.get("print_config"):
         _print_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

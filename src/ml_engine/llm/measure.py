@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ def peak_rss_mb() -> float:
 
 def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
     """``spec`` keys: llm (the resolved llm node), prompts, bench, quality, models_dir."""
+    started = time.perf_counter()
     llm, models_dir = spec["llm"], Path(spec["models_dir"])
     bench = spec["bench"]
     with open_backend(llm, models_dir) as backend:
@@ -47,7 +49,14 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
         # Read before the quality step, which may load the base file as well.
         peak = peak_rss_mb()
         quality = _quality(backend, llm, spec, models_dir)
-    return {"facts": facts, "bench": timing, "peak_rss_mb": peak, "quality": quality}
+    work_s = time.perf_counter() - started
+    return {
+        "facts": facts,
+        "bench": timing,
+        "peak_rss_mb": peak,
+        "quality": quality,
+        "work_s": work_s,
+    }
 
 
 def _quality(backend: Any, llm: dict[str, Any], spec: dict[str, Any], models_dir: Path) -> dict:
