@@ -1,0 +1,162 @@
+"""/llm endpoints with the mock backend and the embedded tiny GGUF, streaming included."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from ml_engine.server.llm_service import LlmKey
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("llm-models")
+
+
+@pytest.fixture
+def client(make_client, models_dir):
+    return make_client(**{"paths.models_dir": str(models_dir)})
+
+
+def sse_events(text: str) -> list[tuple[str, dict]]:
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+def test_generate_mock_has_the_original_response_shape(client) -> None:
+    body = {"backend": "mock", "model": "tiny", "prompt": "one two three four", "max_tokens": 3}
+    response = client.post("/llm/generate", json=body)
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["engine"] == "mock" and result["output"] == "one two three"
+    assert result["prompt"] == body["prompt"] and result["params"]["max_tokens"] == 3
+    assert result["prompt_tokens"] == 4 and result["completion_tokens"] == 3
+    assert result["finish_reason"] == "length"
+    assert set(result["timings"]) >= {"prompt_eval_s", "gen_s", "ttft_s"}
+
+
+def test_generate_stream_mock(client) -> None:
+    body = {"backend": "mock", "model": "tiny", "prompt": "a b c", "max_tokens": 8, "stream": True}
+    with client.stream("POST", "/llm/generate", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response.read().decode())
+    assert [kind for kind, _ in events] == ["token", "token", "token", "done"]
+    assert "".join(data["token"] for kind, data in events if kind == "token") == "a b c"
+    done = events[-1][1]
+    assert done["output"] == "a b c" and done["engine"] == "mock" and done["pieces"] == 3
+
+
+@pytest.mark.parametrize("backend", ["llama_cpp", "llama"])
+def test_generate_tiny_gguf(client, backend: str) -> None:
+    body = {"backend": backend, "model": "tiny", "prompt": "Hello", "max_tokens": 12, "seed": 7}
+    first = client.post("/llm/generate", json=body)
+    assert first.status_code == 200, first.text
+    result = first.json()
+    assert result["engine"] == "llama_cpp" and result["quantization"] == "q4_k_m"
+    assert result["completion_tokens"] == 12 and result["prompt_tokens"] > 0
+    assert result["timings"]["gen_s"] >= 0
+    # fixed seed: the same text again, from the cached model
+    assert client.post("/llm/generate", json=body).json()["output"] == result["output"]
+
+
+def test_generate_tiny_gguf_streams_the_same_text(client) -> None:
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 10, "seed": 3, "temperature": 0}
+    whole = client.post("/llm/generate", json=body).json()["output"]
+    with client.stream("POST", "/llm/generate", json={**body, "stream": True}) as response:
+        events = sse_events(response.read().decode())
+    assert events[-1][0] == "done"
+    streamed = "".join(d["token"] for kind, d in events if kind == "token")
+    assert streamed == events[-1][1]["output"] == whole
+
+
+def test_llm_models_lists_quantizations_on_disk(client) -> None:
+    client.post("/llm/generate", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
+    body = client.get("/llm/models").json()
+    assert body["backends"] == ["llama_cpp", "mock"]
+    models = {m["name"]: m for m in body["models"]}
+    assert "q4_k_m" in models["tiny"]["quantizations_on_disk"]
+    assert models["tiny"]["default_quantization"] == "q4_k_m"
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "expected"),
+    [
+        ({"llama_exec_path": "/usr/bin/sh"}, 422, "unknown field(s): llama_exec_path; accepted:"),
+        ({"extra_args": ["-e", "rm"]}, 422, "unknown field(s): extra_args"),
+        ({"backend": "vllm"}, 422, "backend"),
+        ({"model": "../../etc/passwd"}, 422, "is not a name"),
+        ({"model": "/abs/model.gguf"}, 422, "is not a name"),
+        ({"model": "gpt5"}, 422, "unknown llm model 'gpt5'; accepted:"),
+        ({"quantization": "../q8"}, 422, "is not a name"),
+        ({"quantization": "q9_z"}, 422, "unknown quantization 'q9_z'"),
+        ({"model": "llama3_1_8b"}, 422, "is not on disk"),
+        ({"max_tokens": 0}, 422, "max_tokens=0 is out of range; allowed: [1, 2048]"),
+        ({"max_tokens": 10**6}, 422, "allowed: [1, 2048]"),
+        ({"n_ctx": 64}, 422, "n_ctx=64 is out of range; allowed: [128, 8192]"),
+        ({"n_gpu_layers": -5}, 422, "n_gpu_layers=-5 is out of range"),
+        ({"prompt": ""}, 422, "prompt is empty"),
+        ({"prompt": "x" * 9000}, 422, "prompt has 9000 characters; allowed: [1, 8192]"),
+        ({"temperature": -1}, 422, "temperature"),
+        ({"stream": "maybe"}, 422, "stream"),
+    ],
+)
+def test_generate_rejects(client, change: dict, status: int, expected: str) -> None:
+    body = {"backend": "llama_cpp", "model": "tiny", "prompt": "Hi", "max_tokens": 4, **change}
+    response = client.post("/llm/generate", json=body)
+    assert response.status_code == status, response.text
+    assert expected in response.json()["error"]
+
+
+def test_requests_to_one_model_are_serialized(client, models_dir) -> None:
+    """Concurrent requests on one loaded model never overlap inside the backend."""
+    service = client.app.state.server.llm
+    key = LlmKey("mock", "tiny", None, None, None)
+    loaded = service.acquire(key)
+    inside, overlaps = [0], [0]
+    original = loaded.backend.complete
+
+    def guarded(*args, **kwargs):
+        inside[0] += 1
+        overlaps[0] = max(overlaps[0], inside[0])
+        try:
+            threading.Event().wait(0.02)
+            return original(*args, **kwargs)
+        finally:
+            inside[0] -= 1
+
+    loaded.backend.complete = guarded
+    service.release(loaded)
+    body = {"backend": "mock", "model": "tiny", "prompt": "a b", "max_tokens": 2}
+    threads = [
+        threading.Thread(target=lambda: client.post("/llm/generate", json=body)) for _ in range(6)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert overlaps[0] == 1
+
+
+def test_a_stream_releases_the_model_however_it_ends(client) -> None:
+    """Read to the end, stopped early (client hung up) or never started: the lock is free."""
+    service = client.app.state.server.llm
+    key = LlmKey("llama_cpp", "tiny", None, None, None)
+    sampling = {"max_tokens": 50, "temperature": 0.8, "top_k": 40, "top_p": 0.95}
+
+    def lock_after(consume) -> bool:
+        loaded = service.acquire(key)
+        stream = service.stream_loaded(loaded, "Hello", sampling)
+        assert loaded.lock.locked()
+        consume(stream)
+        return loaded.lock.locked()
+
+    assert not lock_after(lambda stream: list(stream))
+    assert not lock_after(lambda stream: (next(stream), stream.close()))
+    assert not lock_after(lambda stream: stream.close())
