@@ -7,11 +7,21 @@ from pathlib import Path
 
 import pytest
 
+from ml_engine.cli import PROJECT_ROOT
 from ml_engine.errors import UserError
 from ml_engine.llm.isolation import WorkerFailed, run_isolated
 from tests.llm.conftest import llm_node, partial_files
 
 TARGETS = "tests.llm.crash_targets"
+
+
+@pytest.fixture(autouse=True)
+def _children_import_the_tests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The crash targets live in this test package: let the child import it from any cwd."""
+    existing = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv(
+        "PYTHONPATH", str(PROJECT_ROOT) + (os.pathsep + existing if existing else "")
+    )
 
 
 def _run(target: str, payload: dict, tmp_path: Path, **kwargs):
