@@ -1,7 +1,7 @@
 """Train a registered network: python train.py [model=cnn_mnist] [key=value ...] [-m for sweeps]."""
 
 from ml_engine.cli import launch
-from ml_engine.train import train
+from ml_engine.validation import TRAIN_RULES
 
 if __name__ == "__main__":
-    launch(train, config_name="train")
+    launch("ml_engine.train:train", config_name="train", rules=TRAIN_RULES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -11,13 +12,14 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from ml_engine.errors import UserError
+from ml_engine.validation import Rule, check_config
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,16 @@ CONFIG_DIR = PROJECT_ROOT / "conf"
 JOB_RECORD = "job.json"
 
 Task = Callable[[DictConfig], dict[str, Any]]
+# "package.module:function": imported only once the config composed, so config mistakes are
+# reported in a second instead of after torch and Lightning have loaded.
+TaskRef = Task | str
+
+
+def _resolve_task(task: TaskRef) -> Task:
+    if callable(task):
+        return task
+    module_name, _, function_name = task.partition(":")
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 def register_resolvers() -> None:
@@ -54,6 +66,11 @@ def _condense_hydra_message(message: str) -> str:
         return f"unknown {group} '{name}'; accepted: {accepted}"
     if missing:
         return f"config '{missing.group(1)}' not found"
+    not_in_struct = re.search(r"Key '([^']+)' is not in struct", message)
+    override = re.match(r"Could not override '([^']+)'", message)
+    if override and not_in_struct:
+        key = override.group(1)
+        return f"no config key '{key}' (check the spelling; to add a new key use +{key}=...)"
     return lines[0] if lines else message
 
 
@@ -65,9 +82,8 @@ def describe_error(exc: BaseException) -> str:
         return str(exc)
     message = str(exc)
     if isinstance(exc, HydraException) or type(exc).__module__.startswith("omegaconf"):
-        cause = exc.__cause__
-        if cause is not None and isinstance(cause, UserError):
-            return str(cause)
+        if exc.__cause__ is not None:  # instantiate() wraps the real error: report that one
+            return describe_error(exc.__cause__)
         return _condense_hydra_message(message)
     if type(exc).__name__ == "MisconfigurationException":  # Lightning: bad accelerator etc.
         return message.splitlines()[0] if message else type(exc).__name__
@@ -107,7 +123,7 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
-def run_job(task: Task, cfg: DictConfig) -> float | None:
+def run_job(task: TaskRef, cfg: DictConfig, rules: Sequence[Rule] = ()) -> float | None:
     """Run one job; in a sweep a failure becomes a ``failed`` record instead of ending the sweep.
 
     Every job leaves ``job.json`` in its output dir (status, error, overrides, wall time,
@@ -117,7 +133,8 @@ def run_job(task: Task, cfg: DictConfig) -> float | None:
     started = time.perf_counter()
     record: dict[str, Any] = {"overrides": _task_overrides(), "status": "ok", "error": None}
     try:
-        metrics = task(cfg)
+        check_config(cfg, rules)
+        metrics = _resolve_task(task)(cfg)
     except Exception as exc:
         record.update(status="failed", error=describe_error(exc), metrics={})
         record["wall_s"] = round(time.perf_counter() - started, 3)
@@ -139,7 +156,7 @@ def _is_rank_zero() -> bool:
     return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
 
 
-def launch(task: Task, config_name: str) -> None:
+def launch(task: TaskRef, config_name: str, rules: Sequence[Rule] = ()) -> None:
     """Hydra's main for ``task``, with every error ending in one line and exit status 1.
 
     Hydra is made to raise (``HYDRA_FULL_ERROR=1`` internally) so that its multi-line reports
@@ -156,7 +173,7 @@ def launch(task: Task, config_name: str) -> None:
 
     def hydra_task(cfg: DictConfig) -> float | None:
         try:
-            return run_job(task, cfg)
+            return run_job(task, cfg, rules)
         except Exception as exc:  # single run: reported below as one line, not by Hydra
             failures.append(exc)
             return None

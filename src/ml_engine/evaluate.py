@@ -10,6 +10,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from ml_engine.accelerators import check_accelerator
 from ml_engine.checkpoints import load_classifier
 from ml_engine.cli import write_json_atomic
 from ml_engine.extras import apply_extras, collect_metrics
@@ -20,6 +21,7 @@ from ml_engine.validation import TRAIN_RULES, check_config
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test the checkpoint at ``cfg.ckpt_path`` on the configured datamodule's test split."""
     check_config(cfg, TRAIN_RULES)
+    check_accelerator(cfg.trainer.get("accelerator"))
     apply_extras(cfg)
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)

@@ -14,13 +14,7 @@ from omegaconf import DictConfig
 
 from ml_engine.checkpoints import load_classifier
 from ml_engine.images import list_images, load_digit
-from ml_engine.validation import Rule, check_config, int_at_least, one_of
-
-PREDICT_RULES = (
-    int_at_least("batch_size", 1),
-    Rule("invert", lambda v: v in ("auto", True, False, "true", "false"), "auto, true or false"),
-    one_of("device", ("cpu", "cuda", "mps")),
-)
+from ml_engine.validation import PREDICT_RULES, check_config
 
 
 @torch.inference_mode()

@@ -11,6 +11,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from ml_engine.accelerators import check_accelerator
 from ml_engine.checkpoints import resolve_checkpoint
 from ml_engine.cli import write_json_atomic
 from ml_engine.extras import apply_extras, collect_metrics, log_hyperparameters
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test the configured model; returns the metrics also written to metrics.json."""
     check_config(cfg, TRAIN_RULES)
+    check_accelerator(cfg.trainer.get("accelerator"))
     apply_extras(cfg)
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)

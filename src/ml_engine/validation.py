@@ -80,3 +80,9 @@ TRAIN_RULES: tuple[Rule, ...] = (
     optional(int_at_least("trainer.max_epochs", -1)),
     int_at_least("callbacks.early_stopping.patience", 0),
 )
+
+PREDICT_RULES: tuple[Rule, ...] = (
+    int_at_least("batch_size", 1),
+    Rule("invert", lambda v: v in ("auto", True, False, "true", "false"), "auto, true or false"),
+    one_of("device", ("cpu", "cuda", "mps")),
+)

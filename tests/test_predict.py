@@ -1,0 +1,88 @@
+"""predict.py on real digit images written from the bundled MNIST digits."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ml_engine.images import to_mnist_digit
+from ml_engine.train import train
+from tests.conftest import run_entrypoint
+from tests.test_cli_errors import assert_one_line_error
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """A cnn_mnist trained for a few epochs on the bundled digits (once for this module)."""
+    from tests.conftest import compose_config, shrink
+
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = shrink(compose_config("train", ["trainer.max_epochs=4"]), run_dir)
+    return Path(train(cfg)["best_ckpt"])
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.slow
+def test_predict_folder_of_real_digits(trained_checkpoint: Path, digit_pngs, tmp_path: Path) -> None:
+    folder, expected = digit_pngs
+    output = tmp_path / "out" / "preds.csv"
+    result = run_entrypoint(
+        "predict.py",
+        f"ckpt_path={trained_checkpoint}",
+        f"input={folder}",
+        f"output={output}",
+        f"paths.log_dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("run_dir: ")
+    rows = read_rows(output)
+    assert list(rows[0]) == ["path", "prediction", "confidence"]
+    by_name = {Path(r["path"]).name: r for r in rows}
+    assert len(rows) == len(expected) == 12
+    truth = {name: int(name[1]) for name in by_name}
+    correct = sum(int(by_name[n]["prediction"]) == truth[n] for n in by_name)
+    assert correct >= 11, rows  # digits it may have trained on, plus resized/inverted photos
+    assert all(0.0 < float(r["confidence"]) <= 1.0 for r in rows)
+
+
+@pytest.mark.slow
+def test_predict_single_file_and_unreadable_image(
+    trained_checkpoint: Path, digit_pngs, tmp_path: Path
+) -> None:
+    folder, _ = digit_pngs
+    output = tmp_path / "one.csv"
+    result = run_entrypoint(
+        "predict.py", f"ckpt_path={trained_checkpoint}", f"input={folder / 'd7_paper.jpg'}",
+        f"output={output}", f"paths.log_dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["prediction"] for r in read_rows(output)] == ["7"]
+
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    broken_output = tmp_path / "broken.csv"
+    result = run_entrypoint(
+        "predict.py", f"ckpt_path={trained_checkpoint}", f"input={folder}",
+        f"output={broken_output}", f"paths.log_dir={tmp_path}",
+    )
+    assert_one_line_error(result, "cannot read image", "broken.png")
+    assert not broken_output.exists() and not list(tmp_path.glob(".broken.csv*"))
+
+
+def test_mnist_style_conversion_of_a_photo(bundled_digits) -> None:
+    images, _ = bundled_digits
+    digit = images[123]
+    paper = Image.fromarray(255 - digit).resize((200, 160))  # dark ink on light paper, stretched
+    converted = to_mnist_digit(paper, invert="auto")
+    assert converted.shape == (28, 28) and converted.dtype == np.uint8
+    assert converted[0].max() < 30 and converted.max() > 200  # black border, white ink
+    ys, xs = np.nonzero(converted > 50)
+    assert 9 <= ys.mean() <= 18 and 9 <= xs.mean() <= 18  # centred like MNIST
+    assert np.array_equal(to_mnist_digit(Image.fromarray(digit), invert=False), digit)
