@@ -188,3 +188,18 @@ def test_predict_from_the_best_run(make_client, trained_runs, bundled_digits) ->
     # the checkpoint is loaded once and reused
     assert client.app.state.server.predictor.cached_checkpoints() == [best["checkpoint"]]
     assert json.loads(json.dumps(as_uint8))  # plain JSON, no NaN
+
+
+def test_one_server_per_jobs_database(tmp_path) -> None:
+    from fastapi.testclient import TestClient
+
+    from ml_engine.errors import UserError
+
+    cfg = serve_config(tmp_path)
+    with (
+        TestClient(create_app(cfg)),
+        pytest.raises(UserError, match="is in use by another server"),
+    ):
+        create_app(cfg)
+    with TestClient(create_app(cfg)) as client:  # free again once the first one stopped
+        assert client.get("/ml/jobs").status_code == 200

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -11,7 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+from ml_engine.errors import UserError
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued",
@@ -65,6 +69,27 @@ class Job:
     cancel_requested: bool = False
 
 
+def _claim(path: Path) -> IO[str]:
+    """One server per jobs database: a second one would fail the first one's running jobs as
+    leftovers of a crash (and kill their processes)."""
+    handle = open(f"{path}.lock", "a+")  # noqa: SIM115 (held open for the server's life)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "?"
+        handle.close()
+        raise UserError(
+            f"jobs database {path} is in use by another server (pid {owner}); "
+            "stop it or give this one another with jobs_db=<path>"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex[:12]
 
@@ -83,6 +108,7 @@ class JobStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._owner = _claim(path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
@@ -104,6 +130,7 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        self._owner.close()  # releases the claim
 
     def create(
         self, job_id: str, model: str, request: dict[str, Any], overrides: list[str], run_dir: str
