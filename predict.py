@@ -1,4 +1,4 @@
-"""Predict digits: python predict.py ckpt_path=<best.ckpt> input=<image or folder> output=preds.csv"""
+"""Predict digits: python predict.py ckpt_path=<best.ckpt> input=<image|folder> output=preds.csv"""
 
 from ml_engine.cli import launch
 from ml_engine.validation import PREDICT_RULES

@@ -30,7 +30,7 @@ def compose_config(config_name: str, overrides: list[str] | None = None) -> Dict
 
 
 def shrink(cfg: DictConfig, output_dir: Path, keep_loggers: bool = False) -> DictConfig:
-    """CPU, bundled digits, no config printing (nor loggers unless kept), outputs in ``output_dir``."""
+    """CPU, bundled digits, no config printing (nor loggers unless kept); outputs in output_dir."""
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir)
@@ -64,7 +64,11 @@ def make_cfg(tmp_path: Path) -> Iterator:
 
 
 def run_entrypoint(
-    script: str, *overrides: str, cwd: Path | None = None, timeout: float = 600, env: dict | None = None
+    script: str,
+    *overrides: str,
+    cwd: Path | None = None,
+    timeout: float = 600,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
     """Run a root entrypoint as a user would, with its output captured."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

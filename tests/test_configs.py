@@ -54,7 +54,9 @@ def test_trainers_available_here_instantiate(trainer: str, tmp_path: Path) -> No
 
 @pytest.mark.parametrize("callbacks", ["default", "none"])
 @pytest.mark.parametrize("logger", options("logger"))
-def test_callback_and_logger_options_instantiate(callbacks: str, logger: str, tmp_path: Path) -> None:
+def test_callback_and_logger_options_instantiate(
+    callbacks: str, logger: str, tmp_path: Path
+) -> None:
     from ml_engine.instantiators import instantiate_callbacks, instantiate_loggers
 
     cfg = compose_config("train", [f"callbacks={callbacks}", f"logger={logger}"])

@@ -43,7 +43,7 @@ def test_batches_are_uint8_until_transfer_then_floats_in_unit_range() -> None:
     assert images.dtype == torch.uint8 and images.shape == (32, 1, 28, 28)
     assert labels.dtype == torch.int64 and labels.shape == (32,)
     floats, _ = datamodule.on_after_batch_transfer((images, labels), 0)
-    assert floats.dtype == torch.float32 and 0.0 <= floats.min() and floats.max() <= 1.0
+    assert floats.dtype == torch.float32 and floats.min() >= 0.0 and floats.max() <= 1.0
     assert len(datamodule.train_dataloader()) == 4500 // 32 + 1
 
 
@@ -76,7 +76,7 @@ def test_random_affine_moves_pixels_but_keeps_shape_and_range() -> None:
     images[:, :, 10:18, 12:16] = 1.0
     moved = random_affine(images, max_degrees=15, max_shift=0.1, scale=(0.9, 1.1))
     assert moved.shape == images.shape
-    assert 0.0 <= moved.min() and moved.max() <= 1.0
+    assert moved.min() >= 0.0 and moved.max() <= 1.0
     assert (moved - images).abs().sum() > 1.0
 
 

@@ -31,7 +31,9 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_predict_folder_of_real_digits(trained_checkpoint: Path, digit_pngs, tmp_path: Path) -> None:
+def test_predict_folder_of_real_digits(
+    trained_checkpoint: Path, digit_pngs, tmp_path: Path
+) -> None:
     folder, expected = digit_pngs
     output = tmp_path / "out" / "preds.csv"
     result = run_entrypoint(
@@ -60,8 +62,11 @@ def test_predict_single_file_and_unreadable_image(
     folder, _ = digit_pngs
     output = tmp_path / "one.csv"
     result = run_entrypoint(
-        "predict.py", f"ckpt_path={trained_checkpoint}", f"input={folder / 'd7_paper.jpg'}",
-        f"output={output}", f"paths.log_dir={tmp_path}",
+        "predict.py",
+        f"ckpt_path={trained_checkpoint}",
+        f"input={folder / 'd7_paper.jpg'}",
+        f"output={output}",
+        f"paths.log_dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [r["prediction"] for r in read_rows(output)] == ["7"]
@@ -69,8 +74,11 @@ def test_predict_single_file_and_unreadable_image(
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     broken_output = tmp_path / "broken.csv"
     result = run_entrypoint(
-        "predict.py", f"ckpt_path={trained_checkpoint}", f"input={folder}",
-        f"output={broken_output}", f"paths.log_dir={tmp_path}",
+        "predict.py",
+        f"ckpt_path={trained_checkpoint}",
+        f"input={folder}",
+        f"output={broken_output}",
+        f"paths.log_dir={tmp_path}",
     )
     assert_one_line_error(result, "cannot read image", "broken.png")
     assert not broken_output.exists() and not list(tmp_path.glob(".broken.csv*"))

@@ -32,11 +32,18 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout_s: float = 300) -> 
 @pytest.mark.slow
 def test_resume_after_sigkill_mid_epoch(tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
-    overrides = [*SMALL, "trainer.max_epochs=5", "trainer.limit_train_batches=40",
-                 "datamodule.batch_size=32", f"hydra.run.dir={run_dir}"]
+    overrides = [
+        *SMALL,
+        "trainer.max_epochs=5",
+        "trainer.limit_train_batches=40",
+        "datamodule.batch_size=32",
+        f"hydra.run.dir={run_dir}",
+    ]
     process = subprocess.Popen(
         [sys.executable, str(PROJECT_ROOT / "train.py"), *overrides],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     last = run_dir / "checkpoints" / "last.ckpt"
     try:
@@ -50,23 +57,34 @@ def test_resume_after_sigkill_mid_epoch(tmp_path: Path) -> None:
     assert not (run_dir / "metrics.json").exists()
 
     result = run_entrypoint(
-        "train.py", *SMALL, "trainer.max_epochs=5", "trainer.limit_train_batches=40",
-        "datamodule.batch_size=32", f"ckpt_path={last}", f"paths.log_dir={tmp_path}",
+        "train.py",
+        *SMALL,
+        "trainer.max_epochs=5",
+        "trainer.limit_train_batches=40",
+        "datamodule.batch_size=32",
+        f"ckpt_path={last}",
+        f"paths.log_dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Restored all states from the checkpoint" in result.stdout + result.stderr
     resumed_dir = Path(result.stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
     metrics = json.loads((resumed_dir / "metrics.json").read_text())
     assert metrics["epochs_run"] == 5 and metrics["test/acc"] > 0.5
-    final = torch.load(resumed_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    final = torch.load(
+        resumed_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
+    )
     assert final["global_step"] == 5 * 40
 
 
 @pytest.mark.slow
 def test_ddp_cpu_two_processes(tmp_path: Path) -> None:
     result = run_entrypoint(
-        "train.py", *SMALL, "trainer=ddp_cpu", "trainer.max_epochs=2",
-        "trainer.limit_train_batches=10", f"paths.log_dir={tmp_path}",
+        "train.py",
+        *SMALL,
+        "trainer=ddp_cpu",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=10",
+        f"paths.log_dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr

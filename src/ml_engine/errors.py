@@ -15,7 +15,9 @@ class UnknownNameError(UserError, KeyError):
 
     def __init__(self, kind: str, name: str, accepted: list[str]) -> None:
         self.kind, self.name, self.accepted = kind, name, sorted(accepted)
-        super().__init__(f"unknown {kind} '{name}'; accepted: {', '.join(self.accepted) or '(none)'}")
+        super().__init__(
+            f"unknown {kind} '{name}'; accepted: {', '.join(self.accepted) or '(none)'}"
+        )
 
     def __str__(self) -> str:  # KeyError would otherwise quote the message
         return self.args[0]

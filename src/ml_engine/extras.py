@@ -17,11 +17,25 @@ log = logging.getLogger(__name__)
 
 # Lightning's advice about worker processes: num_workers=0 is our deliberate default
 # (in-memory batches are faster than worker IPC, and fork is fragile on macOS).
-_NOISY_WARNINGS = (r".*does not have many workers.*", r".*The number of training batches.*")
+_NOISY_WARNINGS = (
+    r".*does not have many workers.*",
+    r".*The number of training batches.*",
+    r".*isinstance\(treespec, LeafSpec\).*",  # Lightning vs torch 2.14 internals
+)
+
+
+def route_lightning_logs_through_hydra() -> None:
+    """Lightning adds its own stderr handler; under Hydra's logging every line would print twice."""
+    lightning_logger = logging.getLogger("lightning")
+    for handler in list(lightning_logger.handlers):
+        if type(handler) is logging.StreamHandler:
+            lightning_logger.removeHandler(handler)
 
 
 def apply_extras(cfg: DictConfig) -> None:
     """Optional chores from the ``extras`` node: quiet known-harmless warnings, print config."""
+    if logging.getLogger().handlers:
+        route_lightning_logs_through_hydra()
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
@@ -69,7 +83,9 @@ def _flat_hparams(cfg: DictConfig, model: L.LightningModule) -> dict[str, Any]:
     hparams: dict[str, Any] = {}
     for key in ("model", "datamodule", "trainer", "seed", "tags", "ckpt_path"):
         node = cfg.get(key)
-        hparams[key] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        hparams[key] = (
+            OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        )
     hparams["model/params/total"] = sum(p.numel() for p in model.parameters())
     return hparams
 

@@ -49,7 +49,9 @@ def _center_like_mnist(gray: np.ndarray) -> np.ndarray:
     crop = gray[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     scale = 20.0 / max(crop.shape)
     size = (max(1, round(crop.shape[1] * scale)), max(1, round(crop.shape[0] * scale)))
-    digit = np.asarray(Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
+    digit = np.asarray(
+        Image.fromarray(crop).resize(size, Image.Resampling.LANCZOS), dtype=np.float64
+    )
     canvas = np.zeros((28, 28), dtype=np.float64)
     top, left = (28 - digit.shape[0]) // 2, (28 - digit.shape[1]) // 2
     canvas[top : top + digit.shape[0], left : left + digit.shape[1]] = digit

@@ -123,9 +123,9 @@ class ClassifierModule(L.LightningModule):
             return {"optimizer": optimizer}
         make_scheduler = instantiate(self.hparams.scheduler)
         extra: dict[str, Any] = {}
-        if "total_steps" in inspect.signature(make_scheduler.func).parameters:
-            if "total_steps" not in make_scheduler.keywords:
-                extra["total_steps"] = int(self.trainer.estimated_stepping_batches)
+        wants_steps = "total_steps" in inspect.signature(make_scheduler.func).parameters
+        if wants_steps and "total_steps" not in make_scheduler.keywords:
+            extra["total_steps"] = int(self.trainer.estimated_stepping_batches)
         scheduler = make_scheduler(optimizer=optimizer, **extra)
         return {
             "optimizer": optimizer,

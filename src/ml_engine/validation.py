@@ -21,7 +21,7 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class Rule:
-    """``key`` (dotted path; skipped when absent) must satisfy ``accepts``, described as ``expected``."""
+    """``key`` (dotted path, skipped when absent) must satisfy ``accepts``, told as ``expected``."""
 
     key: str
     accepts: Callable[[Any], bool]
