@@ -49,8 +49,10 @@ def test_grid_sweep_summary_with_one_failing_job(tmp_path: Path) -> None:
     assert "| failed |" in summary_md.read_text()
     jobs = json.loads((sweep_dir / "summary.json").read_text())["jobs"]
     assert len(jobs) == 4
-    for job in ("0", "1", "2", "3"):  # every job dir keeps its resolved config
+    for job in ("0", "1", "2", "3"):  # every job dir keeps its config, as composed and resolved
         assert (sweep_dir / job / ".hydra" / "config.yaml").is_file()
+        resolved = (sweep_dir / job / "config_resolved.yaml").read_text()
+        assert "${" not in resolved and f"output_dir: {sweep_dir / job}" in resolved
 
 
 @pytest.mark.slow

@@ -80,6 +80,9 @@ def describe_error(exc: BaseException) -> str:
 
     if isinstance(exc, UserError):
         return str(exc)
+    if type(exc).__name__ == "MissingMandatoryValue":
+        key = getattr(exc, "full_key", None) or "a value"
+        return f"{key} is required: add {key}=<value> to the command"
     message = str(exc)
     if isinstance(exc, HydraException) or type(exc).__module__.startswith("omegaconf"):
         if exc.__cause__ is not None:  # instantiate() wraps the real error: report that one
@@ -114,6 +117,15 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def save_resolved_config(cfg: DictConfig, output_dir: Path) -> None:
+    """``.hydra/config.yaml`` keeps interpolations; this is the config with every value filled in."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    tmp = output_dir / f".config_resolved.yaml.{os.getpid()}.tmp"
+    tmp.write_text(resolved)
+    os.replace(tmp, output_dir / "config_resolved.yaml")
+
+
 def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
     """The value a sweeper optimizes: ``metrics[cfg.optimized_metric]``, NaN when missing."""
     key = cfg.get("optimized_metric")
@@ -133,6 +145,8 @@ def run_job(task: TaskRef, cfg: DictConfig, rules: Sequence[Rule] = ()) -> float
     started = time.perf_counter()
     record: dict[str, Any] = {"overrides": _task_overrides(), "status": "ok", "error": None}
     try:
+        if _is_rank_zero():
+            save_resolved_config(cfg, output_dir)
         check_config(cfg, rules)
         metrics = _resolve_task(task)(cfg)
     except Exception as exc:
