@@ -19,6 +19,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -124,7 +125,15 @@ def free_port() -> int:
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    command = [sys.executable, str(ROOT / "serve.py"), f"port={port}", "log_level=warning"]
+    # its own jobs database: a server already running on the default one keeps it
+    jobs_db = Path(tempfile.mkdtemp(prefix="serve_load_")) / "jobs.sqlite"
+    command = [
+        sys.executable,
+        str(ROOT / "serve.py"),
+        f"port={port}",
+        "log_level=warning",
+        f"jobs_db={jobs_db}",
+    ]
     if args.runs_dir:
         command.append(f"runs_dir={args.runs_dir}")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

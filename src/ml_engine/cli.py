@@ -118,7 +118,7 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 def save_resolved_config(cfg: DictConfig, output_dir: Path) -> None:
-    """``.hydra/config.yaml`` keeps interpolations; this is the config with every value filled in."""
+    """`.hydra/config.yaml` keeps interpolations; this is the config with every value filled in."""
     output_dir.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_yaml(cfg, resolve=True)
     tmp = output_dir / f".config_resolved.yaml.{os.getpid()}.tmp"
