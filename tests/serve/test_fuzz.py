@@ -3,6 +3,7 @@ no request may produce a 5xx, and the server is alive afterwards."""
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,9 +31,11 @@ STATUSES: list[tuple[str, int]] = []
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory, trained_runs: Path) -> Iterator[str]:
     tmp_path = tmp_path_factory.mktemp("fuzz")
+    runs = tmp_path / "runs"
+    shutil.copytree(trained_runs, runs)  # the jobs the fuzzer queues train here, not there
     cfg = serve_config(
         tmp_path,
-        runs_dir=trained_runs,
+        runs_dir=runs,
         **{"paths.models_dir": str(tmp_path / "models"), "limits.max_body_bytes": 262144},
     )
     cfg.jobs.extra_overrides = [*cfg.jobs.extra_overrides, *FUZZ_JOB_OVERRIDES]

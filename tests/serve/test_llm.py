@@ -160,3 +160,14 @@ def test_a_stream_releases_the_model_however_it_ends(client) -> None:
     assert not lock_after(lambda stream: list(stream))
     assert not lock_after(lambda stream: (next(stream), stream.close()))
     assert not lock_after(lambda stream: stream.close())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_prompt_longer_than_the_context_is_a_422(client, stream: bool) -> None:
+    body = {"model": "tiny", "prompt": "word " * 400, "n_ctx": 128, "stream": stream}
+    response = client.post("/llm/generate", json=body)
+    assert response.status_code == 422
+    assert "context holds" in response.json()["error"]
+    # and the model is free for the next request
+    ok = client.post("/llm/generate", json={**body, "prompt": "word", "stream": False})
+    assert ok.status_code == 200

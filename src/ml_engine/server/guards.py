@@ -14,13 +14,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ml_engine.server.errors import ApiError
 from ml_engine.server.settings import Range
 
-# reachable without a token: liveness, and the UI shell and schema, which hold no data
-PUBLIC_PATHS = ("/health", "/", "/docs", "/redoc", "/openapi.json", "/favicon.ico")
-PUBLIC_PREFIXES = ("/static/", "/docs/")
-
 
 def bearer_guard(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
-    """A dependency requiring ``Authorization: Bearer <api_key>`` when a key is configured."""
+    """A dependency requiring ``Authorization: Bearer <api_key>`` when a key is configured.
+
+    It guards the /ml and /llm routers; /health, the UI shell and the schema stay open: they
+    hold no data and start nothing."""
 
     async def require_token(request: Request) -> None:
         if api_key is None:

@@ -49,8 +49,7 @@ class JobProgress(L.Callback):
         batches = trainer.num_training_batches
         progress = {
             "stage": self._stage,
-            # 1-based epoch in progress, as a user counts them
-            "epoch": min(trainer.current_epoch + 1, max(trainer.max_epochs or 1, 1)),
+            "epoch": self._epoch(trainer),
             "epochs_done": self._epochs_done,
             "max_epochs": trainer.max_epochs,
             "step": trainer.global_step,
@@ -60,6 +59,13 @@ class JobProgress(L.Callback):
             "updated_at": time.time(),
         }
         write_json_atomic(Path(trainer.default_root_dir) / PROGRESS_FILE, progress)
+
+    @staticmethod
+    def _epoch(trainer: L.Trainer) -> int:
+        """The epoch in progress, 1-based as a user counts them (never past the last one)."""
+        epoch = trainer.current_epoch + 1
+        limit = trainer.max_epochs
+        return min(epoch, limit) if limit is not None and limit > 0 else epoch
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stage = "fit"

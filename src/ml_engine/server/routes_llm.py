@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import threading
@@ -75,7 +76,9 @@ def _generation_error(exc: Exception) -> str:
     return f"generation failed: {type(exc).__name__}"
 
 
-async def _relay(events: Iterator[dict[str, Any]], extra: dict[str, Any]) -> AsyncIterator[bytes]:
+async def _relay(
+    first: dict[str, Any], events: Iterator[dict[str, Any]], extra: dict[str, Any]
+) -> AsyncIterator[bytes]:
     """Run the blocking token iterator in its own thread and pass its events on as SSE.
 
     The iterator holds the model's lock; when the client goes away the thread is told to stop
@@ -93,7 +96,7 @@ async def _relay(events: Iterator[dict[str, Any]], extra: dict[str, Any]) -> Asy
 
     def produce() -> None:
         try:
-            for event in events:
+            for event in itertools.chain([first], events):
                 put(("done", {**event, **extra}) if event.get("done") else ("token", event))
                 if stop.is_set():
                     break
@@ -118,6 +121,15 @@ async def _relay(events: Iterator[dict[str, Any]], extra: dict[str, Any]) -> Asy
         stop.set()
 
 
+def _first_event(events: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    try:
+        return next(events)
+    except (UserError, ValueError) as exc:
+        raise ApiError(422, _generation_error(exc)) from None
+    except StopIteration:  # cannot happen: a stream always ends with its "done" event
+        raise ApiError(422, "the model produced nothing") from None
+
+
 @router.post(
     "/generate", response_model=GenerateResponse, summary="Generate text", openapi_extra=STREAM_DOC
 )
@@ -131,8 +143,11 @@ async def generate(request: Request, body: GenerateRequest) -> Any:
         # load (and report load errors as plain 4xx JSON) before the stream starts
         loaded = await run_in_threadpool(state.llm.acquire, key)
         events = state.llm.stream_loaded(loaded, body.prompt, sampling)
+        # the first event is taken before answering, so that a prompt the model cannot take
+        # (longer than its context, say) is a plain 422 rather than an error event after a 200
+        first = await run_in_threadpool(_first_event, events)
         return StreamingResponse(
-            _relay(events, extra),
+            _relay(first, events, extra),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
