@@ -32,9 +32,10 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     except UserError:
         raise
     except Exception as exc:
-        reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = str(exc).splitlines()[0] if str(exc).strip() else ""
+        reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
         raise UserError(
-            f"could not load checkpoint {checkpoint}: {reason} "
+            f"could not load checkpoint {checkpoint} ({reason}) "
             "(expected a Lightning .ckpt of a ml_engine classifier written by train.py)"
         ) from exc
     return model.eval()

@@ -67,9 +67,11 @@ def _condense_hydra_message(message: str) -> str:
     if missing:
         return f"config '{missing.group(1)}' not found"
     not_in_struct = re.search(r"Key '([^']+)' is not in struct", message)
-    override = re.match(r"Could not override '([^']+)'", message)
-    if override and not_in_struct:
-        key = override.group(1)
+    if not_in_struct:
+        named = re.search(r"full_key: (\S+)", message) or re.match(
+            r"Could not override '([^']+)'", message
+        )
+        key = named.group(1) if named else not_in_struct.group(1)
         return f"no config key '{key}' (check the spelling; to add a new key use +{key}=...)"
     return lines[0] if lines else message
 
