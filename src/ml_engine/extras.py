@@ -6,12 +6,17 @@ import logging
 import math
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
+
+from ml_engine.accelerators import check_accelerator
+from ml_engine.cli import write_json_atomic
+from ml_engine.validation import TRAIN_RULES, check_config
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +27,21 @@ _NOISY_WARNINGS = (
     r".*The number of training batches.*",
     r".*isinstance\(treespec, LeafSpec\).*",  # Lightning vs torch 2.14 internals
 )
+
+
+def prepare_lightning_run(cfg: DictConfig) -> None:
+    """What every Lightning task does first: check values and accelerator, chores, seed."""
+    check_config(cfg, TRAIN_RULES)
+    check_accelerator(cfg.trainer.get("accelerator"))
+    apply_extras(cfg)
+    L.seed_everything(cfg.seed, workers=True)
+
+
+def finish_run(cfg: DictConfig, trainer: L.Trainer, metrics: Mapping[str, Any]) -> None:
+    """Rank zero writes ``metrics.json`` into the run dir and prints ``run_dir:`` last."""
+    if trainer.is_global_zero:
+        write_json_atomic(Path(cfg.paths.output_dir) / "metrics.json", dict(metrics))
+        print(f"run_dir: {cfg.paths.output_dir}", flush=True)
 
 
 def route_lightning_logs_through_hydra() -> None:

@@ -4,30 +4,28 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ml_engine.accelerators import check_accelerator
 from ml_engine.checkpoints import resolve_checkpoint
-from ml_engine.cli import write_json_atomic
-from ml_engine.extras import apply_extras, collect_metrics, log_hyperparameters
+from ml_engine.extras import (
+    collect_metrics,
+    finish_run,
+    log_hyperparameters,
+    prepare_lightning_run,
+)
 from ml_engine.instantiators import instantiate_callbacks, instantiate_loggers
-from ml_engine.validation import TRAIN_RULES, check_config
 
 log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test the configured model; returns the metrics also written to metrics.json."""
-    check_config(cfg, TRAIN_RULES)
-    check_accelerator(cfg.trainer.get("accelerator"))
-    apply_extras(cfg)
     started = time.perf_counter()
-    L.seed_everything(cfg.seed, workers=True)
+    prepare_lightning_run(cfg)
 
     datamodule: L.LightningDataModule = instantiate(cfg.datamodule)
     model: L.LightningModule = instantiate(cfg.model)
@@ -52,9 +50,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         wall_s=round(time.perf_counter() - started, 3),
     )
     log_hyperparameters(cfg, model, trainer, metrics)
-    if trainer.is_global_zero:
-        write_json_atomic(Path(cfg.paths.output_dir) / "metrics.json", metrics)
-        print(f"run_dir: {cfg.paths.output_dir}", flush=True)
+    finish_run(cfg, trainer, metrics)
     return metrics
 
 
