@@ -93,9 +93,18 @@ class ClassifierModule(L.LightningModule):
         # value, which costs more than a small network's step and is not needed here
         self.train_loss.update(loss.detach())
         self.train_acc.update(preds, targets)
-        self.log("train/loss_step", loss.detach(), on_step=True, on_epoch=False, prog_bar=True)
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        # an explicit batch_size spares Lightning a walk through the batch on every log call
+        size = len(targets)
+        self.log("train/loss_step", loss.detach(), prog_bar=True, batch_size=size)
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, batch_size=size)
+        self.log(
+            "train/acc",
+            self.train_acc,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=size,
+        )
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
