@@ -83,6 +83,13 @@ def run_entrypoint(
     )
 
 
+def run_dir_of(result: subprocess.CompletedProcess) -> Path:
+    """The run dir an entrypoint printed as its last line (``run_dir: <path>``)."""
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("run_dir: "), result.stdout[-2000:]
+    return Path(last.removeprefix("run_dir: "))
+
+
 CLI_TEST_OVERRIDES = (
     "datamodule.source=bundled",
     "trainer.accelerator=cpu",

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ml_engine.cli import PROJECT_ROOT
-from tests.conftest import CLI_TEST_OVERRIDES, run_entrypoint
+from tests.conftest import CLI_TEST_OVERRIDES, run_dir_of, run_entrypoint
 
 SMALL = (*CLI_TEST_OVERRIDES, "logger=none", "model=mlp_mnist")
 
@@ -67,7 +67,7 @@ def test_resume_after_sigkill_mid_epoch(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Restored all states from the checkpoint" in result.stdout + result.stderr
-    resumed_dir = Path(result.stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
+    resumed_dir = run_dir_of(result)
     metrics = json.loads((resumed_dir / "metrics.json").read_text())
     assert metrics["epochs_run"] == 5 and metrics["test/acc"] > 0.5
     final = torch.load(
@@ -89,7 +89,7 @@ def test_ddp_cpu_two_processes(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
     assert "MEMBER: 1/2" in output and "MEMBER: 2/2" in output
-    run_dir = Path(result.stdout.strip().splitlines()[-1].removeprefix("run_dir: "))
+    run_dir = run_dir_of(result)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["epochs_run"] == 2 and metrics["test/acc"] > 0.3
     # each rank stepped through its half of the batches: 10 steps per epoch in total per rank
