@@ -118,9 +118,9 @@ def test_unknown_group_options_are_refused(
 
 
 def test_slurm_launcher_without_its_extra_names_the_install(tmp_path: Path) -> None:
-    from ml_engine.group_options import SLURM, _importable
+    from ml_engine.group_options import SLURM, is_importable
 
-    if _importable(SLURM.module):
+    if is_importable(SLURM.module):
         pytest.skip("hydra-submitit-launcher is installed here")
     result = run_entrypoint(
         "train.py", "-m", "hydra/launcher=slurm", f"paths.log_dir={tmp_path}", "seed=1,2"

@@ -35,7 +35,7 @@ OPTIONS_NEEDING_EXTRAS: dict[tuple[str, str], Extra] = {
 }
 
 
-def _importable(module: str) -> bool:
+def is_importable(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # its parent package is missing
@@ -45,7 +45,7 @@ def _importable(module: str) -> bool:
 def missing_extra_message(group: str, option: str) -> str | None:
     """One line naming the pip command when ``group=option`` needs an extra not installed."""
     extra = OPTIONS_NEEDING_EXTRAS.get((group, option))
-    if extra is None or _importable(extra.module):
+    if extra is None or is_importable(extra.module):
         return None
     return (
         f"{group}={option} needs {extra.package}, which is not installed: "
