@@ -178,7 +178,7 @@ def download_command(repo: str, filename: str, local_dir: Path, hub_version: str
 
     args = f"download {repo} {filename} --local-dir {local_dir}"
     if hub_version is None:
-        return f"{install_command('hub')} then `hf {args}`"
+        return f"`{install_command('hub')}` then `hf {args}`"
     cli = "hf" if Version(hub_version) >= Version(HF_CLI_SINCE) else "huggingface-cli"
     return f"`{cli} {args}`"
 
