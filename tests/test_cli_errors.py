@@ -82,3 +82,86 @@ def test_corrupt_checkpoint(tmp_path: Path) -> None:
 def test_eval_without_ckpt_path(tmp_path: Path) -> None:
     result = run_entrypoint("eval.py", *eval_common(tmp_path))
     assert_one_line_error(result, "ckpt_path")
+
+
+def runs_listing(log_dir: Path) -> list[str]:
+    return sorted(str(p.relative_to(log_dir)) for p in log_dir.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("script", "overrides", "fragments"),
+    [
+        # the command: three optional groups, Hydra skipped every one silently
+        (
+            "train.py",
+            ("experiment=nope", "hparams_search=nada", "debug=fdr"),
+            ("unknown experiment 'nope'", "accepted: mlp_quick"),
+        ),
+        ("train.py", ("hparams_search=nada",), ("unknown hparams_search 'nada'", "mnist_optuna")),
+        ("train.py", ("debug=fdrx",), ("unknown debug 'fdrx'", "fdr, limit, overfit, profiler")),
+        ("train.py", ("-m", "model=cnn_mnist,mlpx"), ("unknown model 'mlpx'", "cnn_mnist")),
+        ("train.py", ("hydra/launcher=slurmm",), ("unknown hydra/launcher 'slurmm'", "basic")),
+        ("eval.py", ("ckpt_path=x.ckpt", "datamodule=nope"), ("unknown datamodule 'nope'",)),
+        ("predict.py", ("ckpt_path=x", "input=y", "paths=nope"), ("unknown paths 'nope'",)),
+        ("generate.py", ("llm/model=tiny2",), ("unknown llm/model 'tiny2'", "tiny")),
+        ("generate.py", ("llm/backend=mok",), ("unknown llm/backend 'mok'", "llama_cpp, mock")),
+        ("generate.py", ("prompts=german",), ("unknown prompts 'german'", "code, english")),
+        ("serve.py", ("hydra/sweeper=optuna2",), ("unknown hydra/sweeper 'optuna2'", "optuna")),
+    ],
+)
+def test_unknown_group_options_are_refused(
+    tmp_path: Path, script: str, overrides: tuple[str, ...], fragments: tuple[str, ...]
+) -> None:
+    result = run_entrypoint(script, *overrides, f"paths.log_dir={tmp_path}", timeout=120)
+    assert_one_line_error(result, *fragments)
+    assert runs_listing(tmp_path) == []  # refused before Hydra made a run dir
+
+
+def test_slurm_launcher_without_its_extra_names_the_install(tmp_path: Path) -> None:
+    from ml_engine.group_options import SLURM, is_importable
+
+    if is_importable(SLURM.module):
+        pytest.skip("hydra-submitit-launcher is installed here")
+    result = run_entrypoint(
+        "train.py", "-m", "hydra/launcher=slurm", f"paths.log_dir={tmp_path}", "seed=1,2"
+    )
+    assert_one_line_error(result, "hydra/launcher=slurm", "hydra-submitit-launcher")
+    assert 'pip install -e ".[slurm]"' in result.stderr  # this test runs from a checkout
+    assert runs_listing(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("script", "override", "fragment"),
+    [
+        ("train.py", "model.optimizer.lr=abc", "model.optimizer.lr='abc'"),
+        ("train.py", "trainer.accelerator=mps", "no Apple MPS"),
+        ("train.py", "experiment=nope", "unknown experiment"),
+        ("train.py", "ckpt_path=missing.ckpt", "checkpoint not found"),
+        ("eval.py", "ckpt_path=missing.ckpt", "checkpoint not found"),
+        ("predict.py", "batch_size=0", "batch_size=0"),
+    ],
+)
+def test_refused_runs_leave_no_run_dir(
+    tmp_path: Path, script: str, override: str, fragment: str
+) -> None:
+    task = {"train.py": "train", "eval.py": "eval", "predict.py": "predict"}[script]
+    earlier_run = tmp_path / task / "runs" / "2020-01-01_00-00-00_abcdef"
+    earlier_run.mkdir(parents=True)
+    (earlier_run / "metrics.json").write_text("{}")
+    before = runs_listing(tmp_path)
+    required = {"eval.py": ["ckpt_path=missing.ckpt"], "predict.py": ["ckpt_path=x", "input=y"]}
+    overrides = [*eval_common(tmp_path), *required.get(script, [])]
+    if script == "predict.py":
+        overrides = [f"paths.log_dir={tmp_path}", *required[script]]
+    result = run_entrypoint(script, *overrides, override, timeout=300)
+    assert_one_line_error(result, fragment)
+    assert runs_listing(tmp_path) == before
+
+
+def test_failed_sweep_jobs_keep_their_record(tmp_path: Path) -> None:
+    result = run_entrypoint(
+        "train.py", "-m", *common(tmp_path), "model.optimizer.lr=abc,-1", timeout=300
+    )
+    records = sorted(tmp_path.glob("train/multiruns/*/*/job.json"))
+    assert len(records) == 2, (result.stdout[-2000:], result.stderr[-2000:])
+    assert all('"status": "failed"' in record.read_text() for record in records)

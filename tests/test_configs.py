@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from ml_engine.cli import CONFIG_DIR
 from tests.conftest import compose_config, shrink
@@ -102,7 +103,10 @@ def test_experiment_and_hparams_search_compose() -> None:
 def test_eval_and_predict_configs_compose() -> None:
     assert compose_config("eval", ["ckpt_path=x.ckpt"]).ckpt_path == "x.ckpt"
     cfg = compose_config("predict", ["ckpt_path=x.ckpt", "input=digits/"])
-    assert (cfg.input, cfg.output, cfg.invert) == ("digits/", "predictions.csv", "auto")
+    assert (cfg.input, cfg.invert) == ("digits/", "auto")
+    # the CSV lands in the run dir, not wherever the command ran
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    assert raw["output"] == "${paths.output_dir}/predictions.csv"
 
 
 def test_run_dirs_carry_a_random_id_and_are_grouped_by_task() -> None:

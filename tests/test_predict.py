@@ -11,7 +11,7 @@ from PIL import Image
 
 from ml_engine.images import to_mnist_digit
 from ml_engine.train import train
-from tests.conftest import run_entrypoint
+from tests.conftest import run_dir_of, run_entrypoint
 from tests.test_cli_errors import assert_one_line_error
 
 
@@ -82,6 +82,35 @@ def test_predict_single_file_and_unreadable_image(
     )
     assert_one_line_error(result, "cannot read image", "broken.png")
     assert not broken_output.exists() and not list(tmp_path.glob(".broken.csv*"))
+
+
+@pytest.mark.slow
+def test_predict_folder_reports_skipped_files_and_writes_into_the_run_dir(
+    trained_checkpoint: Path, digit_pngs, tmp_path: Path
+) -> None:
+    folder, expected = digit_pngs
+    (folder / "notes.txt").write_text("not a digit")
+    (folder / "labels.csv").write_text("name,label\n")
+    (folder / "more").mkdir()
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    result = run_entrypoint(
+        "predict.py",
+        f"ckpt_path={trained_checkpoint}",
+        f"input={folder}",
+        f"paths.log_dir={tmp_path / 'outputs'}",
+        cwd=cwd,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("skipped ")]
+    assert len(skipped) == 1, result.stdout[-2000:]
+    assert "2 file(s) without an image extension" in skipped[0]
+    assert "labels.csv" in skipped[0] and "notes.txt" in skipped[0] and ".png" in skipped[0]
+    assert "1 subfolder(s)" in skipped[0]
+    run_dir = run_dir_of(result)
+    assert run_dir.parent == tmp_path / "outputs" / "predict" / "runs"
+    assert len(read_rows(run_dir / "predictions.csv")) == len(expected)
+    assert list(cwd.iterdir()) == []  # nothing lands where the command ran
 
 
 def test_mnist_style_conversion_of_a_photo(bundled_digits) -> None:

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import os
+import sys
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch import callbacks as lightning_callbacks
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+
+from ml_engine.errors import UserError
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
@@ -71,3 +78,140 @@ class RichProgressBar(lightning_callbacks.RichProgressBar):
         done = batch_idx + 1
         if done % max(1, int(self.refresh_rate)) == 0 or done == self.total_train_batches:
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def _format_metrics(metrics: Mapping[str, Any]) -> str:
+    parts = []
+    for key in sorted(metrics):
+        value = metrics[key]
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                continue
+            value = value.item()
+        if isinstance(value, float):
+            parts.append(f"{key}={value:.4g}")
+        elif isinstance(value, int):
+            parts.append(f"{key}={value}")
+    return " ".join(parts)
+
+
+def _batch_size(batch: Any) -> int | None:
+    """Samples in a batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    if isinstance(batch, (list, tuple)) and batch:
+        return _batch_size(batch[0])
+    if isinstance(batch, Mapping) and batch:
+        return _batch_size(next(iter(batch.values())))
+    return None
+
+
+class PlainProgressBar(ProgressBar):
+    """Progress as plain lines, for output that is not a terminal (CI logs, nohup, schedulers).
+
+    A redrawn bar there shows only its final state, wrapped into a narrow column; these lines
+    say how far each epoch is, how fast it goes and what the metrics are, a few times per epoch
+    (``lines_per_epoch``) and at least every ``max_interval_s`` seconds, then once per epoch
+    with the validation metrics.
+    """
+
+    def __init__(self, lines_per_epoch: int = 4, max_interval_s: float = 30.0) -> None:
+        super().__init__()
+        self.lines_per_epoch = max(1, int(lines_per_epoch))
+        self.max_interval_s = float(max_interval_s)
+        self._enabled = True
+        self._epoch_started = self._last_line_at = 0.0
+        self._samples = self._steps = 0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    @property
+    def is_enabled(self) -> bool:
+        return self._enabled
+
+    def _epoch_label(self, trainer: L.Trainer) -> str:
+        total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        return f"epoch {trainer.current_epoch + 1}{total}"
+
+    def _rates(self, steps: int) -> str:
+        elapsed = max(time.perf_counter() - self._epoch_started, 1e-9)
+        rates = f"{steps / elapsed:.1f} steps/s"
+        if self._samples:
+            rates += f" {self._samples / elapsed:.0f} samples/s"
+        return rates
+
+    def _line_due(self, done: int, total: float) -> bool:
+        if done >= total:
+            return False  # the epoch line follows
+        every = math.ceil(total / self.lines_per_epoch) if math.isfinite(total) else 50
+        overdue = time.perf_counter() - self._last_line_at >= self.max_interval_s
+        return done % every == 0 or overdue
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch_started = self._last_line_at = time.perf_counter()
+        self._samples = self._steps = 0
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._samples += _batch_size(batch) or 0
+        self._steps += 1
+        done, total = batch_idx + 1, self.total_train_batches
+        if not self.is_enabled or not self._line_due(done, total):
+            return
+        shown_total = f"/{total} ({100 * done / total:.0f}%)" if math.isfinite(total) else ""
+        # per-step values only: epoch-level ones would repeat the previous epoch's
+        step_metrics = {
+            k: v for k, v in trainer.progress_bar_metrics.items() if k.endswith("_step")
+        }
+        metrics = _format_metrics(step_metrics)
+        self.print(
+            f"{self._epoch_label(trainer)} step {done}{shown_total} {self._rates(done)} {metrics}"
+        )
+        self._last_line_at = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.is_enabled:
+            return
+        steps = self._steps
+        epoch_metrics = {
+            k: v for k, v in trainer.callback_metrics.items() if not k.endswith("_step")
+        }
+        seconds = time.perf_counter() - self._epoch_started
+        self.print(
+            f"{self._epoch_label(trainer)} done: {steps} steps in {seconds:.1f} s "
+            f"({self._rates(steps)}) {_format_metrics(epoch_metrics)}"
+        )
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        print(*args, **kwargs, flush=True)
+
+
+def progress_bar(
+    style: str = "auto",
+    refresh_rate: int = 10,
+    lines_per_epoch: int = 4,
+    max_interval_s: float = 30.0,
+) -> ProgressBar:
+    """The rich bar on a terminal, plain progress lines when stdout is redirected (``auto``)."""
+    if style not in ("auto", "rich", "plain"):
+        raise UserError(f"progress bar style={style!r} is not valid; accepted: auto, rich, plain")
+    if style == "rich" or (style == "auto" and sys.stdout.isatty()):
+        return RichProgressBar(refresh_rate=refresh_rate)
+    return PlainProgressBar(lines_per_epoch=lines_per_epoch, max_interval_s=max_interval_s)
+
+
+def model_summary(max_depth: int = 1) -> Callback:
+    """Rich's table on a terminal, Lightning's plain text table when stdout is redirected."""
+    if sys.stdout.isatty():
+        return lightning_callbacks.RichModelSummary(max_depth=max_depth)
+    return lightning_callbacks.ModelSummary(max_depth=max_depth)

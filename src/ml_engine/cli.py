@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -19,13 +20,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ml_engine.errors import UserError
+from ml_engine.group_options import check_group_options, missing_extra_message
+from ml_engine.locations import CONFIG_DIR, PROJECT_ROOT
 from ml_engine.validation import Rule, check_config
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONFIG_DIR = PROJECT_ROOT / "conf"
 JOB_RECORD = "job.json"
+# What a job leaves in its run dir before it does any work of its own.
+BOOKKEEPING_FILES = frozenset({".hydra", "config_resolved.yaml", JOB_RECORD})
 
 Task = Callable[[DictConfig], dict[str, Any]]
 # "package.module:function": imported only once the config composed, so config mistakes are
@@ -63,6 +66,9 @@ def _condense_hydra_message(message: str) -> str:
         group = options.group(1)
         accepted = ", ".join(options.group(2).split())
         name = missing.group(1).split("/")[-1]
+        needs_extra = missing_extra_message(group, name)
+        if needs_extra:  # e.g. hydra/launcher=slurm's submitit_slurm without the plugin
+            return needs_extra
         return f"unknown {group} '{name}'; accepted: {accepted}"
     if missing:
         return f"config '{missing.group(1)}' not found"
@@ -174,11 +180,47 @@ def _is_rank_zero() -> bool:
     )
 
 
+def is_config_mistake(exc: BaseException) -> bool:
+    """A mistake in what the user asked for, as opposed to a failure of the work itself."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return (
+        isinstance(exc, (UserError, HydraException, OmegaConfBaseException))
+        or type(exc).__name__ == "MisconfigurationException"
+    )
+
+
+def _run_dir_of(cfg: DictConfig) -> Path | None:
+    try:
+        return Path(cfg.paths.output_dir)
+    except Exception:  # the config is what failed: there may be no resolvable run dir
+        return None
+
+
+def remove_unused_run_dir(run_dir: Path | None, task_name: str) -> None:
+    """Delete a run dir that holds nothing but Hydra's and our bookkeeping, and its empty
+    ``runs/`` and task folders: a run refused before any work leaves nothing behind."""
+    if run_dir is None or not run_dir.is_dir() or not _is_rank_zero():
+        return
+    allowed = BOOKKEEPING_FILES | {f"{task_name}.log"}
+    if any(entry.name not in allowed for entry in run_dir.iterdir()):
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in (run_dir.parent, run_dir.parent.parent):
+        try:
+            parent.rmdir()
+        except OSError:  # not empty: other runs live there
+            return
+
+
 def launch(task: TaskRef, config_name: str, rules: Sequence[Rule] = ()) -> None:
     """Hydra's main for ``task``, with every error ending in one line and exit status 1.
 
     Hydra is made to raise (``HYDRA_FULL_ERROR=1`` internally) so that its multi-line reports
     can be condensed; the user's own ``HYDRA_FULL_ERROR=1`` still gets the full traceback.
+    Group options are checked before Hydra creates a run dir; a single run refused for a
+    config mistake once it started removes its run dir again (sweep jobs keep their record).
     """
     import hydra
 
@@ -187,20 +229,24 @@ def launch(task: TaskRef, config_name: str, rules: Sequence[Rule] = ()) -> None:
     show_traceback = full_errors_requested()
     os.environ["HYDRA_FULL_ERROR"] = "1"
 
-    failures: list[BaseException] = []
+    failures: list[tuple[BaseException, Path | None, str]] = []
 
     def hydra_task(cfg: DictConfig) -> float | None:
         try:
             return run_job(task, cfg, rules)
         except Exception as exc:  # single run: reported below as one line, not by Hydra
-            failures.append(exc)
+            failures.append((exc, _run_dir_of(cfg), str(cfg.get("task_name", config_name))))
             return None
 
     main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
     try:
+        check_group_options(sys.argv[1:], CONFIG_DIR)
         main(hydra_task)()
         if failures:
-            raise failures[0]
+            exc, run_dir, task_name = failures[0]
+            if is_config_mistake(exc):
+                remove_unused_run_dir(run_dir, task_name)
+            raise exc
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -13,7 +13,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from ml_engine.checkpoints import load_classifier
-from ml_engine.images import list_images, load_digit
+from ml_engine.images import IMAGE_SUFFIXES, list_images, load_digit
 from ml_engine.validation import PREDICT_RULES, check_config
 
 
@@ -39,11 +39,34 @@ def write_predictions(rows: list[dict[str, Any]], output: Path) -> None:
     os.replace(tmp, output)
 
 
+def report_skipped(folder: Path) -> int:
+    """Say in one line which entries of ``folder`` were not read, and why; returns how many."""
+    if not folder.is_dir():
+        return 0
+    entries = sorted(folder.iterdir())
+    others = [p.name for p in entries if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES]
+    folders = [p.name for p in entries if p.is_dir()]
+    reasons = []
+    if others:
+        shown = ", ".join(others[:5]) + (", …" if len(others) > 5 else "")
+        reasons.append(
+            f"{len(others)} file(s) without an image extension ({shown}; "
+            f"accepted: {', '.join(IMAGE_SUFFIXES)})"
+        )
+    if folders:
+        reasons.append(f"{len(folders)} subfolder(s) (folders are not searched recursively)")
+    if reasons:
+        print(f"skipped {' and '.join(reasons)}", flush=True)
+    return len(others) + len(folders)
+
+
 def predict(cfg: DictConfig) -> dict[str, Any]:
     """Predict every image under ``cfg.input`` and write ``path,prediction,confidence`` rows."""
     check_config(cfg, PREDICT_RULES)
     model = load_classifier(to_absolute_path(cfg.ckpt_path), map_location=cfg.device)
-    paths = list_images(Path(to_absolute_path(str(cfg.input))))
+    source = Path(to_absolute_path(str(cfg.input)))
+    paths = list_images(source)
+    skipped = report_skipped(source)
     digits = np.stack([load_digit(path, cfg.invert) for path in paths])
     probabilities = predict_digits(model, digits, cfg.batch_size)
     confidence, prediction = probabilities.max(dim=1)
@@ -55,4 +78,4 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     write_predictions(rows, output)
     print(f"predicted {len(rows)} image(s) → {output}")
     print(f"run_dir: {cfg.paths.output_dir}", flush=True)
-    return {"images": len(rows), "output": str(output)}
+    return {"images": len(rows), "skipped": skipped, "output": str(output)}

@@ -111,7 +111,7 @@ def _assert_one_line_error(done, *fragments: str) -> None:
             (
                 "model file not found:",
                 "Qwen2.5-Coder-7B-Instruct-Q4_K_M",
-                "huggingface-cli download",
+                "hf download",
                 "llm.allow_download=true",
             ),
         ),

@@ -8,6 +8,7 @@ otherwise one line naming the path looked at and how to obtain the file.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from ml_engine.llm.quantize import (
     precision_rank,
     quantize_gguf,
 )
+from ml_engine.locations import install_command
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class ModelFile:
 
 def model_names() -> list[str]:
     """The configured models: the names of ``conf/llm/model/*.yaml``."""
-    from ml_engine.cli import CONFIG_DIR
+    from ml_engine.locations import CONFIG_DIR
 
     return sorted(path.stem for path in (CONFIG_DIR / "llm" / "model").glob("*.yaml"))
 
@@ -151,11 +153,34 @@ def _download(model_cfg: Mapping[str, Any], quantization: str, models_dir: Path)
         from huggingface_hub import hf_hub_download
     except ImportError as exc:
         raise UserError(
-            "llm.allow_download=true needs huggingface_hub: pip install huggingface_hub"
+            f"llm.allow_download=true needs huggingface_hub: {install_command('hub')}"
         ) from exc
     name = _file_name(model_cfg, quantization)
     # hf_hub_download writes into a temp name and renames: no half files under models_dir.
     return Path(hf_hub_download(repo_id=model_cfg["repo_id"], filename=name, local_dir=models_dir))
+
+
+# huggingface_hub's CLI is `hf` since 0.34; `huggingface-cli` before (deprecated after)
+HF_CLI_SINCE = "0.34"
+
+
+def installed_hub_version() -> str | None:
+    try:
+        return importlib.metadata.version("huggingface_hub")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def download_command(repo: str, filename: str, local_dir: Path, hub_version: str | None) -> str:
+    """The command that fetches one model file with the huggingface_hub CLI installed here
+    (``hub_version``), or how to install it first when it is not (None)."""
+    from packaging.version import Version
+
+    args = f"download {repo} {filename} --local-dir {local_dir}"
+    if hub_version is None:
+        return f"`{install_command('hub')}` then `hf {args}`"
+    cli = "hf" if Version(hub_version) >= Version(HF_CLI_SINCE) else "huggingface-cli"
+    return f"`{cli} {args}`"
 
 
 def _missing_file_message(
@@ -165,9 +190,7 @@ def _missing_file_message(
     message = f"model file not found: {target} ({name} {quantization})"
     repo = model_cfg.get("repo_id")
     if repo:
-        message += (
-            f"; get it with `huggingface-cli download {repo} {target.name} --local-dir "
-            f"{models_dir}` or rerun with llm.allow_download=true"
-        )
+        fetch = download_command(repo, target.name, models_dir, installed_hub_version())
+        message += f"; get it with {fetch} or rerun with llm.allow_download=true"
     sources = ", ".join(str(model_path(model_cfg, q, models_dir).name) for q in SOURCE_PRECISIONS)
     return message + f"; or place one of {sources} in {models_dir} to quantize locally"

@@ -37,7 +37,8 @@ from ml_engine.server.progress import PROGRESS_FILE
 
 log = logging.getLogger(__name__)
 
-TRAIN_SCRIPT = PROJECT_ROOT / "train.py"
+# the train entrypoint of the package, so that jobs run from an installed wheel too
+TRAIN_COMMAND = (sys.executable, "-m", "ml_engine", "train")
 OUTPUT_LOG = "stdout.log"
 PROGRESS_CALLBACK = "+callbacks.job_progress={_target_:ml_engine.server.progress.JobProgress}"
 DEVICE_TO_ACCELERATOR = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "mps": "mps", "auto": "auto"}
@@ -217,7 +218,7 @@ class JobRunner:
         env.pop("ML_ENGINE_TRACEBACK", None)
         try:
             process = subprocess.Popen(
-                [sys.executable, str(TRAIN_SCRIPT), *job.overrides],
+                [*TRAIN_COMMAND, *job.overrides],
                 cwd=str(PROJECT_ROOT),
                 stdin=subprocess.DEVNULL,
                 stdout=log_handle,

@@ -1,0 +1,222 @@
+"""A built wheel, installed into a fresh venv, runs every entrypoint from outside the repo."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import site
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from ml_engine.group_options import SLURM, is_importable
+from tests.conftest import PROJECT_ROOT
+
+BUILD_INPUTS = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE", "conf", "src")
+PIP_WHEEL = (sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q")
+STATIC_FILES = ("index.html", "app.js", "style.css")
+TRAIN_FAST = (
+    "datamodule.source=bundled",
+    "trainer.accelerator=cpu",
+    "extras.print_config=false",
+    "logger=none",
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=10",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+)
+# the mock backend loads no model: generation runs offline, in a second
+GENERATE_MOCK = (
+    "llm/backend=mock",
+    "prompt=one two three",
+    "llm.max_tokens=8",
+    "bench.repetitions=1",
+    "extras.print_config=false",
+    "logger=none",
+)
+
+
+def build_wheel(tmp_path: Path) -> Path:
+    """``pip wheel`` on a copy of the sources, so the checkout gets no build/ or egg-info."""
+    sources = tmp_path / "sources"
+    sources.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in BUILD_INPUTS:
+        origin = PROJECT_ROOT / name
+        if origin.is_dir():
+            shutil.copytree(origin, sources / name, ignore=ignore)
+        else:
+            shutil.copy2(origin, sources / name)
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [*PIP_WHEEL, str(sources), "-w", str(dist)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = dist.glob("ml_engine-*.whl")
+    return wheel
+
+
+def make_venv(tmp_path: Path) -> Path:
+    """A fresh venv that sees this interpreter's packages (torch & co.) but not its ml_engine.
+
+    ``--system-site-packages`` reaches the base interpreter's site-packages only; the test's
+    own environment (itself often a venv) is added after the new venv's, by a .pth file.
+    """
+    venv = tmp_path / "venv"
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+        check=True,
+    )
+    python = venv / "bin" / "python"
+    venv_site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    outer = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    (Path(venv_site) / "outer_environment.pth").write_text("\n".join(outer) + "\n")
+    return venv
+
+
+def clean_env() -> dict[str, str]:
+    """No trace of the checkout: no PYTHONPATH, no PROJECT_ROOT pointing into the repo."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HYDRA_"))}
+    for key in ("PROJECT_ROOT", "ML_ENGINE_TRACEBACK", "VIRTUAL_ENV"):
+        env.pop(key, None)
+    return {**env, "PYTHONUNBUFFERED": "1"}
+
+
+def run(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        command, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-3000:])
+    return done
+
+
+def run_dir_printed(done: subprocess.CompletedProcess) -> Path:
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("run_dir: "), done.stdout[-2000:]
+    return Path(last.removeprefix("run_dir: "))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_health(url: str, server: subprocess.Popen, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.poll() is None, server.communicate()[1][-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return json.loads(response.read())
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"no answer from {url} within {timeout} s")
+
+
+def serve_and_check(ml_engine: Path, work: Path) -> None:
+    port = free_port()
+    server = subprocess.Popen(
+        [str(ml_engine), "serve", f"port={port}", "extras.print_config=false"],
+        cwd=work,
+        env=clean_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_for_health(f"http://127.0.0.1:{port}/health", server)["status"] == "ok"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as response:
+            assert "<html" in response.read().decode().lower()  # the packaged UI
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/static/app.js", timeout=10) as r:
+            assert r.status == 200
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+
+
+@pytest.mark.slow
+def test_wheel_runs_every_entrypoint_outside_the_repo(tmp_path: Path, digit_pngs) -> None:
+    wheel = build_wheel(tmp_path)
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = {
+        f"ml_engine/conf/{p.relative_to(PROJECT_ROOT / 'conf')}"
+        for p in (PROJECT_ROOT / "conf").rglob("*.yaml")
+    }
+    assert configs and configs <= names, sorted(configs - names)
+    assert {f"ml_engine/server/static/{f}" for f in STATIC_FILES} <= names
+    assert any(n.endswith("entry_points.txt") for n in names)
+
+    venv = make_venv(tmp_path)
+    python, ml_engine = venv / "bin" / "python", venv / "bin" / "ml-engine"
+    run(
+        [str(python), "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", str(wheel)],
+        cwd=tmp_path,
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    where = run(
+        [str(python), "-c", "import ml_engine.cli as c; print(c.__file__); print(c.CONFIG_DIR)"],
+        cwd=work,
+    ).stdout.split()
+    assert all(Path(p).is_relative_to(venv) for p in where), where  # the wheel's, not the repo's
+
+    trained = run_dir_printed(run([str(ml_engine), "train", *TRAIN_FAST], cwd=work))
+    assert trained.parent == work / "outputs" / "train" / "runs"
+    best = trained / "checkpoints" / "best.ckpt"
+    assert best.is_file()
+
+    evaluated = run(
+        [
+            str(ml_engine),
+            "eval",
+            f"ckpt_path={best}",
+            *TRAIN_FAST[:3],
+            "trainer.limit_test_batches=2",
+        ],
+        cwd=work,
+    )
+    assert "test/acc" in evaluated.stdout
+    assert run_dir_printed(evaluated).parent == work / "outputs" / "eval" / "runs"
+
+    folder, expected = digit_pngs
+    predicted = run_dir_printed(
+        run([str(ml_engine), "predict", f"ckpt_path={best}", f"input={folder}"], cwd=work)
+    )
+    with (predicted / "predictions.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(expected)
+
+    generated = run_dir_printed(
+        run(
+            [str(python), "-m", "ml_engine", "generate", *GENERATE_MOCK],
+            cwd=work,
+        )
+    )
+    assert json.loads((generated / "result.json").read_text())["backend"] == "mock"
+
+    serve_and_check(ml_engine, work)
+    if not is_importable(SLURM.module):  # an installed package names the extra on PyPI
+        refused = subprocess.run(
+            [str(ml_engine), "train", "-m", "hydra/launcher=slurm", "seed=1,2"],
+            cwd=work,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert refused.returncode == 1, refused.stderr[-2000:]
+        assert 'pip install "ml-engine[slurm]"' in refused.stderr.strip().splitlines()[-1]
