@@ -87,7 +87,8 @@ def build_network(name: str, **kwargs: object) -> nn.Module:
         own = [a for a in accepted or [] if a not in _MODULE_SUPPLIED_ARGS]
         raise UserError(
             f"network '{name}' takes no {', '.join(unexpected)} (its arguments: "
-            f"{', '.join(own) or 'none'}); select it with model/net={name}, not model.net.name="
+            f"{', '.join(own) or 'none'}); select it with model/net={name}, which brings only "
+            "its own arguments"
         )
     return builder(**kwargs)
 
@@ -137,8 +138,7 @@ def plugin_net_configs() -> dict[str, dict[str, Any]]:
 def register_network_configs() -> None:
     """Offer every installed plugin network as a ``model/net`` option in Hydra's ConfigStore.
 
-    YAML files of the same name (``conf/model/net/`` or a plugin's own Hydra search path)
-    take precedence over these generated ones.
+    A plugin's defaults live in its builder's signature; no YAML file is involved.
     """
     configs = plugin_net_configs()
     if not configs:
