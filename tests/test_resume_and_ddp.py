@@ -94,7 +94,9 @@ def test_ddp_cpu_two_processes_with_the_default_model(tmp_path: Path) -> None:
     assert "MEMBER: 1/2" in output and "MEMBER: 2/2" in output
     run_dir = run_dir_of(result)
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert metrics["epochs_run"] == 2 and metrics["test/acc"] > 0.3
+    # 20 steps of the conv net, mostly in the one-cycle warm-up: above chance (0.10, σ≈0.02 on
+    # 250 digits), not yet good
+    assert metrics["epochs_run"] == 2 and metrics["test/acc"] > 0.15
     # each rank stepped through its half of the batches: 10 steps per epoch in total per rank
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == 2 * 10
@@ -190,10 +192,19 @@ def test_readme_training_example_runs(tmp_path: Path, command: str) -> None:
         *CLI_TEST_OVERRIDES,
         "logger=none",
         "trainer.max_epochs=1",
-        "trainer.limit_train_batches=4",
+        "trainer.limit_train_batches=8",
         "trainer.limit_val_batches=1",
         "trainer.limit_test_batches=1",
         f"paths.log_dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir_of(result) / "metrics.json").is_file()
+
+
+def test_a_schedule_too_short_to_plan_is_one_line(tmp_path: Path) -> None:
+    result = _train_steps(tmp_path, "trainer.max_epochs=1", "trainer.limit_train_batches=4")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: OneCycleLR cannot plan 4 steps (a phase shorter than one step); "
+        "train for more steps or set model.scheduler=null"
+    )

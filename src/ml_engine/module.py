@@ -179,7 +179,14 @@ class ClassifierModule(L.LightningModule):
         wants_steps = "total_steps" in inspect.signature(make_scheduler.func).parameters
         if wants_steps and "total_steps" not in make_scheduler.keywords:
             extra["total_steps"] = int(self.trainer.estimated_stepping_batches)
-        scheduler = make_scheduler(optimizer=optimizer, **extra)
+        try:
+            scheduler = make_scheduler(optimizer=optimizer, **extra)
+        except ZeroDivisionError as exc:  # one-cycle with a warm-up phase of under one step
+            name = make_scheduler.func.__name__
+            raise UserError(
+                f"{name} cannot plan {extra.get('total_steps')} steps (a phase shorter than one "
+                "step); train for more steps or set model.scheduler=null"
+            ) from exc
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval},
