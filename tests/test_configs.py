@@ -20,6 +20,7 @@ def options(group: str) -> list[str]:
 
 def test_every_group_has_its_documented_options() -> None:
     assert options("model") == ["cnn_mnist", "mlp_mnist"]
+    assert options("model/net") == ["cnn_mnist", "mlp_mnist"]
     assert options("datamodule") == ["mnist"]
     assert options("trainer") == ["cpu", "ddp", "ddp_cpu", "default", "gpu", "mps"]
     assert {"default", "none", "model_checkpoint", "early_stopping"} <= set(options("callbacks"))

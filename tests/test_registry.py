@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from ml_engine import registry
+from ml_engine.cli import PROJECT_ROOT
 from ml_engine.errors import UnknownNameError
+from tests.conftest import CLI_TEST_OVERRIDES, compose_config, run_dir_of
 
 
 def test_builtin_networks_are_registered_and_classify_digits() -> None:
@@ -67,3 +73,131 @@ def test_installed_package_adds_a_network_through_entry_points(
         assert net(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
     finally:
         sys.modules.pop("extra_nets", None)
+
+
+def _readme_block(language: str, containing: str) -> str:
+    """The README's fenced ``language`` block that contains ``containing``."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    blocks = re.findall(rf"```{language}\n(.*?)```", readme, flags=re.S)
+    return next(block for block in blocks if containing in block)
+
+
+def _install_readme_plugin(tmp_path: Path) -> Path:
+    """The README's plugin (its class and its entry point), pip-installed into a fresh venv that
+    sees this environment's packages; returns that venv's python."""
+    package = tmp_path / "my_pkg_src"
+    (package / "my_pkg").mkdir(parents=True)
+    (package / "my_pkg" / "__init__.py").write_text("")
+    (package / "my_pkg" / "nets.py").write_text(_readme_block("python", "my_net"))
+    entry_points = _readme_block("toml", registry.ENTRY_POINT_GROUP)
+    (package / "pyproject.toml").write_text(
+        textwrap.dedent(
+            """
+            [build-system]
+            requires = ["setuptools"]
+            build-backend = "setuptools.build_meta"
+
+            [project]
+            name = "my-pkg"
+            version = "0.1"
+
+            [tool.setuptools]
+            packages = ["my_pkg"]
+
+            """
+        )
+        + entry_points
+    )
+    venv = tmp_path / "venv"
+    # no pip of its own: this environment's pip and setuptools build and install into it
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
+        check=True,
+    )
+    python = venv / "bin" / "python"
+    # a venv made from inside a venv sees the base interpreter's packages, not this venv's
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    inherited = [p for p in sys.path if p.endswith("site-packages")]
+    Path(site, "_parent_env.pth").write_text("\n".join(inherited) + "\n")
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            str(package),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return python
+
+
+@pytest.mark.slow
+def test_readme_plugin_example_trains_with_only_its_own_arguments(tmp_path: Path) -> None:
+    python = _install_readme_plugin(tmp_path)
+    command = _readme_block("bash", "model/net=my_net").strip().split()
+    assert command[:2] == ["python", "train.py"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    result = subprocess.run(
+        [
+            str(python),
+            str(PROJECT_ROOT / "train.py"),
+            *command[2:],
+            *CLI_TEST_OVERRIDES,
+            "debug=fdr",
+            f"paths.log_dir={tmp_path / 'outputs'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = yaml.safe_load((run_dir_of(result) / "config_resolved.yaml").read_text())
+    assert config["model"]["net"] == {"name": "my_net", "width": 128}
+
+    # renaming the network alone would hand it cnn_mnist's widths: one line says what to do
+    renamed = subprocess.run(
+        [
+            str(python),
+            str(PROJECT_ROOT / "train.py"),
+            "model.net.name=my_net",
+            *CLI_TEST_OVERRIDES,
+            "debug=fdr",
+            f"paths.log_dir={tmp_path / 'outputs'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert renamed.returncode == 1
+    lines = renamed.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: network 'my_net' takes no widths, dropout")
+    assert "model/net=my_net" in lines[-1] and "Traceback" not in renamed.stderr
+
+
+def test_network_options_carry_only_their_own_arguments() -> None:
+    cnn = compose_config("train", ["model=cnn_mnist"]).model.net
+    mlp_in_cnn = compose_config("train", ["model=cnn_mnist", "model/net=mlp_mnist"]).model
+    assert set(cnn) == {"name", "widths", "dropout"}
+    assert dict(mlp_in_cnn.net) == {"name": "mlp_mnist", "hidden_sizes": [256, 128], "dropout": 0.2}
+    assert mlp_in_cnn.optimizer.lr == 0.003  # the rest of model=cnn_mnist stays
+
+
+def test_plugin_defaults_become_the_net_config() -> None:
+    def build(width: int = 64, sizes: tuple = (1, 2), act: object = print, num_classes: int = 10):
+        return torch.nn.Identity()
+
+    assert registry.default_arguments(build) == {"width": 64, "sizes": [1, 2]}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from ml_engine.errors import UserError
@@ -37,4 +40,20 @@ def check_accelerator(requested: str | None) -> None:
         raise UserError(
             f"trainer.accelerator='{requested}' but this machine has {what}; "
             f"available here: auto, {', '.join(available)}"
+        )
+
+
+def check_sync_batchnorm(trainer_cfg: Mapping[str, Any]) -> None:
+    """SyncBatchNorm runs on CUDA only; refuse it up front instead of failing in every rank."""
+    if not trainer_cfg.get("sync_batchnorm"):
+        return
+    requested = trainer_cfg.get("accelerator")
+    if not isinstance(requested, str):
+        return
+    kind = _ALIASES.get(requested.lower())
+    on_cpu = kind == "cpu" or (kind == "auto" and not torch.cuda.is_available())
+    if on_cpu or kind == "mps":
+        raise UserError(
+            f"trainer.sync_batchnorm=true needs CUDA GPUs, but trainer.accelerator='{requested}' "
+            "runs on " + ("MPS" if kind == "mps" else "CPU") + "; set trainer.sync_batchnorm=false"
         )

@@ -1,41 +1,157 @@
-"""Loading checkpoints with errors a user can act on."""
+"""Finding and loading checkpoints with errors a user can act on, before any heavy work."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import torch
+from omegaconf import DictConfig, open_dict
 
 from ml_engine.errors import UserError
 from ml_engine.module import ClassifierModule
 
+log = logging.getLogger(__name__)
+
+LATEST = "last"
+# the keys that decide which digits land in which split; the rest (batch size, workers, data
+# dir) may differ between training and evaluation without changing what is tested
+SPLIT_KEYS = ("source", "val_fraction", "test_fraction", "split_seed")
+DATAMODULE_HPARAMS = "datamodule_hyper_parameters"
+
+
+def latest_last_checkpoint(runs_dir: Path) -> Path:
+    """The newest ``<runs_dir>/*/checkpoints/last.ckpt`` by modification time."""
+    candidates = [p for p in runs_dir.glob("*/checkpoints/last.ckpt") if p.is_file()]
+    if not candidates:
+        raise UserError(
+            f"ckpt_path=last: no last.ckpt under {runs_dir}/*/checkpoints/ "
+            "(train once first, or give ckpt_path=<path to a .ckpt>)"
+        )
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
 
 def resolve_checkpoint(
-    path: str | None, accepted: str = "a .ckpt file written by train.py"
+    path: str | None,
+    accepted: str = "a .ckpt file written by train.py",
+    runs_dir: Path | None = None,
 ) -> Path:
-    """``path`` as an existing file, or a UserError naming what was looked at."""
+    """``path`` as an existing file, or a UserError naming what was looked at.
+
+    ``last`` means the newest ``last.ckpt`` under ``runs_dir`` (where given).
+    """
     if not path:
         raise UserError(
             f"ckpt_path is required; give {accepted}, e.g. ckpt_path=outputs/.../best.ckpt"
         )
+    if str(path) == LATEST and runs_dir is not None:
+        return latest_last_checkpoint(runs_dir)
     resolved = Path(path).expanduser()
     if not resolved.is_file():
         raise UserError(f"checkpoint not found: {resolved} (expected {accepted})")
     return resolved
 
 
+def _unreadable(path: Path, reason: str) -> UserError:
+    return UserError(
+        f"could not load checkpoint {path} ({reason}) "
+        "(expected a Lightning .ckpt of a ml_engine classifier written by train.py)"
+    )
+
+
+def _short_reason(exc: BaseException) -> str:
+    message = str(exc).strip()
+    first = message.splitlines()[0] if message else ""
+    if len(first) > 120:
+        first = first[:117] + "..."
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+# torch.save writes a zip archive; files from torch < 1.6 are a bare pickle
+_TORCH_FILE_STARTS = (b"PK\x03\x04", b"\x80")
+
+
+def _looks_like_torch_file(path: Path) -> bool:
+    with path.open("rb") as handle:
+        start = handle.read(4)
+    return start.startswith(_TORCH_FILE_STARTS)
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's contents, loaded safely (weights only); a UserError unless it is a
+    Lightning checkpoint with a model state and hyperparameters."""
+    if not _looks_like_torch_file(path):
+        raise _unreadable(path, "not a PyTorch checkpoint file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise _unreadable(path, f"corrupt or truncated: {_short_reason(exc)}") from exc
+    if not isinstance(checkpoint, dict):
+        raise _unreadable(path, f"holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    missing = [k for k in ("state_dict", "hyper_parameters") if k not in checkpoint]
+    if missing:
+        raise _unreadable(path, f"no {' or '.join(missing)} in it")
+    return checkpoint
+
+
+def checked_checkpoint(
+    path: str | None, runs_dir: Path | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Resolve ``path`` (``last`` included) and read it: the cheap checks that run before the
+    config is printed or anything is built."""
+    resolved = resolve_checkpoint(path, runs_dir=runs_dir)
+    return resolved, read_checkpoint(resolved)
+
+
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> ClassifierModule:
     """A ClassifierModule rebuilt from its checkpoint alone; corrupt files end in a UserError."""
     checkpoint = resolve_checkpoint(str(path))
+    read_checkpoint(checkpoint)
     try:
         model = ClassifierModule.load_from_checkpoint(str(checkpoint), map_location=map_location)
     except UserError:
         raise
     except Exception as exc:
-        detail = str(exc).splitlines()[0] if str(exc).strip() else ""
-        reason = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
-        raise UserError(
-            f"could not load checkpoint {checkpoint} ({reason}) "
-            "(expected a Lightning .ckpt of a ml_engine classifier written by train.py)"
-        ) from exc
+        raise _unreadable(checkpoint, _short_reason(exc)) from exc
     return model.eval()
+
+
+def _command_line_keys() -> set[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task}
+
+
+def _may_test_on_bundled(datamodule: DictConfig, trained_on: str | None) -> bool:
+    """Split settings only matter where the test split is carved out of the bundled digits."""
+    return datamodule.get("source") != "torchvision" and trained_on in (None, "bundled")
+
+
+def adopt_data_settings(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) -> None:
+    """Use the checkpoint's split settings unless the command line gives them; refuse a given
+    one that would move digits the checkpoint trained on into the test split."""
+    saved = checkpoint.get(DATAMODULE_HPARAMS) or {}
+    trained_on = (checkpoint.get("MNISTDataModule") or {}).get("source_used")
+    given = _command_line_keys()
+    adopted = []
+    with open_dict(cfg):
+        for key in SPLIT_KEYS:
+            if key not in saved or f"datamodule.{key}" in given:
+                continue
+            if cfg.datamodule.get(key) != saved[key]:
+                adopted.append(f"datamodule.{key}={saved[key]}")
+            cfg.datamodule[key] = saved[key]
+    if _may_test_on_bundled(cfg.datamodule, trained_on):
+        for key in SPLIT_KEYS[1:]:
+            if key in saved and cfg.datamodule.get(key) != saved[key]:
+                raise UserError(
+                    f"datamodule.{key}={cfg.datamodule.get(key)} would test on digits that "
+                    f"{path} trained on (it was trained with datamodule.{key}={saved[key]}); "
+                    f"leave datamodule.{key} out to use the checkpoint's, or test on "
+                    "datamodule.source=torchvision"
+                )
+    if adopted:
+        log.info("data settings of %s: %s", path.name, ", ".join(adopted))

@@ -238,6 +238,9 @@ def launch(task: TaskRef, config_name: str, rules: Sequence[Rule] = ()) -> None:
             failures.append((exc, _run_dir_of(cfg), str(cfg.get("task_name", config_name))))
             return None
 
+    from ml_engine.registry import register_network_configs
+
+    register_network_configs()  # installed plugin networks become model/net=<name> options
     main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
     try:
         check_group_options(sys.argv[1:], CONFIG_DIR)

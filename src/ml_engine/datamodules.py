@@ -145,6 +145,14 @@ class MNISTDataModule(L.LightningDataModule):
         """The source that was actually loaded (``auto`` resolves to one of the other two)."""
         return self.splits.source if self.splits else None
 
+    def state_dict(self) -> dict[str, Any]:
+        # saved in every checkpoint: eval must know whether the test split came from the
+        # bundled digits (where split settings decide what is held out)
+        return {"source_used": self.source_used}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Nothing to restore: the source is resolved again on this machine by ``setup``."""
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits is None:
             self.splits = load_digits(

@@ -9,16 +9,19 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ml_engine.checkpoints import load_classifier
+from ml_engine.checkpoints import adopt_data_settings, checked_checkpoint, load_classifier
 from ml_engine.extras import collect_metrics, finish_run, prepare_lightning_run
 from ml_engine.instantiators import instantiate_loggers
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Test the checkpoint at ``cfg.ckpt_path`` on the configured datamodule's test split."""
+    """Test the checkpoint at ``cfg.ckpt_path`` on its own test split (the split settings saved
+    in the checkpoint, unless given on the command line)."""
     started = time.perf_counter()
+    ckpt_path, checkpoint = checked_checkpoint(cfg.ckpt_path)
+    adopt_data_settings(cfg, checkpoint, ckpt_path)
     prepare_lightning_run(cfg)
-    model = load_classifier(cfg.ckpt_path)
+    model = load_classifier(ckpt_path)
 
     datamodule: L.LightningDataModule = instantiate(cfg.datamodule)
     loggers = instantiate_loggers(cfg.get("logger"))

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from ml_engine.accelerators import check_accelerator
+from ml_engine.accelerators import check_accelerator, check_sync_batchnorm
 from ml_engine.cli import write_json_atomic
 from ml_engine.validation import TRAIN_RULES, check_config
 
@@ -33,6 +33,7 @@ def prepare_lightning_run(cfg: DictConfig) -> None:
     """What every Lightning task does first: check values and accelerator, chores, seed."""
     check_config(cfg, TRAIN_RULES)
     check_accelerator(cfg.trainer.get("accelerator"))
+    check_sync_batchnorm(cfg.trainer)
     apply_extras(cfg)
     L.seed_everything(cfg.seed, workers=True)
 

@@ -5,20 +5,30 @@ pyproject::
 
     [project.entry-points."ml_engine.networks"]
     my_net = "my_pkg.nets:build_my_net"
+
+Each installed plugin network also becomes an option of the ``model/net`` config group
+(``python train.py model/net=my_net``) holding only its own arguments, so selecting it never
+inherits another network's ``widths`` or ``dropout``.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from ml_engine.errors import UnknownNameError, UserError
 
-from ml_engine.errors import UnknownNameError
+if TYPE_CHECKING:  # torch loads only when a network is built, not when configs compose
+    from torch import nn
 
 ENTRY_POINT_GROUP = "ml_engine.networks"
+NET_CONFIG_GROUP = "model/net"
+# set by ClassifierModule itself, never part of a network's config
+_MODULE_SUPPLIED_ARGS = ("num_classes",)
 
-NetworkBuilder = Callable[..., nn.Module]
+NetworkBuilder = Callable[..., "nn.Module"]
 
 _NETWORKS: dict[str, NetworkBuilder] = {}
 
@@ -36,10 +46,14 @@ def register_network(name: str) -> Callable[[NetworkBuilder], NetworkBuilder]:
     return decorator
 
 
+def _plugin_entry_points() -> list[EntryPoint]:
+    return list(entry_points(group=ENTRY_POINT_GROUP))
+
+
 def _load_builtin_and_plugins() -> None:
     import ml_engine.networks  # noqa: F401  (registers the built-in networks on import)
 
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
+    for entry in _plugin_entry_points():
         if entry.name not in _NETWORKS:
             _NETWORKS[entry.name] = entry.load()
 
@@ -50,9 +64,87 @@ def network_names() -> list[str]:
     return sorted(_NETWORKS)
 
 
+def _accepted_arguments(builder: NetworkBuilder) -> list[str] | None:
+    """Keyword arguments ``builder`` takes; None when it takes any (``**kwargs``)."""
+    try:
+        parameters = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return [p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL]
+
+
 def build_network(name: str, **kwargs: object) -> nn.Module:
     """Build the network registered as ``name`` with its keyword arguments."""
     _load_builtin_and_plugins()
     if name not in _NETWORKS:
         raise UnknownNameError("network", name, list(_NETWORKS))
-    return _NETWORKS[name](**kwargs)
+    builder = _NETWORKS[name]
+    accepted = _accepted_arguments(builder)
+    unexpected = [key for key in kwargs if accepted is not None and key not in accepted]
+    if unexpected:
+        own = [a for a in accepted or [] if a not in _MODULE_SUPPLIED_ARGS]
+        raise UserError(
+            f"network '{name}' takes no {', '.join(unexpected)} (its arguments: "
+            f"{', '.join(own) or 'none'}); select it with model/net={name}, which brings only "
+            "its own arguments"
+        )
+    return builder(**kwargs)
+
+
+def _config_value(value: Any) -> Any:
+    """A default that can sit in a YAML node, or ``...`` when it cannot."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_config_value(item) for item in value]
+        return ... if any(item is ... for item in items) else items
+    return ...
+
+
+def default_arguments(builder: NetworkBuilder) -> dict[str, Any]:
+    """The builder's keyword defaults that a config can hold (``num_classes`` excluded)."""
+    try:
+        parameters = inspect.signature(builder).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    defaults = {}
+    for parameter in parameters:
+        if parameter.name in _MODULE_SUPPLIED_ARGS or parameter.default is inspect.Parameter.empty:
+            continue
+        value = _config_value(parameter.default)
+        if value is not ...:
+            defaults[parameter.name] = value
+    return defaults
+
+
+def plugin_net_configs() -> dict[str, dict[str, Any]]:
+    """``model/net`` options for installed plugin networks: name plus the builder's defaults.
+
+    A plugin that fails to import still gets a name-only option, so that selecting it reports
+    the plugin's own import error instead of "unknown option".
+    """
+    configs: dict[str, dict[str, Any]] = {}
+    for entry in _plugin_entry_points():
+        try:
+            arguments = default_arguments(entry.load())
+        except Exception:  # reported when the network is built
+            arguments = {}
+        configs[entry.name] = {"name": entry.name, **arguments}
+    return configs
+
+
+def register_network_configs() -> None:
+    """Offer every installed plugin network as a ``model/net`` option in Hydra's ConfigStore.
+
+    A plugin's defaults live in its builder's signature; no YAML file is involved.
+    """
+    configs = plugin_net_configs()
+    if not configs:
+        return
+    from hydra.core.config_store import ConfigStore
+
+    config_store = ConfigStore.instance()
+    for name, node in configs.items():
+        config_store.store(group=NET_CONFIG_GROUP, name=name, node=node, provider="ml_engine")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ml_engine.checkpoints import resolve_checkpoint
+from ml_engine.checkpoints import adopt_data_settings, checked_checkpoint
 from ml_engine.extras import (
     collect_metrics,
     finish_run,
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train and test the configured model; returns the metrics also written to metrics.json."""
     started = time.perf_counter()
+    resume_from = _checkpoint_to_resume(cfg)
     prepare_lightning_run(cfg)
 
     datamodule: L.LightningDataModule = instantiate(cfg.datamodule)
@@ -33,7 +35,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
-    resume_from = resolve_checkpoint(cfg.ckpt_path) if cfg.get("ckpt_path") else None
     trainer.fit(model=model, datamodule=datamodule, ckpt_path=resume_from)
     fit_metrics = dict(trainer.callback_metrics)
 
@@ -52,6 +53,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log_hyperparameters(cfg, model, trainer, metrics)
     finish_run(cfg, trainer, metrics)
     return metrics
+
+
+def _checkpoint_to_resume(cfg: DictConfig) -> Path | None:
+    """``cfg.ckpt_path`` checked before anything is printed or built; ``last`` is the newest
+    ``last.ckpt`` of this task's runs. The run resumes on the checkpoint's data split."""
+    if not cfg.get("ckpt_path"):
+        return None
+    runs_dir = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
+    path, checkpoint = checked_checkpoint(cfg.ckpt_path, runs_dir=runs_dir)
+    adopt_data_settings(cfg, checkpoint, path)
+    log.info("resuming from %s", path)
+    return path
 
 
 def _last_checkpoint(trainer: L.Trainer) -> str | None:
