@@ -17,6 +17,7 @@ from ml_engine import registry
 from ml_engine.cli import PROJECT_ROOT
 from ml_engine.errors import UnknownNameError
 from tests.conftest import CLI_TEST_OVERRIDES, compose_config, run_dir_of
+from tests.venvs import make_child_venv
 
 
 def test_builtin_networks_are_registered_and_classify_digits() -> None:
@@ -108,22 +109,8 @@ def _install_readme_plugin(tmp_path: Path) -> Path:
         )
         + entry_points
     )
-    venv = tmp_path / "venv"
     # no pip of its own: this environment's pip and setuptools build and install into it
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-        check=True,
-    )
-    python = venv / "bin" / "python"
-    # a venv made from inside a venv sees the base interpreter's packages, not this venv's
-    site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
-    inherited = [p for p in sys.path if p.endswith("site-packages")]
-    Path(site, "_parent_env.pth").write_text("\n".join(inherited) + "\n")
+    python = make_child_venv(tmp_path / "venv", with_project=True)
     subprocess.run(
         [
             str(python),

@@ -6,7 +6,6 @@ import csv
 import json
 import os
 import shutil
-import site
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 
 from ml_engine.group_options import SLURM, is_importable
 from tests.conftest import PROJECT_ROOT
+from tests.venvs import make_child_venv
 
 BUILD_INPUTS = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE", "conf", "src")
 PIP_WHEEL = (sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q")
@@ -63,29 +63,6 @@ def build_wheel(tmp_path: Path) -> Path:
     )
     (wheel,) = dist.glob("ml_engine-*.whl")
     return wheel
-
-
-def make_venv(tmp_path: Path) -> Path:
-    """A fresh venv that sees this interpreter's packages (torch & co.) but not its ml_engine.
-
-    ``--system-site-packages`` reaches the base interpreter's site-packages only; the test's
-    own environment (itself often a venv) is added after the new venv's, by a .pth file.
-    """
-    venv = tmp_path / "venv"
-    subprocess.run(
-        [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)],
-        check=True,
-    )
-    python = venv / "bin" / "python"
-    venv_site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    outer = [p for p in site.getsitepackages() if Path(p).is_dir()]
-    (Path(venv_site) / "outer_environment.pth").write_text("\n".join(outer) + "\n")
-    return venv
 
 
 def clean_env() -> dict[str, str]:
@@ -161,7 +138,8 @@ def test_wheel_runs_every_entrypoint_outside_the_repo(tmp_path: Path, digit_pngs
     assert {f"ml_engine/server/static/{f}" for f in STATIC_FILES} <= names
     assert any(n.endswith("entry_points.txt") for n in names)
 
-    venv = make_venv(tmp_path)
+    venv = tmp_path / "venv"
+    make_child_venv(venv, with_project=False)
     python, ml_engine = venv / "bin" / "python", venv / "bin" / "ml-engine"
     run(
         [str(python), "-m", "pip", "install", "--no-deps", "--ignore-installed", "-q", str(wheel)],
