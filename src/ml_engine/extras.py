@@ -111,13 +111,30 @@ def _flat_hparams(cfg: DictConfig, model: L.LightningModule) -> dict[str, Any]:
     return hparams
 
 
+FINAL_METRIC_PREFIX = "hp/"
+
+
+def final_metric_tags(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The run's final metrics under tags of their own (``val/acc`` → ``hp/val/acc``).
+
+    Written again under its curve's tag, a final value at an earlier step than the curve's last
+    makes TensorBoard's server drop the curve's earlier points (steps must not go back).
+    """
+    return {
+        f"{FINAL_METRIC_PREFIX}{key}": value
+        for key, value in metrics.items()
+        if isinstance(value, float) and "/" in key
+    }
+
+
 def log_hyperparameters(
     cfg: DictConfig, model: L.LightningModule, trainer: L.Trainer, metrics: Mapping[str, Any]
 ) -> None:
-    """Hyperparameters with the run's real final metrics, for TensorBoard's HParams tab."""
+    """Hyperparameters with the run's real final metrics (``hp/...``), for TensorBoard's HParams
+    tab and the other loggers' run pages."""
     hparams = _flat_hparams(cfg, model)
     hparams["data_source"] = metrics.get("data_source")
-    final = {k: v for k, v in metrics.items() if isinstance(v, float) and "/" in k}
+    final = final_metric_tags(metrics)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(hparams, metrics=final)
