@@ -80,24 +80,22 @@ def _free_port() -> int:
 @contextmanager
 def tensorboard_server(logdir: Path) -> Iterator[TensorBoardServer]:
     port, log = _free_port(), logdir / "tensorboard_server.log"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tensorboard.main",
-            f"--logdir={logdir}",
-            "--host=127.0.0.1",
-            f"--port={port}",
-            "--reload_interval=1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log.open("w"),
-    )
-    try:
-        yield TensorBoardServer(port, log)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    command = [
+        sys.executable,
+        "-m",
+        "tensorboard.main",
+        f"--logdir={logdir}",
+        "--host=127.0.0.1",
+        f"--port={port}",
+        "--reload_interval=1",
+    ]
+    with log.open("w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            yield TensorBoardServer(port, log)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 def test_training_curves_keep_every_point_and_hparams_carry_final_metrics(make_cfg, tmp_path):
