@@ -24,7 +24,7 @@ def test_every_group_has_its_documented_options() -> None:
     assert options("datamodule") == ["mnist"]
     assert options("trainer") == ["cpu", "ddp", "ddp_cpu", "default", "gpu", "mps"]
     assert {"default", "none", "model_checkpoint", "early_stopping"} <= set(options("callbacks"))
-    assert options("logger") == ["csv", "none", "tensorboard"]
+    assert options("logger") == ["csv", "mlflow", "none", "tensorboard", "wandb"]
     assert options("debug") == ["fdr", "limit", "overfit", "profiler"]
     assert options("hparams_search") == ["mnist_optuna"]
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from ml_engine.accelerators import check_accelerator, check_sync_batchnorm
 from ml_engine.cli import write_json_atomic
+from ml_engine.errors import UserError
+from ml_engine.locations import install_command
 from ml_engine.validation import TRAIN_RULES, check_config
 
 log = logging.getLogger(__name__)
@@ -34,12 +38,41 @@ def prepare_lightning_run(cfg: DictConfig) -> None:
     check_config(cfg, TRAIN_RULES)
     check_accelerator(cfg.trainer.get("accelerator"))
     check_sync_batchnorm(cfg.trainer)
+    check_logger_packages(cfg.get("logger"))
     apply_extras(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
 
+# loggers whose package is an optional extra of ours: class name → (import name, extra)
+_OPTIONAL_LOGGER_PACKAGES = {
+    "MLFlowLogger": ("mlflow", "loggers"),
+    "WandbLogger": ("wandb", "loggers"),
+}
+
+
+def check_logger_packages(logger_cfg: Mapping[str, Any] | None) -> None:
+    """Before any work: a selected logger whose package is missing is one line naming the extra."""
+    for name, node in (logger_cfg or {}).items():
+        target = str((node or {}).get("_target_", "")) if isinstance(node, Mapping) else ""
+        package, extra = _OPTIONAL_LOGGER_PACKAGES.get(target.rsplit(".", 1)[-1], (None, None))
+        if package and importlib.util.find_spec(package) is None:
+            raise UserError(
+                f"logger '{name}' needs the {package} package, which is not installed; "
+                f"install it with: {install_command(extra)}"
+            )
+
+
+def close_loggers() -> None:
+    """End what Lightning leaves open: a W&B run lasts until the process exits otherwise, so its
+    files would be written after ``run_dir:`` and a sweep's next in-process job would reuse it."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
+
+
 def finish_run(cfg: DictConfig, trainer: L.Trainer, metrics: Mapping[str, Any]) -> None:
     """Rank zero writes ``metrics.json`` into the run dir and prints ``run_dir:`` last."""
+    close_loggers()
     if trainer.is_global_zero:
         write_json_atomic(Path(cfg.paths.output_dir) / "metrics.json", dict(metrics))
         print(f"run_dir: {cfg.paths.output_dir}", flush=True)
@@ -111,13 +144,30 @@ def _flat_hparams(cfg: DictConfig, model: L.LightningModule) -> dict[str, Any]:
     return hparams
 
 
+FINAL_METRIC_PREFIX = "hp/"
+
+
+def final_metric_tags(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The run's final metrics under tags of their own (``val/acc`` → ``hp/val/acc``).
+
+    Written again under its curve's tag, a final value at an earlier step than the curve's last
+    makes TensorBoard's server drop the curve's earlier points (steps must not go back).
+    """
+    return {
+        f"{FINAL_METRIC_PREFIX}{key}": value
+        for key, value in metrics.items()
+        if isinstance(value, float) and "/" in key
+    }
+
+
 def log_hyperparameters(
     cfg: DictConfig, model: L.LightningModule, trainer: L.Trainer, metrics: Mapping[str, Any]
 ) -> None:
-    """Hyperparameters with the run's real final metrics, for TensorBoard's HParams tab."""
+    """Hyperparameters with the run's real final metrics (``hp/...``), for TensorBoard's HParams
+    tab and the other loggers' run pages."""
     hparams = _flat_hparams(cfg, model)
     hparams["data_source"] = metrics.get("data_source")
-    final = {k: v for k, v in metrics.items() if isinstance(v, float) and "/" in k}
+    final = final_metric_tags(metrics)
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             logger.log_hyperparams(hparams, metrics=final)

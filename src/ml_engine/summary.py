@@ -10,6 +10,7 @@ import csv
 import json
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,10 +51,66 @@ def rank_records(records: list[dict[str, Any]], metric: str, mode: str) -> list[
     return sorted(records, key=key)
 
 
+@dataclass(frozen=True)
+class Measurement:
+    """A repeated measurement: mean, sample std and (where known) how many samples."""
+
+    mean: float
+    std: float
+    samples: int | None = None
+
+
+def within_noise(a: Measurement, b: Measurement) -> bool | None:
+    """Whether ``a`` and ``b`` cannot be told apart: their mean ± std intervals overlap.
+
+    None when either rests on a single sample (its std of 0 says nothing about the noise).
+    """
+    if any(m.samples is not None and m.samples < 2 for m in (a, b)):
+        return None
+    return abs(a.mean - b.mean) <= a.std + b.std
+
+
+BEST, WITHIN_NOISE, WORSE = "best", "within noise", "worse"
+NOISE_COLUMN = "vs_best"
+
+
+def _measurement(record: dict[str, Any], metric: str, std: str, samples: str | None):
+    metrics = record.get("metrics") or {}
+    mean, spread = _number(metrics.get(metric)), _number(metrics.get(std))
+    if record.get("status") != "ok" or mean is None or spread is None:
+        return None
+    count = metrics.get(samples) if samples else None
+    return Measurement(mean, spread, int(count) if isinstance(count, int) else None)
+
+
+def noise_verdicts(
+    ranked: list[dict[str, Any]], metric: str, std: str, samples: str | None = None
+) -> dict[str, str]:
+    """Per job: ``best`` (the first ranked), ``within noise`` of it, ``worse``, or "" (unknown).
+
+    ``ranked`` is best first (``rank_records``); jobs without a mean and std get "".
+    """
+    measured = [(r["job"], _measurement(r, metric, std, samples)) for r in ranked]
+    measured = [(job, m) for job, m in measured if m is not None]
+    verdicts = {r["job"]: "" for r in ranked}
+    if not measured:
+        return verdicts
+    (best_job, best), *others = measured
+    verdicts[best_job] = BEST
+    for job, measurement in others:
+        tied = within_noise(best, measurement)
+        verdicts[job] = "" if tied is None else WITHIN_NOISE if tied else WORSE
+    return verdicts
+
+
 def summary_rows(
-    records: list[dict[str, Any]], metric: str, columns: Sequence[str]
+    records: list[dict[str, Any]],
+    metric: str,
+    columns: Sequence[str],
+    verdicts: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Flat rows: job, overrides, status, the monitored metric, the chosen columns, error."""
+    """Flat rows: job, overrides, status, the monitored metric (and its noise verdict when
+    ``verdicts`` are given), the chosen columns, error."""
     rows = []
     for record in records:
         metrics = record.get("metrics") or {}
@@ -63,6 +120,8 @@ def summary_rows(
             "status": record.get("status", "failed"),
             metric: metrics.get(metric),
         }
+        if verdicts is not None:
+            row[NOISE_COLUMN] = verdicts.get(record["job"], "")
         for column in columns:
             if column != metric:
                 row[column] = metrics.get(column, record.get(column))
@@ -101,20 +160,44 @@ class SweepSummary(Callback):
     """Hydra callback: writes ``summary.csv`` and ``summary.md`` (and ``summary.json``) when a
     multirun ends, then prints ``summary: <path>`` as the sweep's last line."""
 
-    def __init__(self, metric: str, mode: str = "max", columns: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        metric: str,
+        mode: str = "max",
+        columns: Sequence[str] = (),
+        metric_std: str | None = None,
+        metric_samples: str | None = None,
+    ) -> None:
+        """``metric_std`` (and ``metric_samples``) name the metric's spread over repeated
+        measurements; with it, a ``vs_best`` column says which jobs are within noise of the best."""
         self.metric, self.mode, self.columns = metric, mode, list(columns)
+        self.metric_std, self.metric_samples = metric_std, metric_samples
+
+    def verdicts(self, ranked: list[dict[str, Any]]) -> dict[str, str] | None:
+        if not self.metric_std:
+            return None
+        return noise_verdicts(ranked, self.metric, self.metric_std, self.metric_samples)
 
     def write(self, sweep_dir: Path) -> Path:
         records = rank_records(read_job_records(sweep_dir), self.metric, self.mode)
-        rows = summary_rows(records, self.metric, self.columns)
+        verdicts = self.verdicts(records)
+        rows = summary_rows(records, self.metric, self.columns, verdicts)
         write_csv(rows, sweep_dir / "summary.csv")
         title = f"# Sweep summary: {sweep_dir.name}\n\nSorted by `{self.metric}` ({self.mode}).\n\n"
+        if verdicts is not None:
+            title += (
+                f"`{NOISE_COLUMN}`: *{WITHIN_NOISE}* where the job's `{self.metric}` mean ± "
+                f"`{self.metric_std}` overlaps the best job's, so the difference is not shown "
+                "to be real; empty where a job was measured once or not at all.\n\n"
+            )
         (sweep_dir / "summary.md").write_text(title + markdown_table(rows))
         write_json_atomic(sweep_dir / "summary.json", {"metric": self.metric, "jobs": records})
-        self.extra_outputs(sweep_dir, records)
+        self.extra_outputs(sweep_dir, records, verdicts or {})
         return sweep_dir / "summary.md"
 
-    def extra_outputs(self, sweep_dir: Path, records: list[dict[str, Any]]) -> None:
+    def extra_outputs(
+        self, sweep_dir: Path, records: list[dict[str, Any]], verdicts: dict[str, str]
+    ) -> None:
         """Hook for sweep kinds that add more views of the same records (plots)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:

@@ -72,7 +72,7 @@ def test_tensorboard_scalars_and_hparams_are_written(gen_cfg) -> None:
     events.Reload()
     tags = events.Tags()
     assert "gen/tokens_per_s" in tags["scalars"]
-    assert len(events.Scalars("gen/tokens_per_s")) >= 4  # one per repetition + the final value
+    assert len(events.Scalars("gen/tokens_per_s")) == 4  # one per repetition
     assert "_hparams_/session_start_info" in tags["tensors"] or events.PluginTagToContent("hparams")
 
 
@@ -174,6 +174,7 @@ def test_three_by_two_sweep_writes_its_summary_files(models_dir: Path, tmp_path:
     assert rates == sorted(rates, reverse=True)  # best first
     header = (sweep / "summary.csv").read_text().splitlines()[0]
     assert "gen/tokens_per_s" in header and "quality/perplexity" in header
+    assert "vs_best" in header and (sweep / "summary.md").read_text().count("| best |") == 1
 
 
 @pytest.mark.slow

@@ -118,6 +118,8 @@ def flat_metrics(cfg: DictConfig, work: dict[str, Any]) -> dict[str, Any]:
         "prompt/tokens_per_s_std": bench["prompt_tokens_per_s_std"],
         "gen/tokens_per_s": bench["gen_tokens_per_s"],
         "gen/tokens_per_s_std": bench["gen_tokens_per_s_std"],
+        # how many measurements the means and stds above rest on (prompts × repetitions)
+        "n_repetitions": bench.get("n_repetitions"),
         "gen/decode_counter_tokens_per_s": bench["decode_counter_tokens_per_s"],
         "ttft_s": bench["ttft_s"],
         "ttft_s_std": bench["ttft_s_std"],

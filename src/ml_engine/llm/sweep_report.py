@@ -1,7 +1,9 @@
 """Generation sweeps: the shared sweep summary plus ``summary.png``.
 
-The picture puts generation tokens/s against file size (one mark per quantization, one series
-per n_gpu_layers) beside perplexity against file size, so speed and quality are read together.
+The picture puts generation tokens/s (mean ± std over the repetitions) against file size (one
+mark per quantization, one series per n_gpu_layers) beside perplexity against file size, so speed
+and quality are read together. Both value axes start at zero so that noise does not look like a
+difference; jobs whose speed is within noise of the best are marked (as in ``summary.md``).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ml_engine.summary import SweepSummary
+from ml_engine.summary import BEST, WITHIN_NOISE, SweepSummary
 
 log = logging.getLogger(__name__)
 
 SPEED = "gen/tokens_per_s"
+SPEED_STD = "gen/tokens_per_s_std"
 PERPLEXITY = "quality/perplexity"
 SIZE = "file_mb"
 _MARKERS = "osD^v<>pPX*hH8d"
@@ -32,14 +35,49 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def plot_speed_and_quality(records: list[dict[str, Any]], path: Path) -> Path:
-    """Write the two-panel picture for ``records`` (failed or mock jobs are left out)."""
+def _start_at_zero(axes: Any) -> None:
+    """Both axes from 0, with room on the right and top for the labels."""
+    right, top = axes.get_xlim()[1], axes.get_ylim()[1]
+    axes.set_xlim(0, right * 1.12 if right > 0 else 1)
+    axes.set_ylim(0, top * 1.08 if top > 0 else 1)
+
+
+def _std(point: dict[str, Any]) -> float:
+    value = point.get(SPEED_STD)
+    return float(value) if _finite(value) else 0.0
+
+
+def plot_speed_and_quality(
+    records: list[dict[str, Any]], path: Path, verdicts: dict[str, str] | None = None
+) -> Path:
+    """Write the two-panel picture for ``records`` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    figure = speed_and_quality_figure(records, verdicts)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(tmp, dpi=110)
+    plt.close(figure)
+    tmp.replace(path)
+    return path
+
+
+def speed_and_quality_figure(
+    records: list[dict[str, Any]], verdicts: dict[str, str] | None = None
+) -> Any:
+    """The two-panel matplotlib figure for ``records`` (failed or mock jobs are left out).
+
+    ``verdicts`` (job → ``best`` / ``within noise`` / …) marks the best job and those within
+    noise of it.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = [r["metrics"] for r in records if _usable(r)]
+    verdicts = verdicts or {}
+    usable = [r for r in records if _usable(r)]
+    points = [r["metrics"] for r in usable]
+    verdict_of = {id(r["metrics"]): verdicts.get(r["job"], "") for r in usable}
     quantizations = sorted({str(p.get("quantization")) for p in points})
     marker_of = {q: _MARKERS[i % len(_MARKERS)] for i, q in enumerate(quantizations)}
     series: dict[Any, list[dict[str, Any]]] = defaultdict(list)
@@ -57,25 +95,48 @@ def plot_speed_and_quality(records: list[dict[str, Any]], path: Path) -> Path:
             label=f"n_gpu_layers={layers} ({members[0].get('compute_backend', '?')})",
         )
         for point in members:
-            speed_ax.plot(
+            verdict = verdict_of[id(point)]
+            speed_ax.errorbar(
                 point[SIZE],
                 point[SPEED],
-                marker_of[str(point.get("quantization"))],
+                yerr=_std(point),
+                fmt=marker_of[str(point.get("quantization"))],
                 color=line.get_color(),
                 markersize=8,
+                capsize=4,
+                # hollow: within noise of the best, so not shown to be slower
+                markerfacecolor="none" if verdict == WITHIN_NOISE else line.get_color(),
             )
+            tag = {BEST: " (best)", WITHIN_NOISE: " (≈ best)"}.get(verdict, "")
             speed_ax.annotate(
-                str(point.get("quantization")),
+                f"{point.get('quantization')}{tag}",
                 (point[SIZE], point[SPEED]),
                 textcoords="offset points",
-                xytext=(4, 4),
+                xytext=(5, 4),
                 fontsize=8,
             )
     speed_ax.set_xlabel("file size (MB)")
-    speed_ax.set_ylabel("generation tokens/s (wall clock)")
+    speed_ax.set_ylabel("generation tokens/s (wall clock), mean ± std")
     speed_ax.set_title("speed vs size")
+    best = next((p for p in points if verdict_of[id(p)] == BEST), None)
+    if best is not None and _std(best) > 0:
+        speed_ax.axhspan(
+            best[SPEED] - _std(best),
+            best[SPEED] + _std(best),
+            color="0.5",
+            alpha=0.12,
+            label="best's mean ± std",
+        )
     if series:
-        speed_ax.legend(fontsize=8)
+        speed_ax.legend(fontsize=8, loc="lower left")
+        figure.text(
+            0.01,
+            0.01,
+            "Bars: ± 1 std over the repetitions. Hollow marks, (≈ best): the interval overlaps "
+            "the best's, so the difference is within noise. Axes start at 0.",
+            fontsize=8,
+            color="0.3",
+        )
     else:
         speed_ax.text(
             0.5, 0.5, "no successful model jobs", ha="center", transform=speed_ax.transAxes
@@ -97,19 +158,19 @@ def plot_speed_and_quality(records: list[dict[str, Any]], path: Path) -> Path:
     quality_ax.set_xlabel("file size (MB)")
     quality_ax.set_ylabel("perplexity on the reference text")
     quality_ax.set_title("quality vs size (lower is better)")
-    figure.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    tmp.replace(path)
-    return path
+    for axes in (speed_ax, quality_ax):
+        _start_at_zero(axes)
+    figure.tight_layout(rect=(0, 0.04, 1, 1))
+    return figure
 
 
 class GenerationSweepSummary(SweepSummary):
     """``SweepSummary`` for generation sweeps: same table files, plus ``summary.png``."""
 
-    def extra_outputs(self, sweep_dir: Path, records: list[dict[str, Any]]) -> None:
+    def extra_outputs(
+        self, sweep_dir: Path, records: list[dict[str, Any]], verdicts: dict[str, str]
+    ) -> None:
         try:
-            plot_speed_and_quality(records, sweep_dir / "summary.png")
+            plot_speed_and_quality(records, sweep_dir / "summary.png", verdicts)
         except Exception as exc:  # a missing plotting library must not lose the tables
             log.warning("summary.png not written: %s", exc)

@@ -114,7 +114,8 @@ def log_run(
     """Write to each configured logger (TensorBoard event files, CSV); returns what was written.
 
     ``per_step`` scalars become steps 0..n-1 (one per repetition); ``metrics`` are the final
-    values, also attached to the HParams entry.
+    values, written under ``hp/<name>`` and attached to the HParams entry (under their own name
+    at step 0 they would make TensorBoard's server drop the per-repetition curve).
     """
     written = []
     for name, node in (logger_cfg or {}).items():
@@ -123,7 +124,8 @@ def log_run(
             run = TensorBoardRun(Path(node["save_dir"]))
             for step, values in enumerate(per_step):
                 run.scalars(values, step)
-            run.hparams(hparams, {k: v for k, v in metrics.items() if _is_finite(v)})
+            final = {f"hp/{k}": v for k, v in metrics.items() if _is_finite(v)}
+            run.hparams(hparams, final)
             run.close()
             written.append(run.logdir)
         elif target.endswith("CSVLogger"):
