@@ -33,7 +33,7 @@ def eval_common(tmp_path: Path) -> list[str]:
         ("model=resnet", ("unknown model 'resnet'", "cnn_mnist, mlp_mnist")),
         ("datamodule=cifar", ("unknown datamodule 'cifar'", "mnist")),
         ("trainer=tpu", ("unknown trainer 'tpu'", "ddp_cpu")),
-        ("logger=wandb", ("unknown logger 'wandb'", "tensorboard")),
+        ("logger=neptune", ("unknown logger 'neptune'", "tensorboard, wandb")),
         ("model.optimizer.lr=abc", ("model.optimizer.lr='abc'", "a number > 0")),
         ("datamodule.batch_size=0", ("datamodule.batch_size=0", "an integer ≥ 1")),
         ("datamodule.source=kaggle", ("datamodule.source='kaggle'", "auto, torchvision, bundled")),
