@@ -1,7 +1,6 @@
 """Predict digits: python predict.py ckpt_path=<best.ckpt> input=<image|folder> output=preds.csv"""
 
-from ml_engine.cli import launch
-from ml_engine.validation import PREDICT_RULES
+from ml_engine.__main__ import launch_task
 
 if __name__ == "__main__":
-    launch("ml_engine.predict:predict", config_name="predict", rules=PREDICT_RULES)
+    launch_task("predict")

@@ -1,7 +1,6 @@
 """Serve the REST API and web UI: python serve.py [port=18080] [api_key=secret] [key=value ...]"""
 
-from ml_engine.cli import launch
-from ml_engine.server.serve import serve
+from ml_engine.__main__ import launch_task
 
 if __name__ == "__main__":
-    launch(serve, config_name="serve")
+    launch_task("serve")

@@ -21,9 +21,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ml_engine.cli import CONFIG_DIR, PROJECT_ROOT
-from ml_engine.llm.backends import LlamaCppBackend, Sampling
+from ml_engine.llm.backends import Sampling
+from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.models import ensure_model_file
+from ml_engine.run.locations import CONFIG_DIR, PROJECT_ROOT
 
 PROMPT = "Write a C++ thread example"
 # ≈111M parameters, every width a multiple of 256 so q4_k_m applies to all matrices

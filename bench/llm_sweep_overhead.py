@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ml_engine.cli import PROJECT_ROOT
+from ml_engine.run.locations import PROJECT_ROOT
 
 COMMON = ("logger=none", "extras.print_config=false", "llm.n_threads=1", "bench.repetitions=3")
 SWEEP = ("llm.quantization=f32,q8_0,q4_k_m", "llm.n_gpu_layers=0,99")

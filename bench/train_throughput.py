@@ -26,10 +26,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from ml_engine.cli import register_resolvers
-from ml_engine.datamodules import random_affine
-from ml_engine.instantiators import instantiate_callbacks, instantiate_loggers
-from ml_engine.module import to_model_input
+from ml_engine.run.launch import register_resolvers
+from ml_engine.training.datamodules import random_affine
+from ml_engine.training.instantiators import instantiate_callbacks, instantiate_loggers
+from ml_engine.training.module import to_model_input
 
 
 def compose_train_config(model: str, batch_size: int, steps: int, output_dir: Path):

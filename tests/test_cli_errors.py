@@ -118,7 +118,7 @@ def test_unknown_group_options_are_refused(
 
 
 def test_slurm_launcher_without_its_extra_names_the_install(tmp_path: Path) -> None:
-    from ml_engine.group_options import SLURM, is_importable
+    from ml_engine.run.group_options import SLURM, is_importable
 
     if is_importable(SLURM.module):
         pytest.skip("hydra-submitit-launcher is installed here")

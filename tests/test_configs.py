@@ -10,7 +10,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from ml_engine.cli import CONFIG_DIR
+from ml_engine.run.locations import CONFIG_DIR
 from tests.conftest import compose_config, shrink
 
 
@@ -59,7 +59,7 @@ def test_trainers_available_here_instantiate(trainer: str, tmp_path: Path) -> No
 def test_callback_and_logger_options_instantiate(
     callbacks: str, logger: str, tmp_path: Path
 ) -> None:
-    from ml_engine.instantiators import instantiate_callbacks, instantiate_loggers
+    from ml_engine.training.instantiators import instantiate_callbacks, instantiate_loggers
 
     cfg = compose_config("train", [f"callbacks={callbacks}", f"logger={logger}"])
     cfg.paths.output_dir = str(tmp_path)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from ml_engine.data_sources import load_digits, stratified_split
-from ml_engine.datamodules import MNISTDataModule, ShardedBatchSampler, random_affine
 from ml_engine.errors import UserError
+from ml_engine.training.data_sources import load_digits, stratified_split
+from ml_engine.training.datamodules import MNISTDataModule, ShardedBatchSampler, random_affine
 
 
 def test_bundled_split_is_stratified_deterministic_and_disjoint() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ml_engine.train import train
+from ml_engine.training.train import train
 from tests.conftest import CLI_TEST_OVERRIDES, run_entrypoint
 
 SHORT_TRAINING = [

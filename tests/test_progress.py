@@ -45,8 +45,8 @@ def test_redirected_training_prints_plain_progress_lines(tmp_path: Path) -> None
 def test_progress_style_is_forced_or_chosen_by_the_terminal() -> None:
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from ml_engine.callbacks import PlainProgressBar, progress_bar
     from ml_engine.errors import UserError
+    from ml_engine.training.callbacks import PlainProgressBar, progress_bar
 
     assert isinstance(progress_bar(style="plain"), PlainProgressBar)
     assert isinstance(progress_bar(style="rich"), RichProgressBar)

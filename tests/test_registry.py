@@ -13,9 +13,9 @@ import pytest
 import torch
 import yaml
 
-from ml_engine import registry
-from ml_engine.cli import PROJECT_ROOT
 from ml_engine.errors import UnknownNameError
+from ml_engine.run.locations import PROJECT_ROOT
+from ml_engine.training import registry
 from tests.conftest import CLI_TEST_OVERRIDES, compose_config, run_dir_of
 from tests.venvs import make_child_venv
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ml_engine.cli import PROJECT_ROOT
+from ml_engine.run.locations import PROJECT_ROOT
 from tests.conftest import CLI_TEST_OVERRIDES, run_dir_of, run_entrypoint
 
 SMALL = (*CLI_TEST_OVERRIDES, "logger=none", "model=mlp_mnist")

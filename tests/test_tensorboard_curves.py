@@ -20,7 +20,7 @@ import pytest
 from omegaconf import open_dict
 
 from ml_engine.llm.generate import generate
-from ml_engine.train import train
+from ml_engine.training.train import train
 from tests.conftest import compose_config, shrink
 from tests.llm.conftest import FAST_OVERRIDES
 

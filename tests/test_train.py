@@ -9,10 +9,10 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from ml_engine.checkpoints import load_classifier
-from ml_engine.evaluate import evaluate
-from ml_engine.module import ClassifierModule
-from ml_engine.train import train
+from ml_engine.training.checkpoints import load_classifier
+from ml_engine.training.evaluate import evaluate
+from ml_engine.training.module import ClassifierModule
+from ml_engine.training.train import train
 
 METRIC_KEYS = {
     "test/acc",

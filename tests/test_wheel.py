@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ml_engine.group_options import SLURM, is_importable
+from ml_engine.run.group_options import SLURM, is_importable
 from tests.conftest import PROJECT_ROOT
 from tests.venvs import make_child_venv
 
@@ -148,7 +148,11 @@ def test_wheel_runs_every_entrypoint_outside_the_repo(tmp_path: Path, digit_pngs
     work = tmp_path / "work"
     work.mkdir()
     where = run(
-        [str(python), "-c", "import ml_engine.cli as c; print(c.__file__); print(c.CONFIG_DIR)"],
+        [
+            str(python),
+            "-c",
+            "import ml_engine.run.locations as c; print(c.__file__); print(c.CONFIG_DIR)",
+        ],
         cwd=work,
     ).stdout.split()
     assert all(Path(p).is_relative_to(venv) for p in where), where  # the wheel's, not the repo's

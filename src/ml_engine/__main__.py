@@ -10,7 +10,11 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ml_engine.validation import PREDICT_RULES, TRAIN_RULES, Rule
+from ml_engine.run.rules import Rule
+from ml_engine.training.rules import PREDICT_RULES, TRAIN_RULES
+
+# installed plugin networks become model/net=<name> options before the config composes
+_NETWORK_OPTIONS = ("ml_engine.training.registry:register_network_configs",)
 
 
 @dataclass(frozen=True)
@@ -19,18 +23,30 @@ class Entrypoint:
     config_name: str
     rules: tuple[Rule, ...]
     summary: str
+    before_compose: tuple[str, ...] = ()
 
 
 ENTRYPOINTS: dict[str, Entrypoint] = {
-    "train": Entrypoint("ml_engine.train:train", "train", TRAIN_RULES, "train a network"),
+    "train": Entrypoint(
+        "ml_engine.training.train:train",
+        "train",
+        TRAIN_RULES,
+        "train a network",
+        _NETWORK_OPTIONS,
+    ),
     "eval": Entrypoint(
-        "ml_engine.evaluate:evaluate", "eval", TRAIN_RULES, "test a checkpoint (ckpt_path=...)"
+        "ml_engine.training.evaluate:evaluate",
+        "eval",
+        TRAIN_RULES,
+        "test a checkpoint (ckpt_path=...)",
+        _NETWORK_OPTIONS,
     ),
     "predict": Entrypoint(
-        "ml_engine.predict:predict",
+        "ml_engine.training.predict:predict",
         "predict",
         PREDICT_RULES,
         "predict digits (ckpt_path=... input=<image|folder>)",
+        _NETWORK_OPTIONS,
     ),
     "generate": Entrypoint(
         "ml_engine.llm.generate:generate", "generate", (), "benchmark local GGUF generation"
@@ -56,10 +72,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     if entry is None:
         print(f"error: unknown task '{name}'; accepted: {', '.join(ENTRYPOINTS)}", file=sys.stderr)
         sys.exit(2)
-    from ml_engine.cli import launch
-
     sys.argv = [f"ml-engine {name}", *rest]  # Hydra reads its overrides from sys.argv
-    launch(entry.task, config_name=entry.config_name, rules=entry.rules)
+    launch_task(name)
+
+
+def launch_task(name: str) -> None:
+    """Run task ``name`` with the overrides in ``sys.argv`` (the root scripts call this)."""
+    from ml_engine.run.launch import launch
+
+    entry = ENTRYPOINTS[name]
+    launch(entry.task, entry.config_name, entry.rules, entry.before_compose)
 
 
 if __name__ == "__main__":

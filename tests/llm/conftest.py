@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ml_engine.cli import CONFIG_DIR
-from ml_engine.llm.backends import LlamaCppBackend
+from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.models import ensure_model_file, model_path
+from ml_engine.run.locations import CONFIG_DIR
 from tests.conftest import compose_config, run_entrypoint, shrink
 
 # small, quick jobs: a few tokens, two repetitions, a short quality window, one thread

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ml_engine.errors import UserError
-from ml_engine.llm.quantize import partial_path
+from ml_engine.run.files import partial_path
 
 
 def abort_after_half_a_write(payload: dict[str, Any]) -> None:

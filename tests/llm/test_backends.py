@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from ml_engine.errors import UnknownNameError, UserError
-from ml_engine.llm.backends import LlamaCppBackend, MockBackend, Sampling, open_backend
+from ml_engine.llm.backends import Sampling, open_backend
+from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
+from ml_engine.llm.backends.mock import MockBackend
 from ml_engine.llm.gguf_writer import (
     LlamaShape,
     byte_fallback_vocabulary,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml_engine.llm.backends import LlamaCppBackend
+from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.gguf_writer import (
     LlamaShape,
     byte_fallback_vocabulary,

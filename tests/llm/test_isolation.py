@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from ml_engine.cli import PROJECT_ROOT
 from ml_engine.errors import UserError
 from ml_engine.llm.isolation import WorkerFailed, run_isolated
+from ml_engine.run.locations import PROJECT_ROOT
 from tests.llm.conftest import llm_node, partial_files
 
 TARGETS = "tests.llm.crash_targets"

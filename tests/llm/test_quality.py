@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml_engine.llm.backends import LlamaCppBackend
+from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.models import ensure_model_file, model_path
 from ml_engine.llm.quality import compare, evaluate_quality, perplexity
 from tests.llm.conftest import tiny_model_cfg

@@ -8,15 +8,10 @@ import llama_cpp
 import pytest
 
 from ml_engine.errors import UnknownNameError, UserError
-from ml_engine.llm.backends import LlamaCppBackend
+from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.models import available_quantizations, ensure_model_file, model_path
-from ml_engine.llm.quantize import (
-    QUANTIZATIONS,
-    check_quantization,
-    partial_path,
-    quantize_gguf,
-    remove_partials_of,
-)
+from ml_engine.llm.quantize import QUANTIZATIONS, check_quantization, quantize_gguf
+from ml_engine.run.files import partial_path, remove_partials_of
 from tests.llm.conftest import partial_files, tiny_model_cfg
 
 _FTYPE_NAMES = {

@@ -11,7 +11,7 @@ import pytest
 from hydra.utils import instantiate
 
 from ml_engine.llm.sweep_report import speed_and_quality_figure
-from ml_engine.summary import Measurement, noise_verdicts, rank_records, within_noise
+from ml_engine.run.sweep_summary import Measurement, noise_verdicts, rank_records, within_noise
 from tests.conftest import compose_config
 
 

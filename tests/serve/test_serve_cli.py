@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from ml_engine.cli import PROJECT_ROOT
+from ml_engine.run.locations import PROJECT_ROOT
 from tests.conftest import run_entrypoint
 from tests.serve.conftest import free_port
 

@@ -10,13 +10,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ml_engine.cli import write_json_atomic
 from ml_engine.errors import UserError
 from ml_engine.llm.backends import BACKENDS
 from ml_engine.llm.isolation import call_target, run_isolated
 from ml_engine.llm.quantize import quantization_names
 from ml_engine.llm.tensorboard_log import log_run
-from ml_engine.validation import (
+from ml_engine.run.files import write_json_atomic, write_text_atomic
+from ml_engine.run.rules import (
     Rule,
     check_config,
     int_at_least,
@@ -137,7 +137,7 @@ def _write_texts(output_dir: Path, bench: dict[str, Any]) -> list[str]:
     names = []
     for index, entry in enumerate(bench["prompts"]):
         name = f"texts/{index:02d}.txt"
-        (output_dir / name).write_text(entry["text"], encoding="utf-8")
+        write_text_atomic(output_dir / name, entry["text"])
         names.append(name)
     return names
 

@@ -7,13 +7,14 @@ llama.cpp's layout (see ``expected_tensor_shapes``).
 
 from __future__ import annotations
 
-import os
 import string
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
+
+from ml_engine.run.files import atomic_path
 
 # K-quants pack rows in super-blocks of 256 values; narrower rows fall back to other types.
 QK_K = 256
@@ -205,9 +206,7 @@ def write_llama_gguf(
     expected = expected_tensor_shapes(shape)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
+    with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         _add_metadata(writer, shape, vocab, name=name, ftype=ftype, chat_template=chat_template)
         seen = set()
@@ -229,9 +228,6 @@ def write_llama_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -12,7 +12,6 @@ The child's stdout and stderr (llama.cpp's own messages) go to a log file in the
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -23,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ml_engine.errors import UserError
-from ml_engine.llm.quantize import remove_partials_of
+from ml_engine.run.files import remove_partials_of, write_text_atomic
+from ml_engine.run.helpers import error_summary, import_callable
 
 
 class WorkerFailed(UserError):
@@ -113,8 +113,7 @@ def _python_path() -> str:
 
 
 def call_target(target: str, payload: dict[str, Any]) -> Any:
-    module_name, function_name = target.split(":")
-    return getattr(importlib.import_module(module_name), function_name)(payload)
+    return import_callable(target)(payload)
 
 
 def _child_main() -> None:
@@ -125,12 +124,8 @@ def _child_main() -> None:
         outcome = {"status": "user_error", "message": str(exc)}
     except Exception as exc:
         traceback.print_exc()
-        first_line = (str(exc).splitlines() or [""])[0]
-        outcome = {"status": "error", "message": f"{type(exc).__name__}: {first_line}"}
-    result = Path(request["result"])
-    tmp = result.with_name(f".{result.name}.tmp")
-    tmp.write_text(json.dumps(outcome, default=str))
-    os.replace(tmp, result)
+        outcome = {"status": "error", "message": error_summary(exc)}
+    write_text_atomic(Path(request["result"]), json.dumps(outcome, default=str))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ml_engine.llm.backends import LlamaCppBackend, Sampling, open_backend
+from ml_engine.llm.backends import Sampling, open_backend
+from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.bench import run_benchmark
 from ml_engine.llm.models import base_quantization, model_path
 from ml_engine.llm.quality import evaluate_quality, quality_settings

@@ -23,7 +23,7 @@ from ml_engine.llm.quantize import (
     precision_rank,
     quantize_gguf,
 )
-from ml_engine.locations import install_command
+from ml_engine.run.locations import install_command
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class ModelFile:
 
 def model_names() -> list[str]:
     """The configured models: the names of ``conf/llm/model/*.yaml``."""
-    from ml_engine.locations import CONFIG_DIR
+    from ml_engine.run.locations import CONFIG_DIR
 
     return sorted(path.stem for path in (CONFIG_DIR / "llm" / "model").glob("*.yaml"))
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ml_engine.llm.backends import LlamaCppBackend
+from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
+from ml_engine.run.files import atomic_write
 
 # Fixed, plain English prose with some code-like text: the same tokens for every run.
 REFERENCE_TEXT = """\
@@ -79,14 +79,7 @@ def _cache_path(models_dir: Path, base_file: Path, tokens: list[int]) -> Path:
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with tmp.open("wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda handle: np.save(handle, array), binary=True)
 
 
 def base_logprobs(

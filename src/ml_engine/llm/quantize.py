@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 from ml_engine.errors import UnknownNameError, UserError
+from ml_engine.run.files import atomic_path
 
 # Name → llama_ftype (llama.h), highest precision first: this order is also the order in which
 # a "base" file is chosen for quality comparisons.
@@ -44,21 +44,6 @@ def precision_rank(name: str) -> int:
     return list(QUANTIZATIONS).index(check_quantization(name))
 
 
-def partial_path(target: Path, pid: int | None = None) -> Path:
-    """Where a file is written before it is renamed into place; unique per process."""
-    return target.with_name(f".{target.name}.{pid or os.getpid()}.partial")
-
-
-def remove_partials_of(directory: Path, pid: int) -> list[Path]:
-    """Delete what a (crashed) process ``pid`` left half-written under ``directory``."""
-    removed = []
-    if directory.is_dir():
-        for path in directory.rglob(f".*.{pid}.partial"):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
-
-
 def quantize_gguf(
     source: Path, target: Path, quantization: str, n_threads: int | None = None
 ) -> Path:
@@ -69,12 +54,10 @@ def quantize_gguf(
     import llama_cpp
 
     check_quantization(quantization)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(target)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTIZATIONS[quantization]
     params.nthread = n_threads or 0  # 0: llama.cpp uses all hardware threads
-    try:
+    with atomic_path(target) as tmp:
         status = llama_cpp.llama_model_quantize(
             str(source).encode(), str(tmp).encode(), ctypes.byref(params)
         )
@@ -83,7 +66,4 @@ def quantize_gguf(
                 f"could not produce {quantization} from {source}: llama.cpp's quantizer failed "
                 "(is the source a complete, valid GGUF?)"
             )
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target

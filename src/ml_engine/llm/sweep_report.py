@@ -14,7 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ml_engine.summary import BEST, WITHIN_NOISE, SweepSummary
+from ml_engine.run.files import atomic_write
+from ml_engine.run.sweep_summary import BEST, WITHIN_NOISE, SweepSummary
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,12 @@ def plot_speed_and_quality(
     import matplotlib.pyplot as plt
 
     figure = speed_and_quality_figure(records, verdicts)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(tmp, dpi=110)
-    plt.close(figure)
-    tmp.replace(path)
+    try:
+        atomic_write(
+            path, lambda handle: figure.savefig(handle, dpi=110, format="png"), binary=True
+        )
+    finally:
+        plt.close(figure)
     return path
 
 

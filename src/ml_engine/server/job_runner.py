@@ -21,7 +21,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ml_engine.cli import JOB_RECORD, PROJECT_ROOT
+from ml_engine.run.files import JOB_RECORD
+from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.server.jobs_store import (
     CANCELLED,
     FAILED,
@@ -33,14 +34,14 @@ from ml_engine.server.jobs_store import (
     JobStore,
     new_job_id,
 )
-from ml_engine.server.progress import PROGRESS_FILE
+from ml_engine.training.progress import PROGRESS_FILE
 
 log = logging.getLogger(__name__)
 
 # the train entrypoint of the package, so that jobs run from an installed wheel too
 TRAIN_COMMAND = (sys.executable, "-m", "ml_engine", "train")
 OUTPUT_LOG = "stdout.log"
-PROGRESS_CALLBACK = "+callbacks.job_progress={_target_:ml_engine.server.progress.JobProgress}"
+PROGRESS_CALLBACK = "+callbacks.job_progress={_target_:ml_engine.training.progress.JobProgress}"
 DEVICE_TO_ACCELERATOR = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "mps": "mps", "auto": "auto"}
 # request field → training config key; only these reach the command line
 REQUEST_TO_OVERRIDE = {

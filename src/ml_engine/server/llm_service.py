@@ -15,8 +15,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ml_engine.cli import CONFIG_DIR
 from ml_engine.errors import UnknownNameError, UserError
+from ml_engine.run.locations import CONFIG_DIR
 
 BACKENDS = ("llama_cpp", "mock")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "repeat_penalty", "seed")

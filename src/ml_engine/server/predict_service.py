@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ml_engine.checkpoints import load_classifier
 from ml_engine.errors import UnknownNameError, UserError
-from ml_engine.images import to_mnist_digit
-from ml_engine.module import ClassifierModule
-from ml_engine.predict import predict_digits
 from ml_engine.server.errors import NotFound
 from ml_engine.server.runs import RunIndex, RunInfo
 from ml_engine.server.settings import Limits
+from ml_engine.training.checkpoints import load_classifier
+from ml_engine.training.images import to_mnist_digit
+from ml_engine.training.module import ClassifierModule
+from ml_engine.training.predict import predict_digits
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")
 

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ml_engine.registry import network_names
 from ml_engine.server.job_runner import JobRunner
 from ml_engine.server.jobs_store import JobStore
 from ml_engine.server.llm_service import LlmService
 from ml_engine.server.predict_service import PredictService
 from ml_engine.server.runs import RunIndex
 from ml_engine.server.settings import Settings
+from ml_engine.training.registry import network_names
 
 
 def available_devices() -> tuple[str, ...]:

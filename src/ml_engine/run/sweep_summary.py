@@ -17,7 +17,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from ml_engine.cli import JOB_RECORD, write_json_atomic
+from ml_engine.run.files import JOB_RECORD, atomic_write, write_json_atomic, write_text_atomic
 
 
 def read_job_records(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -139,12 +139,12 @@ def _format_cell(value: Any) -> str:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as handle:
+    def write(handle) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["job"])
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
+
+    atomic_write(path, write)
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -190,7 +190,7 @@ class SweepSummary(Callback):
                 f"`{self.metric_std}` overlaps the best job's, so the difference is not shown "
                 "to be real; empty where a job was measured once or not at all.\n\n"
             )
-        (sweep_dir / "summary.md").write_text(title + markdown_table(rows))
+        write_text_atomic(sweep_dir / "summary.md", title + markdown_table(rows))
         write_json_atomic(sweep_dir / "summary.json", {"metric": self.metric, "jobs": records})
         self.extra_outputs(sweep_dir, records, verdicts or {})
         return sweep_dir / "summary.md"

@@ -16,7 +16,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ml_engine.errors import UserError
-from ml_engine.registry import build_network
+from ml_engine.training.registry import build_network
 
 log = logging.getLogger(__name__)
 

@@ -11,14 +11,14 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ml_engine.checkpoints import adopt_data_settings, checked_checkpoint
-from ml_engine.extras import (
+from ml_engine.training.checkpoints import adopt_data_settings, checked_checkpoint
+from ml_engine.training.instantiators import instantiate_callbacks, instantiate_loggers
+from ml_engine.training.lightning_run import (
     collect_metrics,
     finish_run,
     log_hyperparameters,
     prepare_lightning_run,
 )
-from ml_engine.instantiators import instantiate_callbacks, instantiate_loggers
 
 log = logging.getLogger(__name__)
 

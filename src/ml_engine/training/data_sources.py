@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ml_engine.errors import UserError
+from ml_engine.run.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +90,7 @@ def _cache_dir() -> Path:
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as handle:
-            np.savez(handle, **arrays)
-        os.replace(handle.name, path)
+        atomic_write(path, lambda handle: np.savez(handle, **arrays), binary=True)
     except OSError as exc:  # a read-only home only costs speed
         log.debug("could not cache the bundled digits at %s: %s", path, exc)
 

@@ -9,9 +9,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ml_engine.checkpoints import adopt_data_settings, checked_checkpoint, load_classifier
-from ml_engine.extras import collect_metrics, finish_run, prepare_lightning_run
-from ml_engine.instantiators import instantiate_loggers
+from ml_engine.training.checkpoints import adopt_data_settings, checked_checkpoint, load_classifier
+from ml_engine.training.instantiators import instantiate_loggers
+from ml_engine.training.lightning_run import collect_metrics, finish_run, prepare_lightning_run
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

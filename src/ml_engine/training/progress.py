@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from ml_engine.cli import write_json_atomic
+from ml_engine.run.files import write_json_atomic
 
 PROGRESS_FILE = "progress.json"
 

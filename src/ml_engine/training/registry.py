@@ -51,7 +51,7 @@ def _plugin_entry_points() -> list[EntryPoint]:
 
 
 def _load_builtin_and_plugins() -> None:
-    import ml_engine.networks  # noqa: F401  (registers the built-in networks on import)
+    import ml_engine.training.networks  # noqa: F401  (registers the built-in networks on import)
 
     for entry in _plugin_entry_points():
         if entry.name not in _NETWORKS:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Mapping
@@ -16,6 +15,7 @@ from lightning.pytorch import callbacks as lightning_callbacks
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
 
 from ml_engine.errors import UserError
+from ml_engine.run.files import atomic_path, partial_path
 
 
 class AtomicModelCheckpoint(ModelCheckpoint):
@@ -28,10 +28,12 @@ class AtomicModelCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         final = Path(filepath)
-        tmp = final.with_name(f".{final.name}.tmp")
-        trainer.save_checkpoint(str(tmp), self.save_weights_only)
+        # Every rank calls save_checkpoint (it synchronizes them); only rank zero writes a file.
         if trainer.is_global_zero:
-            os.replace(tmp, final)
+            with atomic_path(final) as tmp:
+                trainer.save_checkpoint(str(tmp), self.save_weights_only)
+        else:
+            trainer.save_checkpoint(str(partial_path(final)), self.save_weights_only)
         trainer.strategy.barrier("atomic_checkpoint")
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath

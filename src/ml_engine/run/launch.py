@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import json
 import logging
 import math
 import os
@@ -20,27 +18,26 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ml_engine.errors import UserError
-from ml_engine.group_options import check_group_options, missing_extra_message
-from ml_engine.locations import CONFIG_DIR, PROJECT_ROOT
-from ml_engine.validation import Rule, check_config
+from ml_engine.run.files import (
+    JOB_RECORD,
+    RESOLVED_CONFIG,
+    save_resolved_config,
+    write_json_atomic,
+)
+from ml_engine.run.group_options import check_group_options, missing_extra_message
+from ml_engine.run.helpers import error_summary, first_line, import_callable
+from ml_engine.run.locations import CONFIG_DIR, PROJECT_ROOT
+from ml_engine.run.rules import Rule, check_config
 
 log = logging.getLogger(__name__)
 
-JOB_RECORD = "job.json"
 # What a job leaves in its run dir before it does any work of its own.
-BOOKKEEPING_FILES = frozenset({".hydra", "config_resolved.yaml", JOB_RECORD})
+BOOKKEEPING_FILES = frozenset({".hydra", RESOLVED_CONFIG, JOB_RECORD})
 
 Task = Callable[[DictConfig], dict[str, Any]]
 # "package.module:function": imported only once the config composed, so config mistakes are
 # reported in a second instead of after torch and Lightning have loaded.
 TaskRef = Task | str
-
-
-def _resolve_task(task: TaskRef) -> Task:
-    if callable(task):
-        return task
-    module_name, _, function_name = task.partition(":")
-    return getattr(importlib.import_module(module_name), function_name)
 
 
 def register_resolvers() -> None:
@@ -97,9 +94,8 @@ def describe_error(exc: BaseException) -> str:
             return describe_error(exc.__cause__)
         return _condense_hydra_message(message)
     if type(exc).__name__ == "MisconfigurationException":  # Lightning: bad accelerator etc.
-        return message.splitlines()[0] if message else type(exc).__name__
-    first = message.splitlines()[0] if message.strip() else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+        return first_line(message) or type(exc).__name__
+    return error_summary(exc)
 
 
 def _is_multirun() -> bool:
@@ -115,23 +111,6 @@ def _task_overrides() -> list[str]:
     if not HydraConfig.initialized():
         return []
     return list(HydraConfig.get().overrides.task)
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON through a temp file and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
-def save_resolved_config(cfg: DictConfig, output_dir: Path) -> None:
-    """`.hydra/config.yaml` keeps interpolations; this is the config with every value filled in."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    resolved = OmegaConf.to_yaml(cfg, resolve=True)
-    tmp = output_dir / f".config_resolved.yaml.{os.getpid()}.tmp"
-    tmp.write_text(resolved)
-    os.replace(tmp, output_dir / "config_resolved.yaml")
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
@@ -156,7 +135,7 @@ def run_job(task: TaskRef, cfg: DictConfig, rules: Sequence[Rule] = ()) -> float
         if _is_rank_zero():
             save_resolved_config(cfg, output_dir)
         check_config(cfg, rules)
-        metrics = _resolve_task(task)(cfg)
+        metrics = import_callable(task)(cfg)
     except Exception as exc:
         record.update(status="failed", error=describe_error(exc), metrics={})
         record["wall_s"] = round(time.perf_counter() - started, 3)
@@ -214,13 +193,20 @@ def remove_unused_run_dir(run_dir: Path | None, task_name: str) -> None:
             return
 
 
-def launch(task: TaskRef, config_name: str, rules: Sequence[Rule] = ()) -> None:
+def launch(
+    task: TaskRef,
+    config_name: str,
+    rules: Sequence[Rule] = (),
+    before_compose: Sequence[Callable[[], object] | str] = (),
+) -> None:
     """Hydra's main for ``task``, with every error ending in one line and exit status 1.
 
     Hydra is made to raise (``HYDRA_FULL_ERROR=1`` internally) so that its multi-line reports
     can be condensed; the user's own ``HYDRA_FULL_ERROR=1`` still gets the full traceback.
     Group options are checked before Hydra creates a run dir; a single run refused for a
     config mistake once it started removes its run dir again (sweep jobs keep their record).
+    ``before_compose`` hooks run before Hydra composes (e.g. plugin networks adding config
+    options), so the harness needs no knowledge of any task.
     """
     import hydra
 
@@ -238,9 +224,8 @@ def launch(task: TaskRef, config_name: str, rules: Sequence[Rule] = ()) -> None:
             failures.append((exc, _run_dir_of(cfg), str(cfg.get("task_name", config_name))))
             return None
 
-    from ml_engine.registry import register_network_configs
-
-    register_network_configs()  # installed plugin networks become model/net=<name> options
+    for hook in before_compose:
+        import_callable(hook)()
     main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
     try:
         check_group_options(sys.argv[1:], CONFIG_DIR)

@@ -1,4 +1,4 @@
-"""Cross-cutting run chores: config printing, warning filters, metrics and HParams logging."""
+"""The first and last steps every Lightning task shares: checks, seed, metrics, HParams."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import importlib.util
 import logging
 import math
 import sys
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,26 +15,18 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from ml_engine.accelerators import check_accelerator, check_sync_batchnorm
-from ml_engine.cli import write_json_atomic
 from ml_engine.errors import UserError
-from ml_engine.locations import install_command
-from ml_engine.validation import TRAIN_RULES, check_config
+from ml_engine.run.extras import apply_extras
+from ml_engine.run.files import write_json_atomic
+from ml_engine.run.locations import install_command
+from ml_engine.training.accelerators import check_accelerator, check_sync_batchnorm
 
 log = logging.getLogger(__name__)
-
-# Lightning's advice about worker processes: num_workers=0 is our deliberate default
-# (in-memory batches are faster than worker IPC, and fork is fragile on macOS).
-_NOISY_WARNINGS = (
-    r".*does not have many workers.*",
-    r".*The number of training batches.*",
-    r".*isinstance\(treespec, LeafSpec\).*",  # Lightning vs torch 2.14 internals
-)
 
 
 def prepare_lightning_run(cfg: DictConfig) -> None:
     """What every Lightning task does first: check values and accelerator, chores, seed."""
-    check_config(cfg, TRAIN_RULES)
+    route_lightning_logs_through_hydra()
     check_accelerator(cfg.trainer.get("accelerator"))
     check_sync_batchnorm(cfg.trainer)
     check_logger_packages(cfg.get("logger"))
@@ -80,38 +71,12 @@ def finish_run(cfg: DictConfig, trainer: L.Trainer, metrics: Mapping[str, Any]) 
 
 def route_lightning_logs_through_hydra() -> None:
     """Lightning adds its own stderr handler; under Hydra's logging every line would print twice."""
+    if not logging.getLogger().handlers:  # no Hydra logging configured: keep Lightning's own
+        return
     lightning_logger = logging.getLogger("lightning")
     for handler in list(lightning_logger.handlers):
         if type(handler) is logging.StreamHandler:
             lightning_logger.removeHandler(handler)
-
-
-def apply_extras(cfg: DictConfig) -> None:
-    """Optional chores from the ``extras`` node: quiet known-harmless warnings, print config."""
-    if logging.getLogger().handlers:
-        route_lightning_logs_through_hydra()
-    extras = cfg.get("extras") or {}
-    if extras.get("ignore_warnings"):
-        warnings.filterwarnings("ignore")
-    else:
-        for pattern in _NOISY_WARNINGS:
-            warnings.filterwarnings("ignore", message=pattern)
-    if extras.get("print_config"):
-        print_config_tree(cfg)
-
-
-def print_config_tree(cfg: DictConfig) -> None:
-    import rich
-    import rich.syntax
-    import rich.tree
-
-    tree = rich.tree.Tree("CONFIG", guide_style="dim")
-    for key, node in cfg.items():
-        if key == "hydra":
-            continue
-        text = OmegaConf.to_yaml(node, resolve=False) if isinstance(node, DictConfig) else str(node)
-        tree.add(str(key)).add(rich.syntax.Syntax(text, "yaml"))
-    rich.print(tree)
 
 
 def _scalar(value: Any) -> float | None:

@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from ml_engine.errors import UserError
-from ml_engine.module import ClassifierModule
+from ml_engine.training.module import ClassifierModule
 
 log = logging.getLogger(__name__)
 

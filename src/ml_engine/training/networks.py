@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from ml_engine.registry import register_network
+from ml_engine.training.registry import register_network
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:

@@ -65,24 +65,3 @@ def check_config(cfg: DictConfig, rules: Iterable[Rule]) -> None:
             continue
         if not rule.accepts(value):
             raise UserError(f"{rule.key}={value!r} is not valid; expected {rule.expected}")
-
-
-TRAIN_RULES: tuple[Rule, ...] = (
-    optional(int_at_least("seed", 0)),
-    positive_number("model.optimizer.lr"),
-    non_negative_number("model.optimizer.weight_decay"),
-    fraction("model.net.dropout"),
-    fraction("model.label_smoothing"),
-    int_at_least("datamodule.batch_size", 1),
-    int_at_least("datamodule.eval_batch_size", 1),
-    int_at_least("datamodule.num_workers", 0),
-    one_of("datamodule.source", ("auto", "torchvision", "bundled")),
-    optional(int_at_least("trainer.max_epochs", -1)),
-    int_at_least("callbacks.early_stopping.patience", 0),
-)
-
-PREDICT_RULES: tuple[Rule, ...] = (
-    int_at_least("batch_size", 1),
-    Rule("invert", lambda v: v in ("auto", True, False, "true", "false"), "auto, true or false"),
-    one_of("device", ("cpu", "cuda", "mps")),
-)

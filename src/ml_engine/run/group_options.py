@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ml_engine.errors import UserError
-from ml_engine.locations import install_command
+from ml_engine.run.locations import install_command
 
 
 @dataclass(frozen=True)

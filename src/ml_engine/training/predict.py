@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +11,11 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
-from ml_engine.checkpoints import load_classifier
-from ml_engine.images import IMAGE_SUFFIXES, list_images, load_digit
-from ml_engine.validation import PREDICT_RULES, check_config
+from ml_engine.run.files import atomic_write
+from ml_engine.run.rules import check_config
+from ml_engine.training.checkpoints import load_classifier
+from ml_engine.training.images import IMAGE_SUFFIXES, list_images, load_digit
+from ml_engine.training.rules import PREDICT_RULES
 
 
 @torch.inference_mode()
@@ -30,13 +31,13 @@ def predict_digits(model: torch.nn.Module, digits: np.ndarray, batch_size: int) 
 
 def write_predictions(rows: list[dict[str, Any]], output: Path) -> None:
     """The whole CSV or nothing: written beside the target, then renamed over it."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as handle:
+
+    def write(handle) -> None:
         writer = csv.DictWriter(handle, fieldnames=["path", "prediction", "confidence"])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, output)
+
+    atomic_write(output, write)
 
 
 def report_skipped(folder: Path) -> int:

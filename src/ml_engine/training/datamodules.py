@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ml_engine.data_sources import DigitSplits, load_digits
-from ml_engine.module import plain_container
+from ml_engine.training.data_sources import DigitSplits, load_digits
+from ml_engine.training.module import plain_container
 
 
 class BatchIndexedDataset(Dataset):

@@ -1,0 +1,125 @@
+"""Files a run leaves behind: atomic writes, the job record, the resolved config.
+
+Every writer in the package goes through :func:`atomic_write`, so a reader (a sweep summary,
+the server, a resume) sees a whole file or none, and a crash mid-write leaves only a temp file
+whose name says what it is (``.<name>.<pid>.partial``) and which the next write cleans up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # kept out of import time: model-work child processes write files too
+    from omegaconf import DictConfig
+
+JOB_RECORD = "job.json"
+RESOLVED_CONFIG = "config_resolved.yaml"
+PARTIAL_SUFFIX = ".partial"
+# A crash between writing and renaming leaves ".<name>.<pid>.partial" beside the target.
+_PARTIAL_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.partial$")
+
+
+def partial_path(target: Path, pid: int | None = None) -> Path:
+    """The temp name :func:`atomic_write` uses for ``target`` in process ``pid`` (this one)."""
+    return target.with_name(f".{target.name}.{pid or os.getpid()}{PARTIAL_SUFFIX}")
+
+
+def remove_partials_of(directory: Path, pid: int) -> list[Path]:
+    """Delete what a (crashed) process ``pid`` left half-written anywhere under ``directory``."""
+    removed = []
+    if directory.is_dir():
+        for path in directory.rglob(f".*.{pid}{PARTIAL_SUFFIX}"):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_partials(folder: Path, name: str | None = None) -> list[Path]:
+    """Remove temp files in ``folder`` left by writers that died (their pid is gone)."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = _PARTIAL_NAME.match(entry.name)
+        if not match or (name is not None and match["name"] != name):
+            continue
+        if int(match["pid"]) != os.getpid() and _pid_alive(int(match["pid"])):
+            continue
+        with contextlib.suppress(OSError):
+            entry.unlink()
+            removed.append(entry)
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """A temp path beside ``target`` for writers that need a file name (checkpoints, GGUF,
+    quantizer output); renamed over ``target`` when the block ends without an error, removed
+    otherwise. The caller's writer must have closed the file by then."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_partials(target.parent, target.name)
+    tmp = partial_path(target)
+    try:
+        yield tmp
+        if tmp.exists():
+            with tmp.open("rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(
+    target: Path, write: Callable[[IO[Any]], object], *, binary: bool = False, newline: str = ""
+) -> Path:
+    """Write ``target`` whole or not at all: ``write(handle)`` fills a temp file in the same
+    folder, which is flushed, fsynced and renamed over ``target``."""
+    with atomic_path(Path(target)) as tmp:
+        mode = "wb" if binary else "w"
+        kwargs: dict[str, Any] = {} if binary else {"encoding": "utf-8", "newline": newline}
+        with open(tmp, mode, **kwargs) as handle:
+            write(handle)
+            handle.flush()
+    return Path(target)
+
+
+def write_text_atomic(target: Path, text: str) -> Path:
+    return atomic_write(target, lambda handle: handle.write(text))
+
+
+def write_json_atomic(target: Path, payload: Mapping[str, Any]) -> Path:
+    """JSON through :func:`atomic_write`, so readers never see half a file."""
+    return write_text_atomic(target, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def save_resolved_config(cfg: DictConfig, output_dir: Path) -> Path:
+    """`.hydra/config.yaml` keeps interpolations; this is the config with every value filled in."""
+    from omegaconf import OmegaConf
+
+    return write_text_atomic(output_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def read_job_record(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``job.json``; None when it is missing or not JSON (a run still starting)."""
+    try:
+        record = json.loads((Path(run_dir) / JOB_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None

@@ -1,0 +1,39 @@
+"""Small helpers the whole package shares; stdlib only, so a model-work child process that
+imports them stays light."""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from typing import Any
+
+
+def is_finite_number(value: Any) -> bool:
+    """A real int or float that is neither NaN nor infinite (``True`` is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def finite_or_none(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number, else None (JSON-safe)."""
+    return float(value) if is_finite_number(value) else None
+
+
+def first_line(exc: BaseException | str) -> str:
+    """The first non-empty line of an error's message ('' when it has none)."""
+    text = str(exc)
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")
+
+
+def error_summary(exc: BaseException) -> str:
+    """``Type: first line`` of an error, or the type alone when the message is empty."""
+    line = first_line(exc)
+    return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+
+
+def import_callable(ref: Callable[..., Any] | str) -> Callable[..., Any]:
+    """``"package.module:function"`` → the function (a callable is returned as it is)."""
+    if callable(ref):
+        return ref
+    module_name, _, function_name = ref.partition(":")
+    return getattr(importlib.import_module(module_name), function_name)
