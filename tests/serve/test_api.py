@@ -99,6 +99,23 @@ def test_limits_come_from_the_config(make_client) -> None:
     assert response.json()["error"] == "epochs=3 is out of range; allowed: [1, 2]"
 
 
+def test_models_lists_the_devices_this_machine_has(make_client) -> None:
+    import torch
+
+    body = make_client().get("/ml/models").json()
+    assert {"cpu", "auto"} <= set(body["devices"])
+    has_cuda = torch.cuda.is_available()
+    assert ("gpu" in body["devices"]) == has_cuda and ("cuda" in body["devices"]) == has_cuda
+    assert body["default_device"] == "cpu"  # train.defaults.device in conf/serve.yaml
+
+
+def test_default_device_is_null_when_the_configured_one_is_missing(make_client) -> None:
+    client = make_client(**{"train.defaults.device": "mps"})
+    if "mps" in client.app.state.server.devices:
+        pytest.skip("this machine has an MPS device")
+    assert client.get("/ml/models").json()["default_device"] is None
+
+
 def test_train_with_a_device_the_server_lacks(make_client) -> None:
     client = make_client()
     if "gpu" in client.app.state.server.devices:

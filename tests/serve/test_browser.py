@@ -1,16 +1,21 @@
 """End to end in headless Chromium (Debian's package, driven through its chromedriver) against
 a live server on 127.0.0.1: draw a digit and predict it, train and watch progress, stream a
-mock generation."""
+mock generation; the layout at common window sizes, with screenshots kept as artifacts."""
 
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
+from ml_engine.locations import PROJECT_ROOT
 from ml_engine.server import create_app
+from ml_engine.server.jobs_store import new_job_id
 from tests.serve.conftest import live_server, serve_config
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -125,7 +130,10 @@ def test_ui_predicts_trains_and_generates(browser, server_url: str) -> None:
     # stream a mock generation into the page
     _wait(browser, lambda d: len(Select(d.find_element(By.ID, "backend")).options) == 2)
     Select(browser.find_element(By.ID, "backend")).select_by_visible_text("mock")
-    Select(browser.find_element(By.ID, "llm-model")).select_by_visible_text("tiny")
+    # nothing on disk: the embedded model is preselected, labelled as written on first use
+    picker = Select(browser.find_element(By.ID, "llm-model"))
+    assert picker.first_selected_option.get_attribute("value") == "tiny"
+    picker.select_by_value("tiny")
     prompt = browser.find_element(By.ID, "prompt")
     prompt.clear()
     prompt.send_keys("alpha beta gamma delta")
@@ -134,3 +142,249 @@ def test_ui_predicts_trains_and_generates(browser, server_url: str) -> None:
     assert _text(browser, "#generation-output") == "alpha beta gamma delta"
     assert "4 pieces" in _text(browser, "#generation-status")
     assert _text(browser, "#error") == ""
+
+
+# ---- layout ---------------------------------------------------------------------------------
+
+# git-ignored (outputs/*): screenshots survive the test run for a look, and CI can upload them
+ARTIFACTS_DIR = PROJECT_ROOT / "outputs" / "test-artifacts"
+
+# Every rendered control, in the page: brought into view, then checked for lying inside the
+# viewport and its card, and for being what the pointer hits at its centre (not covered by
+# another card or by a table that spilled out of its own).
+CHECK_CONTROLS = """
+const selector = "button, input, select, textarea, canvas, progress, th";
+const viewWidth = document.documentElement.clientWidth;
+const name = (e) => e.tagName.toLowerCase() + (e.id ? "#" + e.id : "")
+  + (e.dataset.model ? `[data-model=${e.dataset.model}]` : "")
+  + (e.tagName === "TH" ? `(${e.closest("table").id}: '${e.textContent.trim()}')` : "")
+  + (e.closest("tr.job") ? `(${e.closest("tr.job").id})` : "");
+const found = [];
+for (const e of document.querySelectorAll(selector)) {
+  if (!e.getClientRects().length) continue;  // not rendered: the API-key form without a key
+  e.scrollIntoView({ block: "center", inline: "center" });
+  const r = e.getBoundingClientRect();
+  const problems = [];
+  if (r.width < 1 || r.height < 1) problems.push(`has no size (${r.width}x${r.height})`);
+  if (r.left < -0.5 || r.right > viewWidth + 0.5) {
+    problems.push(`spans x ${r.left.toFixed(0)}..${r.right.toFixed(0)}, viewport ${viewWidth}`);
+  }
+  const card = e.closest("main > section");
+  if (card) {
+    const c = card.getBoundingClientRect();
+    if (r.left < c.left - 0.5 || r.right > c.right + 0.5) {
+      problems.push(`spills out of #${card.id} (x ${r.left.toFixed(0)}..${r.right.toFixed(0)}`
+        + ` in ${c.left.toFixed(0)}..${c.right.toFixed(0)})`);
+    }
+  }
+  const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+  if (!hit || !(hit === e || e.contains(hit))) {
+    const where = hit && hit.closest("section") ? " in #" + hit.closest("section").id : "";
+    problems.push(`is covered by ${hit ? name(hit) + where : "nothing"}`);
+  }
+  found.push({ element: e, name: name(e), problems });
+}
+window.scrollTo(0, 0);
+return found;
+"""
+
+CARD_RECTS = """
+return [...document.querySelectorAll("main > section")].map((s) => {
+  const r = s.getBoundingClientRect();
+  const top = r.top + scrollY;
+  return { id: s.id, left: r.left, right: r.right, top, bottom: top + r.height };
+});
+"""
+
+# a table that fits needs no scrolling: at the sizes tested every column is in view at once
+TABLES_SCROLLING = """
+return [...document.querySelectorAll(".table-wrap")]
+  .filter((w) => w.scrollWidth > w.clientWidth + 1)
+  .map((w) => `${w.querySelector("table").id}: ${w.scrollWidth}px in ${w.clientWidth}px`);
+"""
+
+
+def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    # one pixel of slack for sub-pixel rounding of adjacent edges
+    return (
+        a["left"] < b["right"] - 1
+        and b["left"] < a["right"] - 1
+        and a["top"] < b["bottom"] - 1
+        and b["top"] < a["bottom"] - 1
+    )
+
+
+def _seed_jobs(app) -> None:
+    """A finished and a failed job, so the Jobs table shows progress, metrics and an error."""
+    store = app.state.server.store
+    now = time.time()
+    done = store.create(new_job_id(), "cnn_mnist", {"epochs": 2}, [], "/runs/seeded_ok")
+    store.update(
+        done.id,
+        status="succeeded",
+        started_at=now - 60,
+        finished_at=now - 5,
+        progress={
+            "epoch": 2,
+            "max_epochs": 2,
+            "epochs_done": 2,
+            "batch": 25,
+            "batches_per_epoch": 25,
+            "step": 50,
+            "stage": "test",
+        },
+        metrics={"val/acc": 0.9512, "test/acc": 0.9433, "train/loss_step": 0.1234},
+    )
+    failed = store.create(new_job_id(), "mlp_mnist", {"epochs": 2}, [], "/runs/seeded_failed")
+    store.update(
+        failed.id,
+        status="failed",
+        finished_at=now,
+        error="datamodule.data_dir=/a/very/long/path/that/has/no/spaces/to/break/at/mnist"
+        "/raw/train-images-idx3-ubyte is not readable <img src=x>",
+    )
+
+
+@pytest.fixture
+def layout_server(tmp_path: Path, trained_runs: Path) -> Iterator[str]:
+    runs = tmp_path / "runs"
+    shutil.copytree(trained_runs, runs)
+    cfg = serve_config(tmp_path, runs_dir=runs, **{"paths.models_dir": str(tmp_path / "models")})
+    app = create_app(cfg)
+    _seed_jobs(app)
+    with live_server(app) as url:
+        yield url
+
+
+def _set_viewport(driver, width: int, height: int) -> None:
+    # the viewport itself, not the window: a window of that size has a smaller viewport
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+    )
+
+
+def _save_screenshots(driver, name: str, folders: list[Path]) -> list[Path]:
+    """The viewport as a user first sees it, and the whole page when it is taller."""
+    import base64
+
+    taller = driver.execute_script(
+        "return document.documentElement.scrollHeight > window.innerHeight"
+    )
+    full = None
+    if taller:
+        shot = {"format": "png", "captureBeyondViewport": True}
+        full = base64.b64decode(driver.execute_cdp_cmd("Page.captureScreenshot", shot)["data"])
+    saved = []
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+        driver.save_screenshot(str(folder / f"{name}.png"))
+        saved.append(folder / f"{name}.png")
+        if full is not None:
+            (folder / f"{name}-full.png").write_bytes(full)
+            saved.append(folder / f"{name}-full.png")
+    return saved
+
+
+@pytest.mark.parametrize(("width", "height"), [(1280, 800), (1440, 900), (1920, 1080)])
+def test_every_control_is_visible_and_clickable(
+    browser, layout_server: str, tmp_path: Path, width: int, height: int
+) -> None:
+    _set_viewport(browser, width, height)
+    browser.get(layout_server + "/")
+    models = httpx.get(layout_server + "/ml/models").json()["models"]
+    trainable = [m["name"] for m in models if m["trainable"]]
+    _wait(
+        browser,
+        lambda d: d.execute_script(
+            "return document.querySelectorAll('.train-btn').length === arguments[0]"
+            " && document.querySelectorAll('#jobs-table tr.job').length === 2"
+            " && document.querySelector('#llm-model').options.length > 0"
+            " && document.querySelector('#device').options.length > 0",
+            len(trainable),
+        ),
+        60,
+    )
+    assert browser.execute_script("return document.documentElement.clientWidth") <= width
+    assert _text(browser, "#error") == ""
+    # server text is shown as text, never parsed as markup
+    assert browser.execute_script("return document.querySelectorAll('#jobs-table img').length") == 0
+    assert "<img src=x>" in _text(browser, "#jobs-table .error")
+
+    found = browser.execute_script(CHECK_CONTROLS)
+    problems = [f"{c['name']} {p}" for c in found for p in c["problems"]]
+    problems += [f"{c['name']} is not displayed" for c in found if not c["element"].is_displayed()]
+    problems += [f"table {t} scrolls" for t in browser.execute_script(TABLES_SCROLLING)]
+    cards = browser.execute_script(CARD_RECTS)
+    problems += [
+        f"cards #{a['id']} and #{b['id']} overlap"
+        for i, a in enumerate(cards)
+        for b in cards[i + 1 :]
+        if _overlap(a, b)
+    ]
+    problems += [f"card #{c['id']} ends at x={c['right']:.0f}" for c in cards if c["right"] > width]
+
+    folders = [tmp_path / "test-artifacts", ARTIFACTS_DIR]
+    saved = _save_screenshots(browser, f"ui-{width}x{height}", folders)
+    assert all(path.stat().st_size > 0 for path in saved)
+    assert not problems, "\n".join(problems)
+
+    # the check covered what the issue named, not just whatever happened to render
+    names = {c["name"] for c in found}
+    expected = {"input#epochs", "select#device", "canvas#canvas", "select#predict-model"}
+    expected |= {"button#clear-btn", "button#predict-btn", "select#backend", "select#llm-model"}
+    expected |= {"input#max-tokens", "textarea#prompt", "button#generate-btn"}
+    expected |= {f"button[data-model={m}]" for m in trainable}
+    expected |= {"th(jobs-table: 'Metrics')", "th(jobs-table: 'Progress')"}
+    expected |= {"th(models-table: 'Best val acc')", "th(models-table: 'Date')"}
+    assert expected <= names, sorted(expected - names)
+    assert sum(1 for n in names if n.startswith("progress")) == 2
+
+
+def test_pickers_offer_what_this_machine_has(browser, tmp_path: Path, trained_runs: Path) -> None:
+    """Devices from the server (no gpu without CUDA); the LLM model preselected has a file."""
+    import torch
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    models = tmp_path / "models"
+    models.mkdir()
+    # a stand-in for a downloaded file: the picker only looks at what is on disk
+    (models / "Mistral-7B-Instruct-v0.3-Q4_K_M.gguf").write_bytes(b"GGUF")
+    cfg = serve_config(tmp_path, runs_dir=trained_runs, **{"paths.models_dir": str(models)})
+    with live_server(create_app(cfg)) as url:
+        browser.get(url + "/")
+        _wait(browser, lambda d: len(Select(d.find_element(By.ID, "llm-model")).options) > 1, 60)
+        _wait(browser, lambda d: len(Select(d.find_element(By.ID, "device")).options) > 0, 60)
+        devices = [o.text for o in Select(browser.find_element(By.ID, "device")).options]
+        assert "cpu" in devices and "auto" in devices and "cuda" not in devices
+        assert ("gpu" in devices) == torch.cuda.is_available()
+        assert Select(browser.find_element(By.ID, "device")).first_selected_option.text == "cpu"
+        picker = Select(browser.find_element(By.ID, "llm-model"))
+        assert picker.first_selected_option.get_attribute("value") == "mistral_7b"
+        labels = {o.get_attribute("value"): o.text for o in picker.options}
+        assert labels["mistral_7b"] == "mistral_7b"
+        assert labels["codellama_7b"] == "codellama_7b (no file on disk)"
+        assert labels["tiny"] == "tiny (written on first use)"
+
+
+def test_llm_picker_says_when_no_model_has_a_file(
+    browser, tmp_path: Path, trained_runs: Path
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    cfg = serve_config(
+        tmp_path,
+        runs_dir=trained_runs,
+        **{"paths.models_dir": str(tmp_path / "models"), "llm.models": ["codellama_7b"]},
+    )
+    with live_server(create_app(cfg)) as url:
+        browser.get(url + "/")
+        _wait(browser, lambda d: len(Select(d.find_element(By.ID, "llm-model")).options) == 2, 60)
+        selected = Select(browser.find_element(By.ID, "llm-model")).first_selected_option
+        assert selected.text == "no model file on disk"
+        assert selected.get_attribute("value") == ""
+        browser.find_element(By.ID, "generate-btn").click()
+        _wait(browser, lambda d: _text(d, "#error") != "", 30)
+        assert "none has a file on disk" in _text(browser, "#error")

@@ -83,6 +83,37 @@ def test_llm_models_lists_quantizations_on_disk(client) -> None:
     models = {m["name"]: m for m in body["models"]}
     assert "q4_k_m" in models["tiny"]["quantizations_on_disk"]
     assert models["tiny"]["default_quantization"] == "q4_k_m"
+    assert models["tiny"]["file_on_disk"] and models["tiny"]["embedded"]
+
+
+def test_llm_models_default_to_a_model_with_a_file(make_client, tmp_path: Path) -> None:
+    models_dir = tmp_path / "empty-models"
+    client = make_client(**{"paths.models_dir": str(models_dir)})
+    body = client.get("/llm/models").json()
+    models = {m["name"]: m for m in body["models"]}
+    # nothing on disk: the embedded model (written on first use), never the first name sorted
+    assert not any(m["file_on_disk"] for m in models.values())
+    assert [name for name, m in models.items() if m["embedded"]] == ["tiny"]
+    assert body["default_model"] == "tiny"
+
+    # a real model's file on disk wins over the embedded one's random weights
+    models_dir.mkdir()
+    (models_dir / "Mistral-7B-Instruct-v0.3-Q4_K_M.gguf").write_bytes(b"GGUF")
+    body = client.get("/llm/models").json()
+    models = {m["name"]: m for m in body["models"]}
+    assert models["mistral_7b"]["file_on_disk"] and models["mistral_7b"]["embedded"] is False
+    assert not models["codellama_7b"]["file_on_disk"]
+    assert body["default_model"] == "mistral_7b"
+
+
+def test_llm_models_default_is_null_when_no_model_has_a_file(make_client, tmp_path) -> None:
+    client = make_client(
+        **{"paths.models_dir": str(tmp_path / "none"), "llm.models": ["codellama_7b", "mistral_7b"]}
+    )
+    body = client.get("/llm/models").json()
+    assert [m["name"] for m in body["models"]] == ["codellama_7b", "mistral_7b"]
+    assert not any(m["file_on_disk"] for m in body["models"])
+    assert body["default_model"] is None
 
 
 @pytest.mark.parametrize(

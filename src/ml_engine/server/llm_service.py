@@ -104,19 +104,32 @@ class LlmService:
             raise UnknownNameError("llm model", name, names)
 
     def describe_models(self) -> list[dict[str, Any]]:
-        from ml_engine.llm.models import available_quantizations
+        from ml_engine.llm.models import EMBEDDED, available_quantizations
 
         models = []
         for name in self.model_names():
             llm = compose_config(self.config_name, [f"llm/model={name}"]).llm
+            on_disk = available_quantizations(llm.model, self.models_dir)
+            default = OmegaConf.select(llm, "quantization", default=None)
             models.append(
                 {
                     "name": name,
-                    "quantizations_on_disk": available_quantizations(llm.model, self.models_dir),
-                    "default_quantization": OmegaConf.select(llm, "quantization", default=None),
+                    "quantizations_on_disk": on_disk,
+                    "default_quantization": default,
+                    "file_on_disk": default in on_disk,
+                    "embedded": llm.model.get("source") == EMBEDDED,
                 }
             )
         return models
+
+    @staticmethod
+    def default_model(models: list[dict[str, Any]]) -> str | None:
+        """The model a client should preselect: one whose file is on disk, real models before
+        the embedded one (random weights), else the embedded one (written on first use); None
+        when every model would be refused as missing."""
+        ranked = [m for m in models if m["file_on_disk"] and not m["embedded"]]
+        ranked += [m for m in models if m["embedded"]]
+        return ranked[0]["name"] if ranked else None
 
     # loading ---------------------------------------------------------------------------------
 

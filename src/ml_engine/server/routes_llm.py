@@ -43,7 +43,10 @@ def _state(request: Request) -> ServerState:
 
 @router.get("/models", response_model=LlmModelList, summary="Configured models, files on disk")
 def list_models(request: Request) -> dict[str, Any]:
-    return {"backends": list(BACKENDS), "models": _state(request).llm.describe_models()}
+    llm = _state(request).llm
+    models = llm.describe_models()
+    default = llm.default_model(models)
+    return {"backends": list(BACKENDS), "models": models, "default_model": default}
 
 
 def _validate(state: ServerState, body: GenerateRequest) -> None:

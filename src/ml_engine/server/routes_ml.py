@@ -78,7 +78,13 @@ def list_models(request: Request) -> dict[str, Any]:
                 "best": best_view,
             }
         )
-    return {"models": models}
+    # the UI builds its device picker from these, so it never offers a GPU this machine lacks
+    default_device = state.settings.train_defaults.get("device")
+    return {
+        "models": models,
+        "devices": list(state.devices),
+        "default_device": default_device if default_device in state.devices else None,
+    }
 
 
 # ---- training jobs --------------------------------------------------------------------------

@@ -117,6 +117,8 @@ class NetworkView(BaseModel):
 
 class ModelList(BaseModel):
     models: list[NetworkView]
+    devices: list[str] = Field(description="devices a training request may name on this machine")
+    default_device: str | None = Field(description="the device a request naming none trains on")
 
 
 Row = Annotated[list[float], Field(min_length=28, max_length=28)]
@@ -199,11 +201,17 @@ class LlmModelView(BaseModel):
     name: str
     quantizations_on_disk: list[str]
     default_quantization: str | None
+    file_on_disk: bool = Field(description="the default quantization's file is on disk")
+    embedded: bool = Field(description="written by the server on first use, needs no download")
 
 
 class LlmModelList(BaseModel):
     backends: list[str]
     models: list[LlmModelView]
+    default_model: str | None = Field(
+        description="a model that generates as is: a file on disk, else the embedded one; "
+        "null when neither"
+    )
 
 
 class Health(BaseModel):

@@ -5,6 +5,11 @@ const $ = (selector) => document.querySelector(selector);
 const FINAL = ["succeeded", "failed", "cancelled"];
 const watched = new Map(); // job id → poll timer
 
+// Server text (job errors, model names) goes into markup only escaped.
+function escapeHtml(text) {
+  return String(text).replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
+
 function token() { return localStorage.getItem("ml-engine-token") || ""; }
 
 function showError(message) {
@@ -37,8 +42,22 @@ const pct = (value) => (value == null ? "—" : `${(100 * value).toFixed(2)}%`);
 
 // ---- models and training ----------------------------------------------------------------------
 
+// "cuda" is an alias of "gpu" on the server: offer one of the two
+const DEVICE_ALIASES = { cuda: "gpu" };
+
+function fillDevices(devices, preferred) {
+  const select = $("#device");
+  const current = select.value;
+  const offered = devices.filter((d) => !(DEVICE_ALIASES[d] && devices.includes(DEVICE_ALIASES[d])));
+  select.innerHTML = offered.map((d) => `<option>${d}</option>`).join("");
+  // loadModels runs again after each finished job: keep what the user picked
+  const choice = [current, preferred].find((d) => d && offered.includes(d));
+  if (choice) select.value = choice;
+}
+
 async function loadModels() {
-  const { models } = await getJson("/ml/models");
+  const { models, devices, default_device: defaultDevice } = await getJson("/ml/models");
+  fillDevices(devices, defaultDevice);
   const rows = models.map((m) => `<tr data-model="${m.name}">
       <td>${m.name}</td><td class="val-acc">${pct(m.best && m.best.val_acc)}</td>
       <td>${pct(m.best && m.best.test_acc)}</td>
@@ -93,10 +112,10 @@ function renderJob(job) {
   const total = (p.max_epochs || 1) * (p.batches_per_epoch || 1);
   const value = job.status === "succeeded" ? total : Math.min(done, total);
   row.dataset.status = job.status;
-  row.innerHTML = `<td>${job.id}</td><td>${job.model}</td><td class="status">${job.status}</td>
+  row.innerHTML = `<td>${job.id}</td><td>${escapeHtml(job.model)}</td><td class="status">${job.status}</td>
     <td><progress max="${total}" value="${value}"></progress>
         <span class="progress-text muted">${progressText(job)}</span></td>
-    <td class="metrics">${job.error ? `<span class="error">${job.error}</span>` : metricsText(job)}</td>
+    <td class="metrics">${job.error ? `<span class="error">${escapeHtml(job.error)}</span>` : metricsText(job)}</td>
     <td>${FINAL.includes(job.status) ? "" : `<button class="cancel-btn">Cancel</button>`}</td>`;
   const cancel = row.querySelector(".cancel-btn");
   if (cancel) {
@@ -180,10 +199,21 @@ async function predict(canvas) {
 
 // ---- generation -------------------------------------------------------------------------------
 
+function llmModelLabel(m) {
+  if (m.file_on_disk) return m.name;
+  return m.embedded ? `${m.name} (written on first use)` : `${m.name} (no file on disk)`;
+}
+
 async function loadLlmModels() {
-  const { backends, models } = await getJson("/llm/models");
+  const { backends, models, default_model: defaultModel } = await getJson("/llm/models");
   $("#backend").innerHTML = backends.map((b) => `<option>${b}</option>`).join("");
-  $("#llm-model").innerHTML = models.map((m) => `<option>${m.name}</option>`).join("");
+  const options = models.map((m) => `<option value="${m.name}">${llmModelLabel(m)}</option>`);
+  // with no usable file, say so instead of preselecting a model that llama.cpp cannot load
+  // (the mock backend still takes any of them)
+  if (!defaultModel) options.unshift(`<option value="" disabled>no model file on disk</option>`);
+  const select = $("#llm-model");
+  select.innerHTML = options.join("");
+  select.value = defaultModel || "";
 }
 
 async function generate() {
@@ -191,6 +221,7 @@ async function generate() {
   const output = $("#generation-output");
   const status = $("#generation-status");
   output.textContent = "";
+  if (!$("#llm-model").value) throw new Error("choose a model: none has a file on disk (the mock backend takes any)");
   status.textContent = "generating…";
   const body = {
     backend: $("#backend").value, model: $("#llm-model").value, prompt: $("#prompt").value,
