@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ml_engine.locations import PROJECT_ROOT
+from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.server import create_app
 from ml_engine.server.jobs_store import new_job_id
 from tests.serve.conftest import live_server, serve_config
