@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ml_engine.llm.rules import GENERATE_RULES
 from ml_engine.run.rules import Rule
 from ml_engine.training.rules import PREDICT_RULES, TRAIN_RULES
 
@@ -49,7 +50,10 @@ ENTRYPOINTS: dict[str, Entrypoint] = {
         _NETWORK_OPTIONS,
     ),
     "generate": Entrypoint(
-        "ml_engine.llm.generate:generate", "generate", (), "benchmark local GGUF generation"
+        "ml_engine.llm.generate:generate",
+        "generate",
+        GENERATE_RULES,
+        "benchmark local GGUF generation",
     ),
     "serve": Entrypoint("ml_engine.server.serve:serve", "serve", (), "REST API and web UI"),
 }

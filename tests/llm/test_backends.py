@@ -9,7 +9,13 @@ import pytest
 
 from ml_engine.errors import UnknownNameError, UserError
 from ml_engine.llm.backends import Sampling, open_backend
-from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
+from ml_engine.llm.backends.llama_cpp import (
+    Device,
+    LlamaCppBackend,
+    compute_backend_of_build,
+    llama_devices,
+    offload_account,
+)
 from ml_engine.llm.backends.mock import MockBackend
 from ml_engine.llm.gguf_writer import (
     LlamaShape,
@@ -110,6 +116,57 @@ def test_open_backend_resolves_the_file_and_reports_offload_honestly(models_dir:
         assert facts["compute_backend"] == "CPU"
         assert "CPU-only" in facts["offload_note"]
     assert "q8_0" in available_quantizations(tiny_model_cfg(), models_dir)
+
+
+def test_offload_comes_from_llama_cpps_account_not_from_the_request(tiny_f32: Path) -> None:
+    devices = llama_devices()
+    assert devices and devices[0].kind == "CPU"  # the registry is readable here
+    if any(d.kind in ("GPU", "IGPU") for d in devices):
+        pytest.skip("llama.cpp sees a GPU here: this test is about a CPU-only build")
+    assert compute_backend_of_build() == "CPU"
+    with LlamaCppBackend(tiny_f32, n_gpu_layers=99, n_ctx=64, n_threads=1) as backend:
+        facts = backend.describe()
+    assert facts["n_gpu_layers_requested"] == 99
+    assert facts["n_gpu_layers_effective"] == 0 and facts["compute_backend"] == "CPU"
+    # read off llama.cpp's load log: every layer, the output layer included, on the CPU device
+    assert facts["offload_source"] == "load log"
+    assert facts["layer_devices"] == ["CPU"] * (facts["n_layer"] + 1)
+    assert facts["llama_devices"] == [d.name for d in devices]
+    assert "CPU-only" in facts["offload_note"]
+
+
+CPU = Device("CPU", "CPU", "CPU", "a CPU")
+CUDA = Device("CUDA0", "GPU", "CUDA", "a GPU")
+
+
+def _placement(*devices: str) -> list[str]:
+    return [
+        f"load_tensors: layer {i:3d} assigned to device {d}, is_swa = 0"
+        for i, d in enumerate(devices)
+    ]
+
+
+@pytest.mark.parametrize(
+    "lines, devices, gpu_offload, expected",
+    [
+        (_placement("CPU", "CPU", "CPU"), [CPU], False, (0, "CPU", "load log")),
+        (_placement("CPU", "CUDA0", "CUDA0"), [CPU, CUDA], True, (2, "CUDA", "load log")),
+        (_placement("CPU", "CPU", "CPU"), [CPU, CUDA], True, (0, "CPU", "load log")),
+        (
+            ["load_tensors: offloaded 33/33 layers to GPU"],
+            [CPU, CUDA],
+            True,
+            (33, "CUDA", "load log"),
+        ),
+        ([], [CPU], True, (0, "CPU", "device registry")),  # no GPU in the registry
+        ([], [CPU, CUDA], True, (None, "unknown", "none")),  # a GPU, but no word on the layers
+        ([], [], False, (0, "CPU", "llama_supports_gpu_offload")),  # registry unreadable
+        ([], [], True, (None, "unknown", "none")),  # never a guessed "CUDA"
+    ],
+)
+def test_offload_account_reads_llama_cpps_own_lines(lines, devices, gpu_offload, expected) -> None:
+    account = offload_account(lines, devices, gpu_offload)
+    assert (account.layers, account.compute_backend, account.source) == expected
 
 
 def test_unknown_backend_is_named_with_the_accepted_ones(models_dir: Path) -> None:

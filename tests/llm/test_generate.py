@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
+from ml_engine.llm.backends.llama_cpp import GPU_KINDS, llama_devices
 from ml_engine.llm.generate import generate
 from ml_engine.llm.models import ensure_model_file, model_path
 from tests.llm.conftest import generate_cli, last_line, partial_files, tiny_model_cfg
@@ -41,7 +42,11 @@ def test_single_run_result_is_complete_and_consistent(gen_cfg) -> None:
 
     quality = result["quality"]
     assert math.isfinite(quality["perplexity"]) and quality["base_quantization"] == "f32"
-    assert quality["top1_agreement"] == 1.0  # the base against itself
+    # the base is the reference: labelled so, and not compared with itself
+    assert quality["reference"] is True and metrics["quality/reference"] is True
+    assert quality["top1_agreement"] is None and quality["kl_mean"] is None
+    assert metrics["quality/top1_agreement"] is None and metrics["quality/kl_mean"] is None
+    assert set(result["metric_definitions"]) == set(metrics)
     for index, entry in enumerate(bench["prompts"]):
         assert (run_dir / result["texts"][index]).read_text(encoding="utf-8") == entry["text"]
     assert (run_dir / "worker.log").exists()  # the model work ran in a child process
@@ -52,6 +57,7 @@ def test_quantized_run_in_process_compares_with_the_base(gen_cfg) -> None:
     metrics = generate(cfg)
     assert metrics["quantization"] == "q4_k_m" and metrics["file_mb"] > 0
     assert 0 < metrics["quality/top1_agreement"] <= 1 and metrics["quality/kl_mean"] > 0
+    assert metrics["quality/reference"] is False
     result = json.loads((Path(cfg.paths.output_dir) / "result.json").read_text())
     assert [p["prompt"] for p in result["bench"]["prompts"]] == ["Hello there"]
 
@@ -174,6 +180,15 @@ def test_three_by_two_sweep_writes_its_summary_files(models_dir: Path, tmp_path:
     assert rates == sorted(rates, reverse=True)  # best first
     header = (sweep / "summary.csv").read_text().splitlines()[0]
     assert "gen/tokens_per_s" in header and "quality/perplexity" in header
+    assert "quality/reference" in header
+    for job in jobs:
+        row = job["metrics"]
+        if row["quantization"] == "f32":  # the base: the reference, not compared with itself
+            assert row["quality/reference"] is True and row["quality/kl_mean"] is None
+        else:
+            assert row["quality/reference"] is False and row["quality/kl_mean"] > 0
+        if not any(d.kind in GPU_KINDS for d in llama_devices()):
+            assert (row["n_gpu_layers_effective"], row["compute_backend"]) == (0, "CPU")
     assert "vs_best" in header and (sweep / "summary.md").read_text().count("| best |") == 1
 
 

@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 
 from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
+from ml_engine.llm.gguf_writer import (
+    LlamaShape,
+    byte_fallback_vocabulary,
+    random_llama_tensors,
+    write_llama_gguf,
+)
 from ml_engine.llm.models import ensure_model_file, model_path
-from ml_engine.llm.quality import compare, evaluate_quality, perplexity
+from ml_engine.llm.quality import compare, evaluate_quality, perplexity, reference_tokens
+from ml_engine.llm.quantize import quantize_gguf
 from tests.llm.conftest import tiny_model_cfg
 
 
@@ -70,6 +77,8 @@ def test_quantized_file_against_the_f32_base(models_dir: Path, tmp_path: Path) -
     assert first["kl_mean"] > 0
     assert list((cache_dir / ".quality").glob("*.npy"))
 
+    assert first["reference"] is False
+
     with _open(base) as backend:
         itself = evaluate_quality(
             backend,
@@ -79,8 +88,84 @@ def test_quantized_file_against_the_f32_base(models_dir: Path, tmp_path: Path) -
             n_tokens=64,
             open_base=open_base,
         )
-    assert itself["top1_agreement"] == 1.0
-    assert itself["kl_mean"] == pytest.approx(0.0, abs=1e-6)
+    # the base is labelled the reference instead of reporting agreement 1.0 / KL 0 with itself
+    assert itself["reference"] is True
+    assert itself["top1_agreement"] is None and itself["kl_mean"] is None
+    assert itself["kl_max"] is None
+    assert math.isfinite(itself["perplexity"])
+    assert opened == [base]  # and it opened no second copy of itself
+
+
+def test_the_base_job_leaves_its_predictions_for_the_others(models_dir: Path, tmp_path: Path):
+    base = model_path(tiny_model_cfg(), "f32", models_dir)
+    quantized = ensure_model_file(tiny_model_cfg(), "q8_0", models_dir, n_threads=1).path
+
+    def never(path: Path) -> LlamaCppBackend:
+        raise AssertionError(f"the base's cached predictions should have been used, not {path}")
+
+    settings = dict(base_file=base, base_quantization="f32", models_dir=tmp_path, n_tokens=48)
+    with _open(base) as backend:
+        assert evaluate_quality(backend, open_base=never, **settings)["reference"] is True
+    with _open(quantized) as backend:
+        other = evaluate_quality(backend, open_base=never, **settings)
+    assert other["reference"] is False and other["kl_mean"] > 0 and other["top1_agreement"] < 1
+
+
+PEAKED_QUANTIZATIONS = ("q8_0", "q4_k_m", "q2_k")
+
+
+@pytest.fixture(scope="session")
+def peaked_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small llama with weights 5x the tiny model's: its next-token distributions are peaked
+    (the tiny model's are near uniform), so quantization moves them visibly. Widths are
+    multiples of 256, so the K-quants apply to every matrix."""
+    directory = tmp_path_factory.mktemp("peaked")
+    shape = LlamaShape(
+        n_vocab=512, n_embd=256, n_ff=512, n_layer=2, n_head=4, n_head_kv=4, n_ctx=512
+    )
+    assert shape.k_quant_ready
+    base = write_llama_gguf(
+        directory / "peaked-f32.gguf",
+        shape,
+        byte_fallback_vocabulary(shape.n_vocab),
+        random_llama_tensors(shape, seed=1, std=0.1),
+        name="peaked",
+    )
+    files = {"f32": base}
+    for quantization in PEAKED_QUANTIZATIONS:
+        files[quantization] = quantize_gguf(
+            base, directory / f"peaked-{quantization}.gguf", quantization, n_threads=1
+        )
+    return files
+
+
+def test_quantization_really_changes_a_peaked_models_predictions(
+    peaked_models: dict[str, Path], tmp_path: Path
+) -> None:
+    base = peaked_models["f32"]
+    results = {}
+    for quantization, path in peaked_models.items():
+        with _open(path) as backend:
+            results[quantization] = evaluate_quality(
+                backend,
+                base_file=base,
+                base_quantization="f32",
+                models_dir=tmp_path,
+                n_tokens=96,
+                open_base=_open,
+            )
+    with _open(base) as backend:
+        reference = backend.next_token_logprobs(reference_tokens(backend, 96))
+    # not near uniform: the top token holds far more than 1/n_vocab of the probability
+    assert np.exp(reference).max(axis=-1).mean() > 10 / reference.shape[-1]
+
+    assert results["f32"]["reference"] is True and results["f32"]["kl_mean"] is None
+    q4 = results["q4_k_m"]
+    assert q4["reference"] is False and q4["kl_mean"] > 0.01 and q4["top1_agreement"] < 1
+    kl = {q: results[q]["kl_mean"] for q in PEAKED_QUANTIZATIONS}
+    assert kl["q8_0"] < kl["q4_k_m"] < kl["q2_k"], kl
+    agreement = [results[q]["top1_agreement"] for q in PEAKED_QUANTIZATIONS]
+    assert agreement == sorted(agreement, reverse=True), agreement
 
 
 def test_finer_quantization_agrees_more_with_the_base(models_dir: Path, tmp_path: Path) -> None:

@@ -12,11 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 from ml_engine.llm.backends import Generation, LlmBackend, Sampling
+from ml_engine.run.helpers import is_finite_number
 
 
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation of the finite values (NaN when there are none)."""
-    finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    finite = [v for v in values if is_finite_number(v)]
     if not finite:
         return math.nan, math.nan
     spread = statistics.stdev(finite) if len(finite) > 1 else 0.0

@@ -12,17 +12,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ml_engine.llm.backends import Sampling, open_backend
+from ml_engine.llm.backends import SAMPLING_FIELDS, Sampling, open_backend
 from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.bench import run_benchmark
 from ml_engine.llm.models import base_quantization, model_path
 from ml_engine.llm.quality import evaluate_quality, quality_settings
 
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_k", "top_p", "repeat_penalty", "seed")
-
 
 def sampling_from(llm: dict[str, Any]) -> Sampling:
-    return Sampling(**{key: llm[key] for key in SAMPLING_KEYS})
+    """The sampling settings of a resolved ``llm`` node."""
+    return Sampling(**{key: llm[key] for key in SAMPLING_FIELDS})
 
 
 def peak_rss_mb() -> float:

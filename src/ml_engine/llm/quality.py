@@ -2,8 +2,9 @@
 
 The comparison follows llama.cpp's ``perplexity --kl-divergence``: the base (most precise file of
 the same model on disk) predicts every next token of the reference text once; its
-log-probabilities are cached next to the models, and each quantization is compared with them
-(top-1 agreement and mean KL divergence base‖quantized).
+log-probabilities are cached next to the models, and each other quantization is compared with
+them (top-1 agreement and mean KL divergence base‖quantized). The base's own row is the
+reference, not a comparison.
 """
 
 from __future__ import annotations
@@ -109,8 +110,10 @@ def evaluate_quality(
 ) -> dict[str, Any]:
     """Perplexity of ``backend``'s model, and agreement/KL against the base file when known.
 
-    When this job's file is the base, the cache (if another run wrote it) is still compared
-    against, so the base's agreement with itself is measured, not assumed.
+    The base's own row is labelled ``reference`` and carries no agreement or KL: comparing a
+    file with itself would report 1.0 and 0 as if they had been measured. Its predictions are
+    cached for the other files' jobs, which compare with the base file's predictions (read from
+    that cache, or computed from the base file itself).
     """
     tokens = reference_tokens(backend, n_tokens)
     logprobs = backend.next_token_logprobs(tokens)
@@ -118,17 +121,25 @@ def evaluate_quality(
         "reference_tokens": len(tokens),
         "perplexity": perplexity(logprobs, tokens),
         "base_quantization": base_quantization,
+        "reference": False,
+        "top1_agreement": None,
+        "kl_mean": None,
+        "kl_max": None,
     }
     if base_file is None:
         return result
-    is_base = base_file.resolve() == backend.model_path.resolve()
-    if is_base and not _cache_path(models_dir, base_file, tokens).is_file():
-        _save_atomic(_cache_path(models_dir, base_file, tokens), logprobs)
+    if base_file.resolve() == backend.model_path.resolve():
+        cache = _cache_path(models_dir, base_file, tokens)
+        if not cache.is_file():
+            _save_atomic(cache, logprobs)
+        result["reference"] = True
+        return result
     reference = base_logprobs(base_file, tokens, models_dir, open_base)
     result.update(compare(logprobs, reference))
     return result
 
 
 def quality_settings(spec: Mapping[str, Any]) -> tuple[bool, int]:
+    """``(enabled, n_tokens)`` of a job spec's ``quality`` node."""
     quality = spec.get("quality") or {}
     return bool(quality.get("enabled", True)), int(quality.get("n_tokens", 256))

@@ -9,31 +9,38 @@ difference; jobs whose speed is within noise of the best are marked (as in ``sum
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ml_engine.errors import UserError
+from ml_engine.llm.metrics import (
+    JOB_COLUMNS,
+    RANKING,
+    SAMPLES,
+    metric,
+    metric_names,
+    std_of,
+    summary_columns,
+)
 from ml_engine.run.files import atomic_write
+from ml_engine.run.helpers import finite_or_none, is_finite_number
 from ml_engine.run.sweep_summary import BEST, WITHIN_NOISE, SweepSummary
 
 log = logging.getLogger(__name__)
 
-SPEED = "gen/tokens_per_s"
-SPEED_STD = "gen/tokens_per_s_std"
-PERPLEXITY = "quality/perplexity"
-SIZE = "file_mb"
+SPEED = metric("gen/tokens_per_s").name
+SPEED_STD = metric("gen/tokens_per_s").std_name
+PERPLEXITY = metric("quality/perplexity").name
+SIZE = metric("file_mb").name
 _MARKERS = "osD^v<>pPX*hH8d"
 
 
 def _usable(record: dict[str, Any]) -> bool:
     metrics = record.get("metrics") or {}
     size, speed = metrics.get(SIZE), metrics.get(SPEED)
-    return record.get("status") == "ok" and _finite(size) and _finite(speed)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return record.get("status") == "ok" and is_finite_number(size) and is_finite_number(speed)
 
 
 def _start_at_zero(axes: Any) -> None:
@@ -44,8 +51,7 @@ def _start_at_zero(axes: Any) -> None:
 
 
 def _std(point: dict[str, Any]) -> float:
-    value = point.get(SPEED_STD)
-    return float(value) if _finite(value) else 0.0
+    return finite_or_none(point.get(SPEED_STD)) or 0.0
 
 
 def plot_speed_and_quality(
@@ -147,7 +153,7 @@ def speed_and_quality_figure(
 
     by_quant: dict[str, dict[str, Any]] = {}
     for point in points:
-        if _finite(point.get(PERPLEXITY)):
+        if is_finite_number(point.get(PERPLEXITY)):
             by_quant.setdefault(str(point.get("quantization")), point)
     for quant, point in sorted(by_quant.items(), key=lambda item: item[1][SIZE]):
         quality_ax.plot(point[SIZE], point[PERPLEXITY], marker_of[quant], markersize=8, color="C3")
@@ -167,8 +173,39 @@ def speed_and_quality_figure(
     return figure
 
 
+def _known(what: str, names: Sequence[str], accepted: Sequence[str]) -> None:
+    unknown = [name for name in names if name not in accepted]
+    if unknown:
+        raise UserError(
+            f"hydra.callbacks.sweep_summary.{what}: {unknown[0]!r} is not a field of a "
+            f"generation job; accepted: {', '.join(accepted)}"
+        )
+
+
 class GenerationSweepSummary(SweepSummary):
-    """``SweepSummary`` for generation sweeps: same table files, plus ``summary.png``."""
+    """``SweepSummary`` for generation sweeps: same table files, plus ``summary.png``.
+
+    Every name defaults to the declared metrics (``llm.metrics``): the columns are those marked
+    ``column``, the noise verdict uses the ranked metric's std where it has one; names given
+    instead must be fields of the job's row.
+    """
+
+    def __init__(
+        self,
+        metric: str = RANKING,
+        mode: str = "max",
+        columns: Sequence[str] | None = None,
+        metric_std: str | None = None,
+        metric_samples: str | None = SAMPLES,
+    ) -> None:
+        fields = metric_names()
+        _known("metric", [metric], fields)
+        columns = summary_columns() if columns is None else list(columns)
+        _known("columns", columns, [*fields, *JOB_COLUMNS])
+        metric_std = std_of(metric) if metric_std is None else metric_std
+        _known("metric_std", [metric_std] if metric_std else [], fields)
+        _known("metric_samples", [metric_samples] if metric_samples else [], fields)
+        super().__init__(metric, mode, columns, metric_std, metric_samples)
 
     def extra_outputs(
         self, sweep_dir: Path, records: list[dict[str, Any]], verdicts: dict[str, str]

@@ -6,7 +6,7 @@ Contract (used by the generation sweep and the HTTP server):
 - ``LlmBackend.complete(prompt, *, max_tokens, temperature, top_k, top_p, repeat_penalty=1.1,
   seed=None) -> dict`` with ``text, prompt_tokens, completion_tokens, finish_reason, timings``
 - ``LlmBackend.stream(prompt, *, same keywords) -> Iterator[str]`` (text pieces)
-- ``LlmBackend.close()`` and ``LlmBackend.name`` (``"llama_cpp"`` or ``"mock"``)
+- ``LlmBackend.close()`` and ``LlmBackend.name`` (one of ``BACKENDS``)
 
 A backend serves one request at a time; callers serialize access.
 """
@@ -18,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from ml_engine.errors import UnknownNameError
-from ml_engine.llm.backends.base import Generation, LlmBackend, Sampling
+from ml_engine.llm.backends.base import SAMPLING_FIELDS, Generation, LlmBackend, Sampling
 
+# The one list of backend names: conf/llm/backend/<name>.yaml, config rules and the API's choices
+# derive from it.
 BACKENDS = ("llama_cpp", "mock")
 
-__all__ = ["BACKENDS", "Generation", "LlmBackend", "Sampling", "open_backend"]
+__all__ = ["BACKENDS", "SAMPLING_FIELDS", "Generation", "LlmBackend", "Sampling", "open_backend"]
 
 
 def _backend_name(llm_cfg: Mapping[str, Any]) -> str:
@@ -36,7 +38,7 @@ def _backend_name(llm_cfg: Mapping[str, Any]) -> str:
 def open_backend(llm_cfg: Mapping[str, Any], models_dir: Path) -> LlmBackend:
     """A ready backend for the composed ``llm`` config node.
 
-    ``llm_cfg`` holds ``backend`` (node with ``name``: llama_cpp | mock), ``model`` (a
+    ``llm_cfg`` holds ``backend`` (node with ``name``, one of ``BACKENDS``), ``model`` (a
     ``conf/llm/model`` node), ``quantization``, ``n_gpu_layers``, ``n_ctx``, ``n_threads``,
     ``n_batch``, ``flash_attn`` and ``allow_download``. The model file is resolved first: the
     embedded tiny model is written on first use and a missing quantization is produced from a

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -19,6 +19,10 @@ class Sampling:
     top_p: float
     repeat_penalty: float = 1.1
     seed: int | None = None
+
+
+# the request keys a sampling setting is read from (config nodes, API bodies)
+SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Sampling))
 
 
 @dataclass

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
+import re
+import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +21,16 @@ from ml_engine.llm.backends.base import Generation, LlmBackend, Sampling
 
 _LOG_TAIL: deque[str] = deque(maxlen=40)
 _log_callback = None  # kept referenced: llama.cpp calls it from C
+# llama.cpp logs a model's load in the thread that loads it: each load collects its own lines
+_loading = threading.local()
+# llama.cpp's own account of where the layers went (llama-model.cpp, load_tensors)
+_LAYER_LINE = re.compile(r"load_tensors: layer\s+(\d+) assigned to device (\S+?),")
+_OFFLOADED_LINE = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 
 
 def _capture_llama_logs(echo: bool) -> None:
-    """Route llama.cpp's log lines into a ring buffer, so a failed load can say why in one line."""
+    """Route llama.cpp's log lines into a ring buffer, so a failed load can say why in one line,
+    and a loading thread's placement lines into that load's report."""
     global _log_callback
     import llama_cpp
 
@@ -29,6 +39,9 @@ def _capture_llama_logs(echo: bool) -> None:
         line = text.decode("utf-8", errors="replace")
         # Every level is kept: the numbering of ggml's levels differs between versions.
         _LOG_TAIL.append(line.strip())
+        report = getattr(_loading, "lines", None)
+        if report is not None and ("assigned to device" in line or "layers to GPU" in line):
+            report.append(line.strip())
         if echo:
             import sys
 
@@ -52,21 +65,131 @@ def gpu_offload_supported() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
-def compute_backend_of_build() -> str:
-    """The accelerator this llama.cpp build was compiled for (CPU when none)."""
+# ---------------------------------------------------------------- llama.cpp's devices and layers
+
+# enum ggml_backend_dev_type (ggml-backend.h), in order
+_DEVICE_KINDS = ("CPU", "GPU", "IGPU", "ACCEL")
+GPU_KINDS = frozenset({"GPU", "IGPU"})
+
+
+@dataclass(frozen=True)
+class Device:
+    """A compute device in ggml's backend registry: what llama.cpp can place layers on."""
+
+    name: str  # "CPU", "CUDA0", "Metal", "Vulkan0"
+    kind: str  # one of _DEVICE_KINDS
+    backend: str  # the ggml backend that registered it: "CPU", "CUDA", "Metal", "Vulkan"
+    description: str
+
+
+@functools.cache
+def _ggml() -> Any:
+    """The ggml library llama-cpp-python loaded, with the registry functions' C signatures."""
     import llama_cpp
 
-    info = llama_cpp.llama_print_system_info().decode(errors="replace").upper()
-    for marker, label in (
-        ("CUDA", "CUDA"),
-        ("METAL", "Metal"),
-        ("HIP", "ROCm"),
-        ("VULKAN", "Vulkan"),
-        ("SYCL", "SYCL"),
-    ):
-        if marker in info:
-            return label
-    return "CUDA" if gpu_offload_supported() else "CPU"
+    try:
+        from llama_cpp._ggml import libggml
+    except (ImportError, OSError):  # older bindings: libllama's handle resolves ggml's symbols
+        libggml = llama_cpp.llama_cpp._lib
+    signatures = {
+        "ggml_backend_dev_count": ([], ctypes.c_size_t),
+        "ggml_backend_dev_get": ([ctypes.c_size_t], ctypes.c_void_p),
+        "ggml_backend_dev_name": ([ctypes.c_void_p], ctypes.c_char_p),
+        "ggml_backend_dev_description": ([ctypes.c_void_p], ctypes.c_char_p),
+        "ggml_backend_dev_type": ([ctypes.c_void_p], ctypes.c_int),
+        "ggml_backend_dev_backend_reg": ([ctypes.c_void_p], ctypes.c_void_p),
+        "ggml_backend_reg_name": ([ctypes.c_void_p], ctypes.c_char_p),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        function = getattr(libggml, name)
+        function.argtypes, function.restype = argtypes, restype
+    return libggml
+
+
+def llama_devices() -> list[Device]:
+    """ggml's device registry as llama.cpp sees it ([] when the bindings do not expose it)."""
+    try:
+        lib = _ggml()
+    except (AttributeError, OSError):
+        return []
+
+    def text(raw: bytes | None) -> str:
+        return (raw or b"").decode(errors="replace")
+
+    devices = []
+    for index in range(lib.ggml_backend_dev_count()):
+        device = lib.ggml_backend_dev_get(index)
+        kind = lib.ggml_backend_dev_type(device)
+        devices.append(
+            Device(
+                name=text(lib.ggml_backend_dev_name(device)),
+                kind=_DEVICE_KINDS[kind] if 0 <= kind < len(_DEVICE_KINDS) else f"type {kind}",
+                backend=text(lib.ggml_backend_reg_name(lib.ggml_backend_dev_backend_reg(device))),
+                description=text(lib.ggml_backend_dev_description(device)),
+            )
+        )
+    return devices
+
+
+def compute_backend_of_build() -> str:
+    """The ggml backends of the GPUs llama.cpp can use ("CUDA", "Metal+Vulkan"), CPU when it
+    can use none, "unknown" when the registry cannot be read but llama.cpp claims GPU offload."""
+    devices = llama_devices()
+    if not devices:
+        return "unknown" if gpu_offload_supported() else "CPU"
+    return "+".join(_unique(d.backend for d in devices if d.kind in GPU_KINDS)) or "CPU"
+
+
+def _unique(names: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(names))
+
+
+@dataclass(frozen=True)
+class Offload:
+    """Where llama.cpp put a model's layers, from llama.cpp's own account.
+
+    ``layers``: layers on a GPU, counting the output layer as llama.cpp does (``n_layer + 1`` is
+    everything); None when llama.cpp said nothing that could be read. ``source`` names what the
+    figures rest on; ``gpu_available``: llama.cpp had a GPU to offload to.
+    """
+
+    layers: int | None
+    compute_backend: str
+    source: str
+    gpu_available: bool
+    layer_devices: tuple[str, ...] = ()
+
+
+def offload_account(
+    load_lines: Iterable[str], devices: Iterable[Device], gpu_offload: bool
+) -> Offload:
+    """Read llama.cpp's placement of the layers from its load log and device registry.
+
+    Per-layer lines ("layer 3 assigned to device CUDA0") come first; the summary line
+    ("offloaded 33/33 layers to GPU") when they are absent; with neither, a registry without any
+    GPU (or, when the registry cannot be read, ``gpu_offload``: llama_supports_gpu_offload()
+    false) means nothing could be offloaded. Otherwise the count is unknown, never assumed.
+    """
+    lines = list(load_lines)
+    registry = {d.name: d for d in devices}
+    has_gpu = any(d.kind in GPU_KINDS for d in registry.values()) if registry else gpu_offload
+    placed = {int(m.group(1)): m.group(2) for m in map(_LAYER_LINE.search, lines) if m}
+    if placed:
+        names = tuple(placed[i] for i in sorted(placed))
+        # offloaded: on a GPU, or on a device the registry does not list (an RPC server, say)
+        on_gpu = [n for n in names if n not in registry or registry[n].kind in GPU_KINDS]
+        backends = _unique(registry[n].backend if n in registry else n for n in on_gpu)
+        return Offload(len(on_gpu), "+".join(backends) or "CPU", "load log", has_gpu, names)
+    summary = next((m for m in map(_OFFLOADED_LINE.search, lines) if m), None)
+    if summary is not None:
+        layers = int(summary.group(1))
+        gpus = _unique(d.backend for d in registry.values() if d.kind in GPU_KINDS)
+        backend = "CPU" if layers == 0 else "+".join(gpus) or "unknown"
+        return Offload(layers, backend, "load log", has_gpu)
+    if not has_gpu:
+        source = "device registry" if registry else "llama_supports_gpu_offload"
+        return Offload(0, "CPU", source, has_gpu)
+    return Offload(None, "unknown", "none", has_gpu)
 
 
 # --------------------------------------------------------------------------- llama.cpp backend
@@ -106,6 +229,7 @@ class LlamaCppBackend(LlmBackend):
         self.use_chat_template = chat_template
         started = time.perf_counter()
         _LOG_TAIL.clear()
+        _loading.lines = []
         try:
             self._llama = llama_cpp.Llama(
                 str(self.model_path),
@@ -124,7 +248,10 @@ class LlamaCppBackend(LlmBackend):
             raise UserError(
                 f"llama.cpp could not load {self.model_path} (corrupt or truncated GGUF?): {reason}"
             ) from exc
+        finally:
+            load_lines, _loading.lines = _loading.lines, None
         self.load_s = time.perf_counter() - started
+        self.offload = offload_account(load_lines, llama_devices(), gpu_offload_supported())
         self._ctx = self._llama._ctx.ctx
         self._model = self._llama._model.model
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
@@ -148,11 +275,7 @@ class LlamaCppBackend(LlmBackend):
         buffer = ctypes.create_string_buffer(256)
         lib.llama_model_desc(self._model, buffer, len(buffer))
         n_layer = int(lib.llama_model_n_layer(self._model))
-        offload = gpu_offload_supported()
-        requested = self.n_gpu_layers_requested
-        # llama.cpp offloads the output layer as one more "layer": n_layer + 1 is everything.
-        wanted = n_layer + 1 if requested < 0 else min(requested, n_layer + 1)
-        effective = wanted if offload else 0
+        offload = self.offload
         return {
             "backend": self.name,
             "model_path": str(self.model_path),
@@ -164,11 +287,15 @@ class LlamaCppBackend(LlmBackend):
             "n_ctx": self.n_ctx,
             "n_batch": self.n_batch,
             "n_threads": self.n_threads,
-            "n_gpu_layers_requested": requested,
-            "n_gpu_layers_effective": effective,
-            "gpu_offload_supported": offload,
-            "compute_backend": compute_backend_of_build() if effective > 0 else "CPU",
-            "offload_note": _offload_note(offload, requested),
+            "n_gpu_layers_requested": self.n_gpu_layers_requested,
+            # from llama.cpp's own account (load log, device registry), never from the request
+            "n_gpu_layers_effective": offload.layers,
+            "gpu_offload_supported": gpu_offload_supported(),
+            "compute_backend": offload.compute_backend,
+            "offload_source": offload.source,
+            "layer_devices": list(offload.layer_devices),
+            "llama_devices": [d.name for d in llama_devices()],
+            "offload_note": _offload_note(offload, self.n_gpu_layers_requested, n_layer),
             "chat_template_used": self._template is not None,
             "load_s": self.load_s,
         }
@@ -386,9 +513,16 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def _offload_note(offload: bool, requested: int) -> str:
+def _offload_note(offload: Offload, requested: int, n_layer: int) -> str:
+    if offload.layers is None:
+        return "llama.cpp did not report where the layers went (no placement lines in its log)"
+    if offload.layers > 0:
+        return f"llama.cpp put {offload.layers}/{n_layer + 1} layers on {offload.compute_backend}"
     if requested == 0:
         return "CPU only (n_gpu_layers=0)"
-    if not offload:
-        return "this llama-cpp-python build is CPU-only: n_gpu_layers has no effect; see README"
-    return "layers offloaded to the GPU"
+    if not offload.gpu_available:
+        return (
+            "llama.cpp sees no GPU device (a CPU-only build, or none visible): n_gpu_layers has "
+            "no effect; see README"
+        )
+    return f"llama.cpp kept every layer on the CPU although n_gpu_layers={requested}"
