@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,8 +18,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 from PIL import Image
 
-from ml_engine.run.launch import register_resolvers
+from ml_engine.run.files import JOB_RECORD, read_job_record
+from ml_engine.run.launch import register_resolvers, run_job
 from ml_engine.run.locations import CONFIG_DIR, PROJECT_ROOT
+from ml_engine.run.rules import Rule
 
 os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 
@@ -89,6 +93,30 @@ def run_dir_of(result: subprocess.CompletedProcess) -> Path:
     last = result.stdout.strip().splitlines()[-1]
     assert last.startswith("run_dir: "), result.stdout[-2000:]
     return Path(last.removeprefix("run_dir: "))
+
+
+def run_as_job(
+    task: Callable[[DictConfig], dict[str, Any]], cfg: DictConfig, rules: Sequence[Rule] = ()
+) -> tuple[float | None, dict[str, Any]]:
+    """``task`` through the job wrapper, as its entrypoint runs it: the value a sweeper would
+    get, and the run's ``job.json``. Hydra hands a task its config without the ``hydra`` node
+    (that lives in HydraConfig, which ``shrink`` set)."""
+    task_cfg = copy.deepcopy(cfg)
+    with open_dict(task_cfg):
+        task_cfg.pop("hydra", None)
+    value = run_job(task, task_cfg, rules)
+    record = read_job_record(Path(task_cfg.paths.output_dir))
+    assert record is not None, "the job wrapper wrote no job.json"
+    return value, record
+
+
+def ok_job_records(root: Path) -> list[Path]:
+    """The ``job.json`` files under ``root`` of jobs that finished their work."""
+    return [
+        path
+        for path in sorted(root.rglob(JOB_RECORD))
+        if (read_job_record(path.parent) or {}).get("status") == "ok"
+    ]
 
 
 CLI_TEST_OVERRIDES = (

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from ml_engine.run.files import read_job_record
 from ml_engine.training.evaluate import evaluate
 from ml_engine.training.train import train
-from tests.conftest import CLI_TEST_OVERRIDES, run_dir_of, run_entrypoint
+from tests.conftest import CLI_TEST_OVERRIDES, ok_job_records, run_dir_of, run_entrypoint
 
 
 def _bad_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, str]]:
@@ -42,7 +42,7 @@ def test_bad_checkpoint_is_reported_in_at_most_three_lines(
     assert result.returncode == 1
     assert len(lines) <= 3, "\n".join(lines[:20])
     assert lines[-1].startswith("error: ") and fragment in lines[-1] and str(path) in lines[-1]
-    assert not list(tmp_path.rglob("metrics.json"))
+    assert not ok_job_records(tmp_path)
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_eval_tests_on_the_split_the_checkpoint_held_out(split_11_run: dict, tmp
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data settings of best.ckpt: datamodule.split_seed=11" in result.stdout
-    metrics = json.loads((run_dir_of(result) / "metrics.json").read_text())
+    metrics = read_job_record(run_dir_of(result))["metrics"]
     assert metrics["test/acc"] == split_11_run["test/acc"]
     assert metrics["test/loss"] == pytest.approx(split_11_run["test/loss"], rel=1e-6)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CLI_TEST_OVERRIDES, run_entrypoint
+from tests.conftest import CLI_TEST_OVERRIDES, ok_job_records, run_entrypoint
 
 
 def assert_one_line_error(result, *fragments: str) -> str:
@@ -49,7 +49,7 @@ def test_train_user_errors(tmp_path: Path, override: str, fragments: tuple[str, 
         overrides.remove("trainer.accelerator=cpu")
     result = run_entrypoint("train.py", *overrides, override)
     assert_one_line_error(result, *fragments)
-    assert not list(tmp_path.rglob("*.ckpt")) and not list(tmp_path.rglob("metrics.json"))
+    assert not list(tmp_path.rglob("*.ckpt")) and not ok_job_records(tmp_path)
 
 
 def test_full_traceback_when_asked(tmp_path: Path) -> None:
@@ -147,7 +147,7 @@ def test_refused_runs_leave_no_run_dir(
     task = {"train.py": "train", "eval.py": "eval", "predict.py": "predict"}[script]
     earlier_run = tmp_path / task / "runs" / "2020-01-01_00-00-00_abcdef"
     earlier_run.mkdir(parents=True)
-    (earlier_run / "metrics.json").write_text("{}")
+    (earlier_run / "job.json").write_text('{"status": "ok", "metrics": {}}')
     before = runs_listing(tmp_path)
     required = {"eval.py": ["ckpt_path=missing.ckpt"], "predict.py": ["ckpt_path=x", "input=y"]}
     overrides = [*eval_common(tmp_path), *required.get(script, [])]

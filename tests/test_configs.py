@@ -10,7 +10,11 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from ml_engine.errors import UserError
 from ml_engine.run.locations import CONFIG_DIR
+from ml_engine.run.rules import check_config
+from ml_engine.training.choices import ACCELERATORS, SOURCES, TORCH_DEVICES
+from ml_engine.training.rules import PREDICT_RULES
 from tests.conftest import compose_config, shrink
 
 
@@ -108,6 +112,37 @@ def test_eval_and_predict_configs_compose() -> None:
     # the CSV lands in the run dir, not wherever the command ran
     raw = OmegaConf.to_container(cfg, resolve=False)
     assert raw["output"] == "${paths.output_dir}/predictions.csv"
+
+
+@pytest.mark.parametrize(
+    ("values", "refusal"),
+    [
+        ({"invert": True, "device": "cuda"}, None),  # YAML's true is a boolean
+        ({"invert": "false", "device": "mps"}, None),
+        ({"invert": "yes"}, "invert='yes' is not valid; expected one of auto, true, false"),
+        ({"device": "gpu"}, "device='gpu' is not valid; expected one of cpu, cuda, mps"),
+        ({"batch_size": 0}, "batch_size=0 is not valid; expected an integer ≥ 1"),
+    ],
+)
+def test_predict_rules(values: dict, refusal: str | None) -> None:
+    cfg = compose_config("predict", ["ckpt_path=x.ckpt", "input=digits/"])
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value)
+    if refusal is None:
+        check_config(cfg, PREDICT_RULES)
+    else:
+        with pytest.raises(UserError) as caught:
+            check_config(cfg, PREDICT_RULES)
+        assert str(caught.value) == refusal
+
+
+def test_configured_choices_are_in_the_lists() -> None:
+    assert compose_config("train").datamodule.source in SOURCES
+    assert compose_config("predict", ["ckpt_path=x", "input=y"]).device in TORCH_DEVICES
+    assert compose_config("serve").train.defaults.device in ACCELERATORS
+    for trainer in options("trainer"):
+        accelerator = compose_config("train", [f"trainer={trainer}"]).trainer.accelerator
+        assert accelerator in ACCELERATORS, trainer
 
 
 def test_run_dirs_carry_a_random_id_and_are_grouped_by_task() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ml_engine.run.files import read_job_record
 from ml_engine.run.locations import PROJECT_ROOT
 from tests.conftest import CLI_TEST_OVERRIDES, run_dir_of, run_entrypoint
 
@@ -55,7 +55,7 @@ def test_resume_after_sigkill_mid_epoch(tmp_path: Path) -> None:
         process.wait()
     saved = torch.load(last, map_location="cpu", weights_only=True)
     assert 1 <= saved["epoch"] + 1 < 5, "the kill should land mid-training"
-    assert not (run_dir / "metrics.json").exists()
+    assert read_job_record(run_dir) is None  # killed before the job could record anything
 
     result = run_entrypoint(
         "train.py",
@@ -69,7 +69,7 @@ def test_resume_after_sigkill_mid_epoch(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Restored all states from the checkpoint" in result.stdout + result.stderr
     resumed_dir = run_dir_of(result)
-    metrics = json.loads((resumed_dir / "metrics.json").read_text())
+    metrics = read_job_record(resumed_dir)["metrics"]
     assert metrics["epochs_run"] == 5 and metrics["test/acc"] > 0.5
     final = torch.load(
         resumed_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True
@@ -93,7 +93,7 @@ def test_ddp_cpu_two_processes_with_the_default_model(tmp_path: Path) -> None:
     output = result.stdout + result.stderr
     assert "MEMBER: 1/2" in output and "MEMBER: 2/2" in output
     run_dir = run_dir_of(result)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics = read_job_record(run_dir)["metrics"]
     # 20 steps of the conv net, mostly in the one-cycle warm-up: above chance (0.10, σ≈0.02 on
     # 250 digits), not yet good
     assert metrics["epochs_run"] == 2 and metrics["test/acc"] > 0.15
@@ -199,7 +199,7 @@ def test_readme_training_example_runs(tmp_path: Path, command: str) -> None:
         f"paths.log_dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (run_dir_of(result) / "metrics.json").is_file()
+    assert read_job_record(run_dir_of(result))["status"] == "ok"
 
 
 def test_a_schedule_too_short_to_plan_is_one_line(tmp_path: Path) -> None:

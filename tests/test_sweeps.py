@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+from ml_engine.errors import UserError
+from ml_engine.run import launch
+from ml_engine.run.files import read_job_record
 from tests.conftest import CLI_TEST_OVERRIDES, run_entrypoint
 
 FAST = (*CLI_TEST_OVERRIDES, "logger=none", "model=mlp_mnist", "trainer.max_epochs=1")
@@ -78,3 +83,75 @@ def test_optuna_sweep_two_trials(tmp_path: Path) -> None:
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
     best_value = float(best.split("best_value:")[1].split()[0])
     assert best_value == pytest.approx(max(float(r["val/acc_best"]) for r in rows))
+
+
+@pytest.mark.slow
+def test_an_optimized_metric_no_job_reports_stops_the_sweep(tmp_path: Path) -> None:
+    result = run_entrypoint(
+        "train.py",
+        "-m",
+        *FAST,
+        f"paths.log_dir={tmp_path}",
+        "optimized_metric=val/nope",
+        "model.optimizer.lr=-1,0.003,0.002",  # the first job fails: no metrics, no stop
+        "trainer.limit_train_batches=10",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+    )
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "error: optimized_metric='val/nope' is not among this job's metrics; available: "
+    ), result.stderr[-3000:]
+    available = last.split("available: ")[1].split(", ")
+    assert {"test/acc", "val/acc", "val/acc_best", "epochs_run"} <= set(available)
+    assert available == sorted(available) and "best_ckpt" not in available
+    records = [
+        read_job_record(p.parent) for p in sorted(tmp_path.glob("train/multiruns/*/*/job.json"))
+    ]
+    assert [r["status"] for r in records] == ["failed", "ok"]  # the third job never started
+    assert "summary: " not in result.stdout
+
+
+@pytest.fixture
+def in_a_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launch, "_is_multirun", lambda: True)
+
+
+METRICS = {"val/acc": 0.9, "val/loss": None, "epochs_run": 1, "best_ckpt": "/x/best.ckpt"}
+
+
+def test_the_optimized_value_is_the_jobs_metric(in_a_sweep) -> None:
+    cfg = OmegaConf.create({"optimized_metric": "val/acc"})
+    assert launch.optimized_value(cfg, METRICS) == 0.9
+    assert launch.optimized_value(OmegaConf.create({}), METRICS) is None
+
+
+def test_a_metric_measured_as_nan_stays_nan(in_a_sweep) -> None:
+    # collect_metrics keeps a diverged loss as None: the job measured it, the sweep goes on
+    cfg = OmegaConf.create({"optimized_metric": "val/loss"})
+    assert math.isnan(launch.optimized_value(cfg, METRICS))
+
+
+def test_a_metric_the_job_lacks_names_the_ones_it_has(in_a_sweep) -> None:
+    cfg = OmegaConf.create({"optimized_metric": "val/accc"})
+    with pytest.raises(UserError) as caught:
+        launch.optimized_value(cfg, METRICS)
+    assert str(caught.value) == (
+        "optimized_metric='val/accc' is not among this job's metrics; "
+        "available: epochs_run, val/acc"
+    )
+    cfg = OmegaConf.create({"optimized_metric": "best_ckpt"})
+    with pytest.raises(UserError) as caught:
+        launch.optimized_value(cfg, METRICS)
+    assert str(caught.value) == (
+        "optimized_metric='best_ckpt' is '/x/best.ckpt', not a number; "
+        "numeric metrics of this job: epochs_run, val/acc"
+    )
+
+
+def test_outside_a_sweep_a_missing_metric_is_only_nan(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launch, "_is_multirun", lambda: False)
+    cfg = OmegaConf.create({"optimized_metric": "val/accc"})
+    assert math.isnan(launch.optimized_value(cfg, METRICS))

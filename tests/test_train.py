@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,9 @@ from omegaconf import open_dict
 from ml_engine.training.checkpoints import load_classifier
 from ml_engine.training.evaluate import evaluate
 from ml_engine.training.module import ClassifierModule
+from ml_engine.training.rules import TRAIN_RULES
 from ml_engine.training.train import train
+from tests.conftest import run_as_job
 
 METRIC_KEYS = {
     "test/acc",
@@ -35,13 +36,14 @@ def test_fast_dev_run_per_network(make_cfg, model: str) -> None:
 
 def test_short_training_learns_and_keeps_the_best_checkpoint(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg("train", ["trainer.max_epochs=3", "model=mlp_mnist", "logger=csv"], True)
-    metrics = train(cfg)
+    optimized, record = run_as_job(train, cfg, TRAIN_RULES)
+    metrics = record["metrics"]
 
+    assert record["status"] == "ok" and record["error"] is None
     assert set(metrics) >= METRIC_KEYS
     assert metrics["test/acc"] > 0.85  # chance is 0.10
     assert metrics["epochs_run"] == 3
-    written = json.loads((tmp_path / "metrics.json").read_text())
-    assert written["test/acc"] == pytest.approx(metrics["test/acc"])
+    assert optimized == pytest.approx(metrics[cfg.optimized_metric])  # what a sweeper gets
 
     best = Path(metrics["best_ckpt"])
     assert best == tmp_path / "checkpoints" / "best.ckpt"
@@ -91,10 +93,10 @@ def test_eval_reproduces_the_training_test_metric(make_cfg, tmp_path: Path) -> N
     eval_cfg = make_cfg("eval", [f"ckpt_path={trained['best_ckpt']}"])
     with open_dict(eval_cfg):
         eval_cfg.paths.output_dir = str(eval_dir)
-    evaluated = evaluate(eval_cfg)
+    evaluated = run_as_job(evaluate, eval_cfg, TRAIN_RULES)[1]["metrics"]
     assert evaluated["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
     assert evaluated["test/loss"] == pytest.approx(trained["test/loss"], rel=1e-5)
-    assert json.loads((eval_dir / "metrics.json").read_text())["ckpt_path"] == trained["best_ckpt"]
+    assert evaluated["ckpt_path"] == trained["best_ckpt"]
 
 
 def test_checkpoint_loads_with_weights_only_unpickler(make_cfg) -> None:

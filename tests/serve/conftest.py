@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ml_engine.run.files import read_job_record
 from ml_engine.server import create_app
 from tests.conftest import compose_config, run_entrypoint, shrink
 
@@ -77,7 +78,7 @@ def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
         *JOB_OVERRIDES,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (run_dir / "metrics.json").is_file()
+    assert read_job_record(run_dir)["status"] == "ok"
     return runs
 
 

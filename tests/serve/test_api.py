@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ml_engine.server.jobs_store import JOB_STATUSES
+from ml_engine.training.choices import ACCELERATORS, INVERT_CHOICES, SOURCES
+
 ORIGINAL_TRAIN_REQUEST = {"model": "cnn_mnist", "epochs": 3, "device": "cpu"}
 
 
@@ -90,6 +93,62 @@ def test_train_rejects_bad_values(make_client, change: dict, expected: str) -> N
     assert response.status_code == 422, response.text
     assert expected in response.json()["error"]
     assert client.get("/ml/jobs").json()["jobs"] == []
+
+
+def test_requests_are_checked_by_the_training_rules_too(make_client) -> None:
+    # limits looser than what a training job accepts: the job's own rule still refuses
+    client = make_client(**{"limits.lr": [0, 1], "limits.weight_decay": [-1, 1]})
+    response = client.post("/ml/train", json={**ORIGINAL_TRAIN_REQUEST, "lr": 0})
+    assert response.status_code == 422
+    assert response.json()["error"] == "lr=0.0 is not valid; expected a number > 0"
+    response = client.post("/ml/train", json={**ORIGINAL_TRAIN_REQUEST, "weight_decay": -0.5})
+    assert response.json()["error"] == "weight_decay=-0.5 is not valid; expected a number ≥ 0"
+    assert client.get("/ml/jobs").json()["jobs"] == []
+
+
+def test_server_defaults_are_checked_by_the_training_rules(make_client) -> None:
+    # train.defaults skip the request schema, not the rules
+    client = make_client(**{"train.defaults.data_source": "kaggle"})
+    response = client.post("/ml/train", json=ORIGINAL_TRAIN_REQUEST)
+    assert response.status_code == 422
+    assert response.json()["error"] == (
+        "data_source='kaggle' is not valid; expected one of auto, torchvision, bundled"
+    )
+    assert client.get("/ml/jobs").json()["jobs"] == []
+
+
+def test_weight_decay_has_a_configured_range(make_client) -> None:
+    client = make_client()
+    response = client.post("/ml/train", json={**ORIGINAL_TRAIN_REQUEST, "weight_decay": 2.0})
+    assert response.json()["error"] == "weight_decay=2.0 is out of range; allowed: [0, 1]"
+
+
+def test_weight_decay_range_comes_from_the_config(make_client) -> None:
+    client = make_client(**{"limits.weight_decay": [0, 0.1]})
+    response = client.post("/ml/train", json={**ORIGINAL_TRAIN_REQUEST, "weight_decay": 0.5})
+    assert response.json()["error"] == "weight_decay=0.5 is out of range; allowed: [0, 0.1]"
+
+
+def test_the_schema_offers_the_packages_own_lists(make_client) -> None:
+    schema = make_client().get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+
+    def enum(model: str, field: str) -> list[str]:
+        prop = components[model]["properties"][field]
+        return next(option["enum"] for option in prop.get("anyOf", [prop]) if "enum" in option)
+
+    assert enum("TrainRequest", "device") == list(ACCELERATORS)
+    assert enum("TrainRequest", "data_source") == list(SOURCES)
+    assert enum("JobView", "status") == list(JOB_STATUSES)
+    multipart = schema["paths"]["/ml/predict"]["post"]["requestBody"]["content"]
+    invert = multipart["multipart/form-data"]["schema"]["properties"]["invert"]
+    assert invert["enum"] == list(INVERT_CHOICES)
+
+
+def test_job_status_filter_names_the_statuses(make_client) -> None:
+    response = make_client().get("/ml/jobs", params={"status": "exploded"})
+    assert response.status_code == 422
+    assert response.json()["error"].endswith("accepted: " + ", ".join(JOB_STATUSES))
 
 
 def test_limits_come_from_the_config(make_client) -> None:

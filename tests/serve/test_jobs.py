@@ -28,7 +28,7 @@ def test_job_lifecycle_then_predict_then_cancel(make_client, digit_pngs) -> None
     response = client.post("/ml/train", json={"model": "cnn_mnist", "epochs": 2, "device": "cpu"})
     assert response.status_code == 202, response.text
     job = response.json()
-    assert job["status"] == "queued" and job["request"]["epochs"] == 2
+    assert job["status"] == "queued" and job["request"]["epochs"] == 2 and not job["final"]
 
     # one job at a time: a second one waits queued while the first runs
     second = client.post("/ml/train", json={"model": "mlp_mnist", "epochs": 1, "seed": 3}).json()
@@ -41,7 +41,7 @@ def test_job_lifecycle_then_predict_then_cancel(make_client, digit_pngs) -> None
     assert progressed["progress"]["batches_per_epoch"] == 25
 
     done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=400)
-    assert done["status"] == "succeeded", done["error"]
+    assert done["status"] == "succeeded" and done["final"], done["error"]
     assert done["seen"][-1] == "succeeded" and "running" in done["seen"]
     assert done["metrics"]["epochs_run"] == 2
     assert 0.5 < done["metrics"]["test/acc"] <= 1.0  # chance is 0.1

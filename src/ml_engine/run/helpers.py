@@ -9,9 +9,14 @@ from collections.abc import Callable
 from typing import Any
 
 
+def is_real_number(value: Any) -> bool:
+    """An int or float, NaN and infinities included (``True`` is not a number here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def is_finite_number(value: Any) -> bool:
     """A real int or float that is neither NaN nor infinite (``True`` is not a number here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_real_number(value) and math.isfinite(value)
 
 
 def finite_or_none(value: Any) -> float | None:
@@ -25,9 +30,12 @@ def first_line(exc: BaseException | str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
 
 
-def error_summary(exc: BaseException) -> str:
-    """``Type: first line`` of an error, or the type alone when the message is empty."""
+def error_summary(exc: BaseException, max_chars: int | None = None) -> str:
+    """``Type: first line`` of an error, or the type alone when the message is empty; a line
+    longer than ``max_chars`` is cut, ending in "..."."""
     line = first_line(exc)
+    if max_chars is not None and len(line) > max_chars:
+        line = line[: max_chars - 3] + "..."
     return f"{type(exc).__name__}: {line}" if line else type(exc).__name__
 
 

@@ -25,7 +25,13 @@ from ml_engine.run.files import (
     write_json_atomic,
 )
 from ml_engine.run.group_options import check_group_options, missing_extra_message
-from ml_engine.run.helpers import error_summary, first_line, import_callable
+from ml_engine.run.helpers import (
+    error_summary,
+    finite_or_none,
+    first_line,
+    import_callable,
+    is_real_number,
+)
 from ml_engine.run.locations import CONFIG_DIR, PROJECT_ROOT
 from ml_engine.run.rules import Rule, check_config
 
@@ -56,7 +62,6 @@ def full_errors_requested() -> bool:
 
 def _condense_hydra_message(message: str) -> str:
     """Hydra's multi-line composition errors → one line naming what is accepted."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
     options = re.search(r"Available options in '([^']+)':\n((?:\s+\S+\n?)+)", message)
     missing = re.search(r"Could not find '([^']+)'", message)
     if options and missing:
@@ -76,7 +81,7 @@ def _condense_hydra_message(message: str) -> str:
         )
         key = named.group(1) if named else not_in_struct.group(1)
         return f"no config key '{key}' (check the spelling; to add a new key use +{key}=...)"
-    return lines[0] if lines else message
+    return first_line(message) or message
 
 
 def describe_error(exc: BaseException) -> str:
@@ -114,12 +119,30 @@ def _task_overrides() -> list[str]:
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
-    """The value a sweeper optimizes: ``metrics[cfg.optimized_metric]``, NaN when missing."""
+    """The value a sweeper optimizes: ``metrics[cfg.optimized_metric]`` (NaN when the job
+    measured it as NaN or infinite).
+
+    In a sweep, a metric the job does not report is a UserError naming the ones it does:
+    a NaN for every job would leave the sweeper searching noise.
+    """
     key = cfg.get("optimized_metric")
     if not key:
         return None
     value = metrics.get(key)
-    return float(value) if isinstance(value, (int, float)) else math.nan
+    # None: collect_metrics' word for a metric measured as NaN or infinite (a diverged loss)
+    if _is_multirun() and (key not in metrics or not (value is None or is_real_number(value))):
+        numbers = sorted(name for name, v in metrics.items() if is_real_number(v))
+        available = ", ".join(numbers) or "(none)"
+        if key in metrics:
+            raise UserError(
+                f"optimized_metric={key!r} is {value!r}, not a number; "
+                f"numeric metrics of this job: {available}"
+            )
+        raise UserError(
+            f"optimized_metric={key!r} is not among this job's metrics; available: {available}"
+        )
+    number = finite_or_none(value)
+    return math.nan if number is None else number
 
 
 def run_job(task: TaskRef, cfg: DictConfig, rules: Sequence[Rule] = ()) -> float | None:
@@ -193,6 +216,16 @@ def remove_unused_run_dir(run_dir: Path | None, task_name: str) -> None:
             return
 
 
+class StopSweep(BaseException):
+    """Ends a sweep at the job that raised it. Hydra records any ``Exception`` of a job and
+    starts the next one (the basic sweeper only looks at failures after the whole batch), so,
+    like Ctrl-C, this one is a ``BaseException``."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def launch(
     task: TaskRef,
     config_name: str,
@@ -220,7 +253,10 @@ def launch(
     def hydra_task(cfg: DictConfig) -> float | None:
         try:
             return run_job(task, cfg, rules)
-        except Exception as exc:  # single run: reported below as one line, not by Hydra
+        except Exception as exc:
+            if _is_multirun():  # run_job keeps a job's own failure: this one ends the sweep
+                raise StopSweep(exc) from exc
+            # single run: reported below as one line, not by Hydra
             failures.append((exc, _run_dir_of(cfg), str(cfg.get("task_name", config_name))))
             return None
 
@@ -238,8 +274,9 @@ def launch(
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:
+    except (Exception, StopSweep) as exc:
+        error = exc.error if isinstance(exc, StopSweep) else exc
         if show_traceback:
-            raise
-        print(f"error: {describe_error(exc)}", file=sys.stderr)
+            raise error from None
+        print(f"error: {describe_error(error)}", file=sys.stderr)
         sys.exit(1)

@@ -9,10 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ml_engine.errors import UserError
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+from ml_engine.run.helpers import is_finite_number
 
 
 def _is_int(value: Any) -> bool:
@@ -27,17 +24,29 @@ class Rule:
     accepts: Callable[[Any], bool]
     expected: str
 
+    def refusal(self, value: Any, name: str | None = None) -> str | None:
+        """None when ``value`` passes, else the one-line reason, naming it ``name`` (the key
+        unless given: a server names its request field)."""
+        if self.accepts(value):
+            return None
+        return f"{name or self.key}={value!r} is not valid; expected {self.expected}"
+
+
+def rules_by_key(rules: Iterable[Rule]) -> dict[str, Rule]:
+    """The rules indexed by the config key they check."""
+    return {rule.key: rule for rule in rules}
+
 
 def positive_number(key: str) -> Rule:
-    return Rule(key, lambda v: _is_number(v) and v > 0, "a number > 0")
+    return Rule(key, lambda v: is_finite_number(v) and v > 0, "a number > 0")
 
 
 def non_negative_number(key: str) -> Rule:
-    return Rule(key, lambda v: _is_number(v) and v >= 0, "a number ≥ 0")
+    return Rule(key, lambda v: is_finite_number(v) and v >= 0, "a number ≥ 0")
 
 
 def fraction(key: str) -> Rule:
-    return Rule(key, lambda v: _is_number(v) and 0 <= v < 1, "a number in [0, 1)")
+    return Rule(key, lambda v: is_finite_number(v) and 0 <= v < 1, "a number in [0, 1)")
 
 
 def int_at_least(key: str, low: int) -> Rule:
@@ -63,5 +72,6 @@ def check_config(cfg: DictConfig, rules: Iterable[Rule]) -> None:
         value = OmegaConf.select(cfg, rule.key, default=None, throw_on_missing=False)
         if value is None and OmegaConf.select(cfg, rule.key, default="__absent__") == "__absent__":
             continue
-        if not rule.accepts(value):
-            raise UserError(f"{rule.key}={value!r} is not valid; expected {rule.expected}")
+        refusal = rule.refusal(value)
+        if refusal:
+            raise UserError(refusal)

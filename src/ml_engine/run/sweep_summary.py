@@ -7,8 +7,6 @@ the sweeper (grid, Optuna) or launcher, and failed jobs appear as ``failed`` row
 from __future__ import annotations
 
 import csv
-import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,26 +15,26 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from ml_engine.run.files import JOB_RECORD, atomic_write, write_json_atomic, write_text_atomic
+from ml_engine.run.files import (
+    JOB_RECORD,
+    atomic_write,
+    read_job_record,
+    write_json_atomic,
+    write_text_atomic,
+)
+from ml_engine.run.helpers import finite_or_none
 
 
 def read_job_records(sweep_dir: Path) -> list[dict[str, Any]]:
     """Every job's record under ``sweep_dir``, with the job's dir name as ``job``."""
     records = []
     for path in sorted(sweep_dir.glob(f"*/{JOB_RECORD}")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            record = {"status": "failed", "error": f"unreadable {JOB_RECORD}: {exc}", "metrics": {}}
+        record = read_job_record(path.parent)
+        if record is None:
+            record = {"status": "failed", "error": f"unreadable {JOB_RECORD}", "metrics": {}}
         record["job"] = path.parent.name
         records.append(record)
     return records
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return None if math.isnan(value) else float(value)
 
 
 def rank_records(records: list[dict[str, Any]], metric: str, mode: str) -> list[dict[str, Any]]:
@@ -44,7 +42,7 @@ def rank_records(records: list[dict[str, Any]], metric: str, mode: str) -> list[
     sign = -1.0 if mode == "max" else 1.0
 
     def key(record: dict[str, Any]) -> tuple[int, float, str]:
-        value = _number(record.get("metrics", {}).get(metric))
+        value = finite_or_none(record.get("metrics", {}).get(metric))
         usable = record.get("status") == "ok" and value is not None
         return (0 if usable else 1, sign * value if usable else 0.0, record["job"])
 
@@ -76,7 +74,7 @@ NOISE_COLUMN = "vs_best"
 
 def _measurement(record: dict[str, Any], metric: str, std: str, samples: str | None):
     metrics = record.get("metrics") or {}
-    mean, spread = _number(metrics.get(metric)), _number(metrics.get(std))
+    mean, spread = finite_or_none(metrics.get(metric)), finite_or_none(metrics.get(std))
     if record.get("status") != "ok" or mean is None or spread is None:
         return None
     count = metrics.get(samples) if samples else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from fastapi import Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -110,8 +109,3 @@ class BodyTooLarge(StarletteHTTPException):
 
     def __init__(self, message: str) -> None:
         super().__init__(413, message)
-
-
-def plain(value: Any) -> Any:
-    """Pydantic model → dict without unset fields, for job records."""
-    return value.model_dump(exclude_none=True) if hasattr(value, "model_dump") else value

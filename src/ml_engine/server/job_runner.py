@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ml_engine.run.files import JOB_RECORD
+from ml_engine.run.files import read_job_record
 from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.server.jobs_store import (
     CANCELLED,
@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 TRAIN_COMMAND = (sys.executable, "-m", "ml_engine", "train")
 OUTPUT_LOG = "stdout.log"
 PROGRESS_CALLBACK = "+callbacks.job_progress={_target_:ml_engine.training.progress.JobProgress}"
-DEVICE_TO_ACCELERATOR = {"cpu": "cpu", "gpu": "gpu", "cuda": "gpu", "mps": "mps", "auto": "auto"}
-# request field → training config key; only these reach the command line
+# request field → training config key; only these reach the command line. A device is a
+# Lightning accelerator name (training/choices.py ACCELERATORS), passed on as it is.
 REQUEST_TO_OVERRIDE = {
+    "device": "trainer.accelerator",
     "epochs": "trainer.max_epochs",
     "batch_size": "datamodule.batch_size",
     "lr": "model.optimizer.lr",
@@ -63,9 +64,6 @@ def _quoted(value: str) -> str:
 def training_overrides(model: str, request: dict[str, Any], run_dir: Path) -> list[str]:
     """The ``train.py`` overrides for a validated request: names and numbers, never paths."""
     overrides = [f"model={model}"]
-    device = request.get("device")
-    if device is not None:
-        overrides.append(f"trainer.accelerator={DEVICE_TO_ACCELERATOR[device]}")
     for field, key in REQUEST_TO_OVERRIDE.items():
         value = request.get(field)
         if value is not None:
@@ -287,7 +285,7 @@ class JobRunner:
             return {"status": CANCELLED, "error": None}
         if error_override:
             return {"status": FAILED, "error": error_override}
-        record = _read_json(running.run_dir / JOB_RECORD) or {}
+        record = read_job_record(running.run_dir) or {}
         code = running.process.returncode
         if code == 0 and record.get("status") == "ok":
             return {"status": SUCCEEDED, "metrics": record.get("metrics") or {}, "error": None}

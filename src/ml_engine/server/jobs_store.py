@@ -24,6 +24,9 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "failed",
     "cancelled",
 )
+# the one list of job statuses: the API's schema and its ?status= check derive from it, the
+# UI reads each job's ``final``
+JOB_STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 FINAL_STATUSES = (SUCCEEDED, FAILED, CANCELLED)
 
 _SCHEMA = """

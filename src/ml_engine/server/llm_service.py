@@ -4,7 +4,6 @@ at a time per loaded model (a llama.cpp context is not thread-safe), other work 
 from __future__ import annotations
 
 import contextlib
-import math
 import threading
 import time
 from collections import OrderedDict
@@ -16,9 +15,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ml_engine.errors import UnknownNameError, UserError
+from ml_engine.run.helpers import finite_or_none
 from ml_engine.run.locations import CONFIG_DIR
 
-BACKENDS = ("llama_cpp", "mock")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "repeat_penalty", "seed")
 
 _hydra_lock = threading.Lock()
@@ -41,10 +40,7 @@ def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
 
 def finite_values(values: dict[str, Any]) -> dict[str, float | None]:
     """NaN (a rate over zero tokens) is not JSON: it becomes null."""
-    return {
-        key: float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
-        for key, v in values.items()
-    }
+    return {key: finite_or_none(v) for key, v in values.items()}
 
 
 @dataclass(frozen=True)

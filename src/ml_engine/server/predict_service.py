@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ml_engine.errors import UnknownNameError, UserError
+from ml_engine.run.helpers import first_line
 from ml_engine.server.errors import NotFound
 from ml_engine.server.runs import RunIndex, RunInfo
 from ml_engine.server.settings import Limits
@@ -58,7 +59,7 @@ def decode_image(data: bytes, name: str, limits: Limits, invert: str = "auto") -
         Image.DecompressionBombError,
         Image.DecompressionBombWarning,
     ) as exc:
-        reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc) or type(exc).__name__
         raise UserError(f"cannot read image '{name}': {reason} (accepted: PNG or JPEG)") from exc
 
 

@@ -15,9 +15,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ml_engine.errors import UserError
+from ml_engine.llm.backends import BACKENDS
+from ml_engine.run.helpers import first_line
 from ml_engine.server.errors import ApiError
 from ml_engine.server.guards import check_range
-from ml_engine.server.llm_service import BACKENDS, SAMPLING_FIELDS, LlmKey
+from ml_engine.server.llm_service import SAMPLING_FIELDS, LlmKey
 from ml_engine.server.schemas import GenerateRequest, GenerateResponse, LlmModelList
 from ml_engine.server.state import ServerState
 
@@ -75,7 +77,7 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 
 def _generation_error(exc: Exception) -> str:
     if isinstance(exc, (UserError, ValueError)):
-        return str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return first_line(exc) or type(exc).__name__
     return f"generation failed: {type(exc).__name__}"
 
 

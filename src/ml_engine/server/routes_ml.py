@@ -12,9 +12,11 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from ml_engine.errors import UnknownNameError
+from ml_engine.run.rules import rules_by_key
 from ml_engine.server.errors import ApiError, NotFound
 from ml_engine.server.guards import check_range
-from ml_engine.server.jobs_store import FINAL_STATUSES, Job
+from ml_engine.server.job_runner import REQUEST_TO_OVERRIDE
+from ml_engine.server.jobs_store import FINAL_STATUSES, JOB_STATUSES, Job
 from ml_engine.server.predict_service import arrays_to_digits, decode_image
 from ml_engine.server.schemas import (
     JobList,
@@ -28,11 +30,16 @@ from ml_engine.server.schemas import (
     _check_name,
 )
 from ml_engine.server.state import ServerState
+from ml_engine.training.choices import INVERT_CHOICES
+from ml_engine.training.rules import TRAIN_RULES
 
 router = APIRouter(prefix="/ml", tags=["ml"])
 
 FORM_FIELDS = ("image", "model", "run", "invert")
-INVERT_CHOICES = ("auto", "true", "false")
+# the training config's own rules, by the config key a request field sets
+_TRAIN_RULES = rules_by_key(TRAIN_RULES)
+# request fields with a configured allowed range (settings.Limits), the server's own policy
+_LIMITED_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "seed")
 
 
 def _state(request: Request) -> ServerState:
@@ -53,6 +60,7 @@ def job_view(job: Job) -> dict[str, Any]:
         "progress": job.progress,
         "metrics": job.metrics,
         "error": job.error,
+        "final": job.status in FINAL_STATUSES,
     }
 
 
@@ -96,13 +104,16 @@ def _training_request(state: ServerState, options: TrainOptions) -> dict[str, An
     values = options.model_dump(exclude_none=True, exclude={"model"})
     for key, default in state.settings.train_defaults.items():
         values.setdefault(key, default)
-    check_range("epochs", values.get("epochs"), limits.epochs)
-    check_range("batch_size", values.get("batch_size"), limits.batch_size)
-    check_range("lr", values.get("lr"), limits.lr)
-    check_range("seed", values.get("seed"), limits.seed)
-    weight_decay = values.get("weight_decay")
-    if weight_decay is not None and not 0 <= weight_decay <= 1:
-        raise ApiError(422, f"weight_decay={weight_decay!r} is out of range; allowed: [0, 1]")
+    # the configured range first: its message names the bounds this server allows
+    for field in _LIMITED_FIELDS:
+        check_range(field, values.get(field), getattr(limits, field))
+    # then what the training job itself would refuse (configured limits may be looser, and
+    # train.defaults never went through the request schema)
+    for field, key in REQUEST_TO_OVERRIDE.items():
+        rule = _TRAIN_RULES.get(key)
+        refusal = rule.refusal(values[field], name=field) if rule and field in values else None
+        if refusal:
+            raise ApiError(422, refusal)
     device = values.get("device")
     if device is not None and device not in state.devices:
         raise ApiError(
@@ -141,12 +152,11 @@ def train_all(request: Request, body: Annotated[TrainOptions | None, Body()] = N
 @router.get("/jobs", response_model=JobList, summary="Training jobs, newest first")
 def list_jobs(
     request: Request,
-    status: Annotated[str | None, Query(description="queued, running, succeeded, ...")] = None,
+    status: Annotated[str | None, Query(description=", ".join(JOB_STATUSES))] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> dict[str, Any]:
-    accepted = ("queued", "running", "succeeded", "failed", "cancelled")
-    if status is not None and status not in accepted:
-        raise ApiError(422, f"status '{status}' is not valid; accepted: {', '.join(accepted)}")
+    if status is not None and status not in JOB_STATUSES:
+        raise ApiError(422, f"status '{status}' is not valid; accepted: {', '.join(JOB_STATUSES)}")
     return {"jobs": [job_view(j) for j in _state(request).store.list(status, limit)]}
 
 

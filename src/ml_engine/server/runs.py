@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import threading
 from dataclasses import asdict, dataclass
@@ -14,8 +12,9 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from ml_engine.errors import UserError
+from ml_engine.run.files import JOB_RECORD, read_job_record
+from ml_engine.run.helpers import finite_or_none, is_finite_number
 
-METRICS_FILE = "metrics.json"
 RUN_CONFIG = Path(".hydra") / "config.yaml"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
@@ -36,19 +35,15 @@ class RunInfo:
 
     def rank(self) -> tuple[float, float, str]:
         def number(value: float | None) -> float:
-            return value if value is not None and math.isfinite(value) else -1.0
+            return value if is_finite_number(value) else -1.0
 
         return (number(self.val_acc), number(self.test_acc), self.date)
 
 
-def _float(value: Any) -> float | None:
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    return float(value) if number and math.isfinite(value) else None
-
-
 class RunIndex:
-    """Reads ``<runs_dir>/*/metrics.json`` (+ the run's composed config for the network name);
-    parsed runs are cached by file mtime so listing stays cheap as runs accumulate."""
+    """Reads each ``<runs_dir>/*/job.json`` of a successful run (+ the run's composed config for
+    the network name); parsed runs are cached by the record's mtime so listing stays cheap as
+    runs accumulate."""
 
     def __init__(self, runs_dir: Path) -> None:
         self.runs_dir = runs_dir
@@ -56,24 +51,28 @@ class RunIndex:
         self._lock = threading.Lock()
 
     def _parse(self, run_dir: Path) -> RunInfo | None:
-        metrics_path = run_dir / METRICS_FILE
+        record = read_job_record(run_dir)
+        if record is None or record.get("status") != "ok":
+            return None  # still running, failed, or not a run of ours
+        metrics = record.get("metrics")
         try:
-            metrics = json.loads(metrics_path.read_text())
             config = OmegaConf.load(run_dir / RUN_CONFIG)
             network = OmegaConf.select(config, "model.net.name")
+            stamp = datetime.fromtimestamp((run_dir / JOB_RECORD).stat().st_mtime, tz=timezone.utc)
         except Exception:  # a half-written or foreign run dir is not a run to offer
+            return None
+        if not isinstance(metrics, dict):
             return None
         checkpoint = metrics.get("best_ckpt") or metrics.get("last_ckpt")
         if not network or not checkpoint or not Path(checkpoint).is_file():
             return None
-        stamp = datetime.fromtimestamp(metrics_path.stat().st_mtime, tz=timezone.utc)
         epochs = metrics.get("epochs_run")
         return RunInfo(
             run=run_dir.name,
             network=str(network),
             checkpoint=str(checkpoint),
-            val_acc=_float(metrics.get("val/acc_best", metrics.get("val/acc"))),
-            test_acc=_float(metrics.get("test/acc")),
+            val_acc=finite_or_none(metrics.get("val/acc_best", metrics.get("val/acc"))),
+            test_acc=finite_or_none(metrics.get("test/acc")),
             date=stamp.isoformat(timespec="seconds"),
             epochs_run=epochs if isinstance(epochs, int) else None,
             data_source=metrics.get("data_source"),
@@ -84,10 +83,10 @@ class RunIndex:
             return []
         found = []
         with self._lock:
-            for metrics_path in self.runs_dir.glob(f"*/{METRICS_FILE}"):
-                run_dir = metrics_path.parent
+            for record_path in self.runs_dir.glob(f"*/{JOB_RECORD}"):
+                run_dir = record_path.parent
                 try:
-                    mtime = metrics_path.stat().st_mtime
+                    mtime = record_path.stat().st_mtime
                 except OSError:
                     continue
                 cached = self._cache.get(run_dir)

@@ -14,6 +14,10 @@ from pydantic import (
     model_validator,
 )
 
+from ml_engine.llm.backends import BACKENDS
+from ml_engine.server.jobs_store import FINAL_STATUSES, JOB_STATUSES
+from ml_engine.training.choices import ACCELERATORS, SOURCES
+
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _NAME = re.compile(NAME_PATTERN)
 
@@ -35,9 +39,10 @@ Name = Annotated[
 
 class StrictBody(BaseModel):
     # The original engine took executable paths and raw arguments from bodies; here anything
-    # not declared is refused, named in the 422 with the accepted fields (extra="forbid" puts
-    # additionalProperties: false in the schema).
-    model_config = ConfigDict(extra="forbid")
+    # not declared is refused, named in the 422 with the accepted fields. The validator below
+    # is the one check (pydantic's extra="forbid" could not name the accepted fields); the
+    # schema says the same as additionalProperties: false.
+    model_config = ConfigDict(json_schema_extra={"additionalProperties": False})
 
     @model_validator(mode="before")
     @classmethod
@@ -54,16 +59,20 @@ class StrictBody(BaseModel):
 
 # ---- training -------------------------------------------------------------------------------
 
-Device = Literal["cpu", "gpu", "cuda", "mps", "auto"]
-DataSource = Literal["auto", "torchvision", "bundled"]
+# built from the training package's lists, so a name added there is accepted here
+Device = Literal[tuple(ACCELERATORS)]  # type: ignore[valid-type]
+DataSource = Literal[SOURCES]  # type: ignore[valid-type]
+JobStatus = Literal[JOB_STATUSES]  # type: ignore[valid-type]
 
 
 class TrainOptions(StrictBody):
     epochs: int | None = Field(None, description="trainer.max_epochs (limits.epochs)")
-    device: Device | None = Field(None, description="cpu, gpu (cuda), mps or auto")
+    device: Device | None = Field(None, description="a device of GET /ml/models: devices")
     batch_size: int | None = Field(None, description="datamodule.batch_size (limits.batch_size)")
     lr: float | None = Field(None, description="model.optimizer.lr (limits.lr)")
-    weight_decay: float | None = Field(None, description="model.optimizer.weight_decay, ≥ 0")
+    weight_decay: float | None = Field(
+        None, description="model.optimizer.weight_decay (limits.weight_decay)"
+    )
     seed: int | None = Field(None, description="seed (limits.seed)")
     data_source: DataSource | None = Field(None, description="datamodule.source")
 
@@ -75,7 +84,7 @@ class TrainRequest(TrainOptions):
 class JobView(BaseModel):
     id: str
     model: str
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    status: JobStatus
     request: dict[str, Any]
     run: str
     run_dir: str
@@ -85,6 +94,7 @@ class JobView(BaseModel):
     progress: dict[str, Any]
     metrics: dict[str, Any]
     error: str | None
+    final: bool = Field(description=f"the status is final ({', '.join(FINAL_STATUSES)})")
 
 
 class JobList(BaseModel):
@@ -133,15 +143,6 @@ class PredictJson(StrictBody):
     run: Name | None = Field(None, description="a run name from GET /ml/models")
 
 
-class PredictForm(BaseModel):
-    """Documents the multipart variant of POST /ml/predict (parsed by hand, see routes)."""
-
-    image: list[bytes] = Field(description="one or more PNG/JPEG files, field name 'image'")
-    model: str | None = None
-    run: str | None = None
-    invert: Literal["auto", "true", "false"] | None = None
-
-
 class DigitPrediction(BaseModel):
     index: int
     name: str
@@ -165,7 +166,7 @@ def _backend_alias(value: Any) -> Any:
     return "llama_cpp" if value == "llama" else value
 
 
-Backend = Annotated[Literal["llama_cpp", "mock"], BeforeValidator(_backend_alias)]
+Backend = Annotated[Literal[BACKENDS], BeforeValidator(_backend_alias)]  # type: ignore[valid-type]
 
 
 class GenerateRequest(StrictBody):

@@ -35,6 +35,7 @@ class Limits:
     epochs: Range = Range(1, 100)
     batch_size: Range = Range(1, 4096)
     lr: Range = Range(1e-6, 1.0)
+    weight_decay: Range = Range(0.0, 1.0)
     seed: Range = Range(0, 2**31 - 1)
 
 

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ml_engine.server.job_runner import JobRunner
 from ml_engine.server.jobs_store import JobStore
 from ml_engine.server.llm_service import LlmService
 from ml_engine.server.predict_service import PredictService
 from ml_engine.server.runs import RunIndex
 from ml_engine.server.settings import Settings
+from ml_engine.training.accelerators import usable_accelerators
 from ml_engine.training.registry import network_names
-
-
-def available_devices() -> tuple[str, ...]:
-    """Devices a training request may name on this machine."""
-    devices = ["cpu", "auto"]
-    if torch.cuda.is_available():
-        devices += ["gpu", "cuda"]
-    if torch.backends.mps.is_available():
-        devices.append("mps")
-    return tuple(devices)
 
 
 @dataclass
@@ -48,7 +37,8 @@ class ServerState:
             settings=settings,
             networks=networks,
             trainable=trainable,
-            devices=available_devices(),
+            # devices a training request may name on this machine
+            devices=usable_accelerators(),
             store=store,
             jobs=JobRunner(
                 store,

@@ -1,4 +1,7 @@
-"""Which accelerators this machine has, checked before a Trainer is built."""
+"""Which accelerators this machine has, checked before a Trainer is built.
+
+The device names themselves are listed once, in training/choices.py (ACCELERATORS).
+"""
 
 from __future__ import annotations
 
@@ -8,34 +11,44 @@ from typing import Any
 import torch
 
 from ml_engine.errors import UserError
+from ml_engine.training.choices import ACCELERATORS
 
-_ALIASES = {"gpu": "cuda", "cuda": "cuda", "mps": "mps", "cpu": "cpu", "auto": "auto"}
+
+def device_type_present(kind: str) -> bool:
+    """Whether this machine has a device of torch type ``kind`` ("auto" always works)."""
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        return torch.backends.mps.is_available()
+    return kind in ("cpu", "auto")
+
+
+def usable_accelerators() -> tuple[str, ...]:
+    """Every accelerator name, aliases and ``auto`` included, that works on this machine."""
+    return tuple(name for name, kind in ACCELERATORS.items() if device_type_present(kind))
 
 
 def available_accelerators() -> list[str]:
-    names = ["cpu"]
-    if torch.cuda.is_available():
-        names.append("gpu")
-    if torch.backends.mps.is_available():
-        names.append("mps")
-    return names
+    """The devices present, one name each (``gpu`` for CUDA), without ``auto``."""
+    names: dict[str, str] = {}
+    for name, kind in ACCELERATORS.items():
+        if kind != "auto" and device_type_present(kind):
+            names.setdefault(kind, name)
+    return list(names.values())
 
 
 def check_accelerator(requested: str | None) -> None:
     """A UserError naming the accelerators present when ``requested`` is not one of them."""
     if requested is None or not isinstance(requested, str):
         return  # an Accelerator instance: Lightning checks it
-    kind = _ALIASES.get(requested.lower())
+    kind = ACCELERATORS.get(requested.lower())
     available = available_accelerators()
     if kind is None:
         accepted = "auto, " + ", ".join(available)
         raise UserError(
             f"trainer.accelerator='{requested}' is not known; accepted here: {accepted}"
         )
-    missing = (kind == "cuda" and "gpu" not in available) or (
-        kind == "mps" and "mps" not in available
-    )
-    if missing:
+    if not device_type_present(kind):
         what = "no CUDA GPU" if kind == "cuda" else "no Apple MPS device"
         raise UserError(
             f"trainer.accelerator='{requested}' but this machine has {what}; "
@@ -50,7 +63,7 @@ def check_sync_batchnorm(trainer_cfg: Mapping[str, Any]) -> None:
     requested = trainer_cfg.get("accelerator")
     if not isinstance(requested, str):
         return
-    kind = _ALIASES.get(requested.lower())
+    kind = ACCELERATORS.get(requested.lower())
     on_cpu = kind == "cpu" or (kind == "auto" and not torch.cuda.is_available())
     if on_cpu or kind == "mps":
         raise UserError(

@@ -10,6 +10,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from ml_engine.errors import UserError
+from ml_engine.run.helpers import error_summary
 from ml_engine.training.module import ClassifierModule
 
 log = logging.getLogger(__name__)
@@ -61,11 +62,7 @@ def _unreadable(path: Path, reason: str) -> UserError:
 
 
 def _short_reason(exc: BaseException) -> str:
-    message = str(exc).strip()
-    first = message.splitlines()[0] if message else ""
-    if len(first) > 120:
-        first = first[:117] + "..."
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return error_summary(exc, max_chars=120)
 
 
 # torch.save writes a zip archive; files from torch < 1.6 are a bare pickle

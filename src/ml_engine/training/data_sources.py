@@ -21,10 +21,9 @@ from torch import Tensor
 
 from ml_engine.errors import UserError
 from ml_engine.run.files import atomic_write
+from ml_engine.training.choices import SOURCES
 
 log = logging.getLogger(__name__)
-
-SOURCES = ("auto", "torchvision", "bundled")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Evaluation: test metrics of a checkpoint, written to the eval run's metrics.json."""
+"""Evaluation: test metrics of a checkpoint, recorded in the eval run's ``job.json``."""
 
 from __future__ import annotations
 

@@ -8,9 +8,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ml_engine.errors import UserError
+from ml_engine.training.choices import INVERT_CHOICES, invert_mode
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-INVERT_CHOICES = ("auto", "true", "false")
 
 
 def list_images(path: Path) -> list[Path]:
@@ -26,14 +26,13 @@ def list_images(path: Path) -> list[Path]:
 
 
 def _needs_inversion(gray: np.ndarray, invert: str | bool) -> bool:
-    if isinstance(invert, bool):
-        return invert
-    if invert == "auto":
+    mode = invert_mode(invert)
+    if mode is None:
+        raise UserError(f"invert={invert!r} is not valid; accepted: {', '.join(INVERT_CHOICES)}")
+    if mode == "auto":
         border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
         return float(border.mean()) > 127  # dark digit on light paper
-    if invert in ("true", "false"):
-        return invert == "true"
-    raise UserError(f"invert={invert!r} is not valid; accepted: {', '.join(INVERT_CHOICES)}")
+    return mode == "true"
 
 
 def _center_like_mnist(gray: np.ndarray) -> np.ndarray:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import math
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -17,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ml_engine.errors import UserError
 from ml_engine.run.extras import apply_extras
-from ml_engine.run.files import write_json_atomic
+from ml_engine.run.helpers import finite_or_none, is_real_number
 from ml_engine.run.locations import install_command
 from ml_engine.training.accelerators import check_accelerator, check_sync_batchnorm
 
@@ -62,10 +60,10 @@ def close_loggers() -> None:
 
 
 def finish_run(cfg: DictConfig, trainer: L.Trainer, metrics: Mapping[str, Any]) -> None:
-    """Rank zero writes ``metrics.json`` into the run dir and prints ``run_dir:`` last."""
+    """Close the loggers; rank zero prints ``run_dir:`` last. The metrics the task returns are
+    written once, into the run's ``job.json``, by the job wrapper (run/launch.run_job)."""
     close_loggers()
     if trainer.is_global_zero:
-        write_json_atomic(Path(cfg.paths.output_dir) / "metrics.json", dict(metrics))
         print(f"run_dir: {cfg.paths.output_dir}", flush=True)
 
 
@@ -79,23 +77,21 @@ def route_lightning_logs_through_hydra() -> None:
             lightning_logger.removeHandler(handler)
 
 
-def _scalar(value: Any) -> float | None:
+def _scalar(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        value = value.item() if value.numel() == 1 else None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    return None
+        return value.item() if value.numel() == 1 else None
+    return value
 
 
 def collect_metrics(trainer: L.Trainer, fit_metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """Final fit metrics overlaid with test metrics, as plain floats (NaN-free keys only)."""
+    """Final fit metrics overlaid with test metrics, as plain floats; a NaN or infinite one
+    (a diverged loss) is kept as None, so the key still says it was measured."""
     merged = {**fit_metrics, **trainer.callback_metrics}
-    metrics = {}
-    for key, value in sorted(merged.items()):
-        number = _scalar(value)
-        if number is not None and not math.isnan(number):
-            metrics[key] = number
-    return metrics
+    return {
+        key: finite_or_none(number)
+        for key, value in sorted(merged.items())
+        if is_real_number(number := _scalar(value))
+    }
 
 
 def _flat_hparams(cfg: DictConfig, model: L.LightningModule) -> dict[str, Any]:

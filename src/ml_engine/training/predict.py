@@ -12,10 +12,8 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from ml_engine.run.files import atomic_write
-from ml_engine.run.rules import check_config
 from ml_engine.training.checkpoints import load_classifier
 from ml_engine.training.images import IMAGE_SUFFIXES, list_images, load_digit
-from ml_engine.training.rules import PREDICT_RULES
 
 
 @torch.inference_mode()
@@ -62,8 +60,9 @@ def report_skipped(folder: Path) -> int:
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
-    """Predict every image under ``cfg.input`` and write ``path,prediction,confidence`` rows."""
-    check_config(cfg, PREDICT_RULES)
+    """Predict every image under ``cfg.input`` and write ``path,prediction,confidence`` rows.
+
+    ``cfg`` is checked against PREDICT_RULES by the job wrapper (run/launch.run_job)."""
     model = load_classifier(to_absolute_path(cfg.ckpt_path), map_location=cfg.device)
     source = Path(to_absolute_path(str(cfg.input)))
     paths = list_images(source)

@@ -7,7 +7,6 @@ not a socket, so a job keeps running (and its progress stays readable) across a 
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import lightning as L
 import torch
 
 from ml_engine.run.files import write_json_atomic
+from ml_engine.run.helpers import finite_or_none
 
 PROGRESS_FILE = "progress.json"
 
@@ -25,8 +25,9 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
     for key, value in metrics.items():
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            values[key] = float(value)
+        number = finite_or_none(value)
+        if number is not None:
+            values[key] = number
     return values
 
 

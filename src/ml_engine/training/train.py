@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train and test the configured model; returns the metrics also written to metrics.json."""
+    """Train and test the configured model; returns the metrics (the job wrapper writes them
+    into the run's ``job.json``)."""
     started = time.perf_counter()
     resume_from = _checkpoint_to_resume(cfg)
     prepare_lightning_run(cfg)

@@ -2,7 +2,6 @@
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
-const FINAL = ["succeeded", "failed", "cancelled"];
 const watched = new Map(); // job id → poll timer
 
 // Server text (job errors, model names) goes into markup only escaped.
@@ -42,7 +41,7 @@ const pct = (value) => (value == null ? "—" : `${(100 * value).toFixed(2)}%`);
 
 // ---- models and training ----------------------------------------------------------------------
 
-// "cuda" is an alias of "gpu" on the server: offer one of the two
+// "cuda" is Lightning's alias of "gpu" (ACCELERATORS in training/choices.py): offer one of the two
 const DEVICE_ALIASES = { cuda: "gpu" };
 
 function fillDevices(devices, preferred) {
@@ -116,7 +115,7 @@ function renderJob(job) {
     <td><progress max="${total}" value="${value}"></progress>
         <span class="progress-text muted">${progressText(job)}</span></td>
     <td class="metrics">${job.error ? `<span class="error">${escapeHtml(job.error)}</span>` : metricsText(job)}</td>
-    <td>${FINAL.includes(job.status) ? "" : `<button class="cancel-btn">Cancel</button>`}</td>`;
+    <td>${job.final ? "" : `<button class="cancel-btn">Cancel</button>`}</td>`;
   const cancel = row.querySelector(".cancel-btn");
   if (cancel) {
     cancel.onclick = () => api(`/ml/jobs/${job.id}`, { method: "DELETE" })
@@ -130,7 +129,7 @@ function watchJob(id) {
     try {
       const job = await getJson(`/ml/jobs/${id}`);
       renderJob(job);
-      if (FINAL.includes(job.status)) {
+      if (job.final) {
         clearInterval(watched.get(id));
         watched.delete(id);
         if (job.status === "succeeded") await loadModels();
@@ -145,7 +144,7 @@ async function loadJobs() {
   const { jobs } = await getJson("/ml/jobs?limit=10");
   jobs.reverse().forEach((job) => {
     renderJob(job);
-    if (!FINAL.includes(job.status)) watchJob(job.id);
+    if (!job.final) watchJob(job.id);
   });
 }
 
