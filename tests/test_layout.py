@@ -1,0 +1,61 @@
+"""The package's shape: imports flow server → llm, training → run → errors, and a training job
+never loads the web app."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import ml_engine
+
+PACKAGE = Path(ml_engine.__file__).resolve().parent
+# what each layer may not import, at module level or inside functions
+FORBIDDEN = {
+    "run": ("ml_engine.training", "ml_engine.llm", "ml_engine.server"),
+    "training": ("ml_engine.llm", "ml_engine.server"),
+    "llm": ("ml_engine.training", "ml_engine.server"),
+}
+
+
+def _imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_imports_flow_one_way(layer: str) -> None:
+    offending = [
+        f"{path.relative_to(PACKAGE)} imports {name}"
+        for path in sorted((PACKAGE / layer).rglob("*.py"))
+        for name in sorted(_imported_modules(path))
+        if name.startswith(FORBIDDEN[layer])
+    ]
+    assert not offending, "\n".join(offending)
+
+
+def test_package_root_holds_only_its_face() -> None:
+    modules = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert modules == ["__init__.py", "__main__.py", "errors.py"]
+
+
+def test_a_training_job_does_not_load_the_web_app() -> None:
+    # the server adds this callback to each training job it starts
+    script = (
+        "import sys, ml_engine.training.progress, ml_engine.training.train\n"
+        "loaded = [m for m in ('fastapi', 'starlette', 'uvicorn', 'ml_engine.server') "
+        "if m in sys.modules]\n"
+        "print(','.join(loaded))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ""
