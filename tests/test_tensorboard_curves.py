@@ -128,6 +128,14 @@ def test_training_curves_keep_every_point_and_hparams_carry_final_metrics(make_c
     assert final["hp/val/acc_best"] == pytest.approx(metrics["val/acc_best"])
     assert final["hp/val/acc_best"] == pytest.approx(max(value for _, value in val_acc))
 
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    plugin = events.PluginTagToContent("hparams")
+    start = plugin["_hparams_/session_start_info"].decode("latin-1")
+    assert "mlp_mnist" in start and "bundled" in start  # network and data source recorded
+
 
 def test_generation_curve_keeps_every_repetition(tmp_path: Path) -> None:
     cfg = shrink(

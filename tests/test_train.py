@@ -113,31 +113,3 @@ def test_checkpoint_loads_with_weights_only_unpickler(make_cfg) -> None:
     metrics = train(cfg)
     model = load_classifier(metrics["best_ckpt"])
     assert not model.training
-
-
-def test_tensorboard_gets_scalars_and_hparams_with_final_metrics(make_cfg, tmp_path: Path) -> None:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    cfg = make_cfg(
-        "train",
-        [
-            "model=mlp_mnist",
-            "trainer.max_epochs=2",
-            "trainer.limit_train_batches=20",
-            "trainer.log_every_n_steps=5",
-        ],
-        keep_loggers=True,
-    )
-    metrics = train(cfg)
-    events = EventAccumulator(str(tmp_path / "tensorboard"))
-    events.Reload()
-    scalars = set(events.Tags()["scalars"])
-    assert {"train/loss_step", "val/acc", "test/acc", "val/acc_best"} <= scalars
-    assert len(events.Scalars("train/loss_step")) >= 6  # per step, every 5 steps of 40
-    assert events.Scalars("test/acc")[-1].value == pytest.approx(metrics["test/acc"])
-    plugin = events.PluginTagToContent("hparams")
-    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(plugin)
-    experiment = plugin["_hparams_/experiment"].decode("latin-1")
-    assert "test/acc" in experiment and "val/acc_best" in experiment
-    start = plugin["_hparams_/session_start_info"].decode("latin-1")
-    assert "mlp_mnist" in start and "bundled" in start  # network and data source recorded
