@@ -26,8 +26,9 @@ class Metric:
     also holds ``<key>_unc``, the ± of a mean as llama-perplexity prints it, which becomes
     ``<name>_unc``. ``curve``: key of each repetition's record, logged per repetition to
     TensorBoard. ``final``: an HParams metric (``hp/<name>``). ``column``: in the sweep summary
-    (with its std or ±). ``report``: label in the printed line. ``scale``: factor applied to the
-    source value (bytes → MB, kept to 3 decimals).
+    (with its std or ±). ``report``: label in the printed line, its number written with
+    ``digits`` in ``style``. ``scale``: factor applied to the source value (bytes → MB, kept to 3
+    decimals).
     """
 
     name: str
@@ -41,6 +42,8 @@ class Metric:
     column: bool = False
     report: str | None = None
     digits: int = 1
+    # "f": ``digits`` decimals; "g": ``digits`` significant digits (values over decades)
+    style: str = "f"
     scale: float | None = None
 
     @property
@@ -96,7 +99,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("quality/ln_ppl_ratio", "", "Mean ln(PPL(Q)/PPL(base))", "quality.ln_ppl_ratio", uncertainty=True),
     Metric("quality/ppl_ratio", "", "Mean PPL(Q)/PPL(base)", "quality.ppl_ratio", uncertainty=True, final=True, column=True),
     Metric("quality/ppl_diff", "", "Mean PPL(Q)-PPL(base)", "quality.ppl_diff", uncertainty=True),
-    Metric("quality/kl_mean", "nats", "Mean KLD: KL(base ‖ this file) over the vocabulary, mean over positions", "quality.kl_mean", uncertainty=True, final=True, column=True, report="KLD", digits=6),
+    Metric("quality/kl_mean", "nats", "Mean KLD: KL(base ‖ this file) over the vocabulary, mean over positions", "quality.kl_mean", uncertainty=True, final=True, column=True, report="KLD", digits=3, style="g"),
     Metric("quality/kl_max", "nats", "Maximum KLD", "quality.kl_max", final=True, column=True),
     Metric("quality/kl_p99_9", "nats", "99.9% KLD (percentile over positions)", "quality.kl_p99_9"),
     Metric("quality/kl_p99", "nats", "99.0% KLD", "quality.kl_p99", final=True, column=True),
@@ -217,8 +220,8 @@ def final_metrics(values: Mapping[str, Any]) -> dict[str, Any]:
 def report_text(values: Mapping[str, Any]) -> str:
     """``gen 2331.9 ± 72.1 tok/s, ttft 0.0399 ± 0.0012 s, …``: the metrics with a label."""
 
-    def number(value: Any, digits: int) -> str:
-        return f"{value:.{digits}f}" if is_finite_number(value) else "n/a"
+    def number(value: Any, m: Metric) -> str:
+        return f"{value:.{m.digits}{m.style}}" if is_finite_number(value) else "n/a"
 
     pieces = []
     for m in METRICS:
@@ -227,10 +230,10 @@ def report_text(values: Mapping[str, Any]) -> str:
         value = values.get(m.name)
         if m.uncertainty and value is None:
             continue  # a comparison the row does not have (the reference's KLD): left out
-        text = f"{m.report} {number(value, m.digits)}"
+        text = f"{m.report} {number(value, m)}"
         if m.spread:
-            text += f" ± {number(values.get(m.std_name), m.digits)}"
+            text += f" ± {number(values.get(m.std_name), m)}"
         if m.uncertainty and values.get(m.unc_name) is not None:
-            text += f" ± {number(values.get(m.unc_name), m.digits)}"
+            text += f" ± {number(values.get(m.unc_name), m)}"
         pieces.append(f"{text} {m.unit}".rstrip())
     return ", ".join(pieces)
