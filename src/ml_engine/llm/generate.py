@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ml_engine.errors import UserError
+from ml_engine.llm.backends.base import CHAT_TEMPLATE_MISSING, CHAT_TEMPLATE_UNKNOWN
 from ml_engine.llm.isolation import call_target, run_isolated
 from ml_engine.llm.metrics import (
     curve_points,
@@ -78,8 +79,6 @@ def _check_quality_text(cfg: DictConfig) -> None:
 
 def _notes(facts: dict[str, Any]) -> list[str]:
     """What a reader of result.json must know about how the prompts and the file were used."""
-    from ml_engine.llm.backends.llama_cpp import CHAT_TEMPLATE_MISSING, CHAT_TEMPLATE_UNKNOWN
-
     notes = []
     status = facts.get("chat_template")
     if status in (CHAT_TEMPLATE_MISSING, CHAT_TEMPLATE_UNKNOWN):

@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from ml_engine.errors import UserError
-from ml_engine.llm.backends.base import Generation, LlmBackend, Sampling
+from ml_engine.llm.backends.base import (
+    CHAT_TEMPLATE_APPLIED,
+    CHAT_TEMPLATE_MISSING,
+    CHAT_TEMPLATE_UNKNOWN,
+    Generation,
+    LlmBackend,
+    Sampling,
+)
 
 _LOG_TAIL: deque[str] = deque(maxlen=40)
 _log_callback = None  # kept referenced: llama.cpp calls it from C
@@ -254,11 +261,6 @@ def offload_account(
 
 
 # --------------------------------------------------------------------------- llama.cpp backend
-
-# what ``chat_template=true`` did to the prompts
-CHAT_TEMPLATE_APPLIED = "applied"
-CHAT_TEMPLATE_MISSING = "none in the file"
-CHAT_TEMPLATE_UNKNOWN = "not supported by llama.cpp"
 
 
 class LlamaCppBackend(LlmBackend):
