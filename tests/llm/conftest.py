@@ -22,7 +22,8 @@ FAST_OVERRIDES = (
     "llm.n_ctx=512",
     "bench.warmup=1",
     "bench.repetitions=2",
-    "quality.n_tokens=48",
+    "quality.n_ctx=64",
+    "quality.n_chunks=2",
     "extras.print_config=false",
     "logger=none",
 )

@@ -47,9 +47,19 @@ def test_single_run_result_is_complete_and_consistent(gen_cfg) -> None:
     assert quality["top1_agreement"] is None and quality["kl_mean"] is None
     assert metrics["quality/top1_agreement"] is None and metrics["quality/kl_mean"] is None
     assert set(result["metric_definitions"]) == set(metrics)
+    assert metrics["chat_template"] == "off" and metrics["requantized"] is False
+    assert quality["text"] == "built-in" and quality["positions"] == 2 * (64 - 1 - 32)
     for index, entry in enumerate(bench["prompts"]):
         assert (run_dir / result["texts"][index]).read_text(encoding="utf-8") == entry["text"]
     assert (run_dir / "worker.log").exists()  # the model work ran in a child process
+
+
+def test_configured_models_keep_their_default_quantization() -> None:
+    from tests.conftest import compose_config
+
+    cfg = compose_config("generate")
+    assert cfg.llm.quantization == "q4_k_m" and cfg.llm.model.path is None
+    assert compose_config("generate", ["llm/model=mistral_7b"]).llm.quantization == "q4_k_m"
 
 
 def test_quantized_run_in_process_compares_with_the_base(gen_cfg) -> None:
@@ -131,9 +141,12 @@ def test_user_errors_end_in_one_line(override: str, fragments, tmp_path: Path) -
     assert not list(tmp_path.rglob("*.gguf")) and partial_files(tmp_path) == []
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+@pytest.mark.parametrize(
+    "damage, meaning",
+    [("truncated", "(corrupt or truncated GGUF)"), ("garbage", "(not a GGUF file)")],
+)
 def test_corrupt_gguf_is_one_line_and_leaves_no_partial_files(
-    damage: str, tmp_path: Path, tiny_f32: Path
+    damage: str, meaning: str, tmp_path: Path, tiny_f32: Path
 ) -> None:
     models = tmp_path / "models"
     models.mkdir()
@@ -141,7 +154,7 @@ def test_corrupt_gguf_is_one_line_and_leaves_no_partial_files(
     data = tiny_f32.read_bytes()
     broken.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a gguf" * 100)
     done = generate_cli("llm.quantization=q8_0", models_dir=models, outputs=tmp_path / "out")
-    _assert_one_line_error(done, str(broken), "corrupt or truncated GGUF")
+    _assert_one_line_error(done, str(broken), meaning)
     assert partial_files(tmp_path) == []
     assert not list(tmp_path.rglob("result.json"))
     assert sorted(p.name for p in models.iterdir()) == [broken.name]  # nothing else written

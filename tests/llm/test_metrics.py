@@ -46,7 +46,12 @@ def test_row_reads_each_field_from_its_source() -> None:
 def test_report_line_prints_each_labelled_metric_with_its_spread() -> None:
     text = metrics.report_text(metrics.row_of(PARTS))
     assert text.startswith("gen 100.0 ± 5.0 tok/s, prompt n/a ± n/a tok/s, ttft 0.0123 ± n/a s")
-    assert text.endswith("peak 55.0 MB, perplexity 12.50")
+    # a ± is printed where it is known; the base's missing KLD is left out, not "n/a"
+    assert text.endswith("peak 55.0 MB, perplexity 12.50, KLD 0.2 nats")
+    parts = {**PARTS, "quality": {"perplexity": 12.5, "perplexity_unc": 0.25, "kl_mean": None}}
+    assert metrics.report_text(metrics.row_of(parts)).endswith("perplexity 12.50 ± 0.25")
+    parts = {**PARTS, "quality": {"kl_mean": 1.5e-05, "kl_mean_unc": 2.25e-07}}
+    assert metrics.report_text(metrics.row_of(parts)).endswith("KLD 1.5e-05 ± 2.25e-07 nats")
 
 
 def test_a_metric_added_in_one_line_reaches_every_view(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,13 +1,15 @@
-"""Perplexity and agreement/KL against the base file, as in llama.cpp's --kl-divergence."""
+"""Quality inside the sweep as llama-perplexity --kl-divergence measures it, on real GGUF files."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from ml_engine.errors import UserError
 from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.gguf_writer import (
     LlamaShape,
@@ -16,34 +18,68 @@ from ml_engine.llm.gguf_writer import (
     write_llama_gguf,
 )
 from ml_engine.llm.models import ensure_model_file, model_path
-from ml_engine.llm.quality import compare, evaluate_quality, perplexity, reference_tokens
+from ml_engine.llm.quality import (
+    REFERENCE_TEXT,
+    QualitySettings,
+    evaluate_quality,
+    quality_chunks,
+)
 from ml_engine.llm.quantize import quantize_gguf
-from tests.llm.conftest import tiny_model_cfg
+from tests.llm.conftest import generate_cli, last_line, tiny_model_cfg
+
+SETTINGS = QualitySettings(n_ctx=64, n_chunks=2)
 
 
-def test_perplexity_of_a_uniform_model_is_the_vocabulary_size() -> None:
-    logprobs = np.full((5, 50), -math.log(50), dtype=np.float32)
-    assert perplexity(logprobs, [0, 1, 2, 3, 4, 5]) == pytest.approx(50, rel=1e-5)
+def _open(path: Path, n_batch: int = 64) -> LlamaCppBackend:
+    return LlamaCppBackend(path, n_ctx=256, n_threads=1, n_batch=n_batch)
 
 
-def test_compare_identical_and_different_distributions() -> None:
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal((20, 30))
-    base = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    same = compare(base, base)
-    assert same["top1_agreement"] == 1.0 and same["kl_mean"] == pytest.approx(0.0, abs=1e-12)
-    shifted = np.roll(base, 1, axis=-1)
-    other = compare(shifted, base)
-    assert other["top1_agreement"] < 0.5 and other["kl_mean"] > 0.1
+def test_chunks_are_cut_as_perplexity_cpp_cuts_them(tiny_backend: LlamaCppBackend) -> None:
+    tokens = tiny_backend.tokenize(REFERENCE_TEXT)
+    assert tokens[0] == tiny_backend.bos and tiny_backend.add_bos
+    chunks = quality_chunks(tiny_backend, REFERENCE_TEXT, QualitySettings(n_ctx=100, n_chunks=3))
+    assert chunks.shape == (3, 100)
+    for i, chunk in enumerate(chunks):
+        # BOS replaces each chunk's first token; the rest is the text's tokens in order
+        assert chunk[0] == tiny_backend.bos
+        assert chunk[1:].tolist() == tokens[i * 100 + 1 : (i + 1) * 100]
+    every = quality_chunks(tiny_backend, REFERENCE_TEXT, QualitySettings(n_ctx=100, n_chunks=None))
+    assert len(every) == len(tokens) // 100
 
 
-def _open(path: Path) -> LlamaCppBackend:
-    return LlamaCppBackend(path, n_ctx=256, n_threads=1, n_batch=64)
+def test_a_text_too_short_or_a_window_too_wide_is_one_line(tiny_backend: LlamaCppBackend) -> None:
+    with pytest.raises(
+        UserError, match=r"has \d+ tokens, fewer than one chunk of quality.n_ctx=64"
+    ):
+        quality_chunks(tiny_backend, "short text", SETTINGS)
+    with pytest.raises(UserError, match=r"quality.n_ctx=4096 is larger than the context"):
+        quality_chunks(tiny_backend, REFERENCE_TEXT, QualitySettings(n_ctx=4096))
+
+
+def test_only_the_scored_half_is_requested_and_batches_do_not_change_it(tiny_f32: Path) -> None:
+    with _open(tiny_f32, n_batch=64) as one_batch, _open(tiny_f32, n_batch=24) as three_batches:
+        chunk = quality_chunks(one_batch, REFERENCE_TEXT, SETTINGS)[0].tolist()
+        whole = one_batch.chunk_logprobs(chunk, 0)
+        half = one_batch.chunk_logprobs(chunk, 32)
+        split = three_batches.chunk_logprobs(chunk, 32)
+    assert whole.shape == (63, one_batch.n_vocab) and half.shape == (31, one_batch.n_vocab)
+    np.testing.assert_allclose(half, whole[32:], atol=2e-4)
+    np.testing.assert_allclose(split, half, atol=2e-4)
+    np.testing.assert_allclose(np.exp(half).sum(-1), 1, rtol=1e-9)
+
+
+def _evaluate(backend: LlamaCppBackend, base: Path, cache_dir: Path, open_base, **settings):
+    return evaluate_quality(
+        backend,
+        base_file=base,
+        base_quantization="f32",
+        models_dir=cache_dir,
+        settings=QualitySettings(**{"n_ctx": 64, "n_chunks": 2, **settings}),
+        open_base=open_base,
+    )
 
 
 def test_quantized_file_against_the_f32_base(models_dir: Path, tmp_path: Path) -> None:
-    cache_dir = tmp_path / "models"
-    cache_dir.mkdir()
     base = model_path(tiny_model_cfg(), "f32", models_dir)
     quantized = ensure_model_file(tiny_model_cfg(), "q2_k", models_dir, n_threads=1).path
     opened = []
@@ -53,46 +89,28 @@ def test_quantized_file_against_the_f32_base(models_dir: Path, tmp_path: Path) -
         return _open(path)
 
     with _open(quantized) as backend:
-        first = evaluate_quality(
-            backend,
-            base_file=base,
-            base_quantization="f32",
-            models_dir=cache_dir,
-            n_tokens=64,
-            open_base=open_base,
-        )
-        again = evaluate_quality(
-            backend,
-            base_file=base,
-            base_quantization="f32",
-            models_dir=cache_dir,
-            n_tokens=64,
-            open_base=open_base,
-        )
+        first = _evaluate(backend, base, tmp_path, open_base)
+        again = _evaluate(backend, base, tmp_path, open_base)
     assert opened == [base]  # the base's predictions are computed once, then read from cache
     assert first == again
-    assert first["reference_tokens"] == 64
+    assert first["positions"] == 2 * (64 - 1 - 32) and first["n_chunks"] == 2
+    assert first["text"] == "built-in" and first["reference"] is False
     assert math.isfinite(first["perplexity"]) and first["perplexity"] > 1
+    assert first["perplexity_unc"] > 0 and first["perplexity_base"] > 1
     assert 0 < first["top1_agreement"] < 1  # 2-bit weights change some predictions
-    assert first["kl_mean"] > 0
-    assert list((cache_dir / ".quality").glob("*.npy"))
-
-    assert first["reference"] is False
+    assert first["kl_mean"] > 0 and first["kl_mean_unc"] > 0
+    assert first["kl_max"] >= first["kl_p99"] >= first["kl_median"] >= first["kl_min"] >= 0
+    (cached,) = (tmp_path / ".quality").glob("*.npy")
+    stored = np.load(cached)
+    assert stored.dtype == np.float32 and stored.shape == (62, backend.n_vocab)
 
     with _open(base) as backend:
-        itself = evaluate_quality(
-            backend,
-            base_file=base,
-            base_quantization="f32",
-            models_dir=cache_dir,
-            n_tokens=64,
-            open_base=open_base,
-        )
-    # the base is labelled the reference instead of reporting agreement 1.0 / KL 0 with itself
-    assert itself["reference"] is True
-    assert itself["top1_agreement"] is None and itself["kl_mean"] is None
-    assert itself["kl_max"] is None
-    assert math.isfinite(itself["perplexity"])
+        itself = _evaluate(backend, base, tmp_path, open_base)
+    # the base is labelled the reference instead of reporting KL 0 / agreement 1 with itself
+    assert itself["reference"] is True and math.isfinite(itself["perplexity"])
+    comparisons = ("top1_agreement", "kl_mean", "kl_max", "dp_rms", "ppl_ratio", "perplexity_base")
+    assert all(itself[key] is None for key in comparisons)
+    assert itself["perplexity"] == pytest.approx(first["perplexity_base"], rel=1e-5)
     assert opened == [base]  # and it opened no second copy of itself
 
 
@@ -103,12 +121,28 @@ def test_the_base_job_leaves_its_predictions_for_the_others(models_dir: Path, tm
     def never(path: Path) -> LlamaCppBackend:
         raise AssertionError(f"the base's cached predictions should have been used, not {path}")
 
-    settings = dict(base_file=base, base_quantization="f32", models_dir=tmp_path, n_tokens=48)
     with _open(base) as backend:
-        assert evaluate_quality(backend, open_base=never, **settings)["reference"] is True
+        assert _evaluate(backend, base, tmp_path, never)["reference"] is True
     with _open(quantized) as backend:
-        other = evaluate_quality(backend, open_base=never, **settings)
+        other = _evaluate(backend, base, tmp_path, never)
     assert other["reference"] is False and other["kl_mean"] > 0 and other["top1_agreement"] < 1
+
+
+def test_held_out_text_and_the_cache_bound(models_dir: Path, tmp_path: Path) -> None:
+    base = model_path(tiny_model_cfg(), "f32", models_dir)
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    with _open(base) as backend:
+        result = _evaluate(backend, base, tmp_path, _open, text_path=str(held_out), n_chunks=None)
+        assert (
+            result["text"] == str(held_out)
+            and result["n_chunks"] == len(backend.tokenize(held_out.read_text())) // 64
+        )
+        with pytest.raises(UserError, match=r"more than quality.max_cache_mb=0.01; lower") as error:
+            _evaluate(backend, base, tmp_path / "other", _open, max_cache_mb=0.01)
+        assert "\n" not in str(error.value)
+        with pytest.raises(UserError, match=r"quality.text_path=.*nope.txt: no such file"):
+            _evaluate(backend, base, tmp_path, _open, text_path=str(tmp_path / "nope.txt"))
 
 
 PEAKED_QUANTIZATIONS = ("q8_0", "q4_k_m", "q2_k")
@@ -146,16 +180,10 @@ def test_quantization_really_changes_a_peaked_models_predictions(
     results = {}
     for quantization, path in peaked_models.items():
         with _open(path) as backend:
-            results[quantization] = evaluate_quality(
-                backend,
-                base_file=base,
-                base_quantization="f32",
-                models_dir=tmp_path,
-                n_tokens=96,
-                open_base=_open,
-            )
-    with _open(base) as backend:
-        reference = backend.next_token_logprobs(reference_tokens(backend, 96))
+            results[quantization] = _evaluate(backend, base, tmp_path, _open, n_chunks=4)
+            if quantization == "f32":
+                chunk = quality_chunks(backend, REFERENCE_TEXT, SETTINGS)[0].tolist()
+                reference = backend.chunk_logprobs(chunk, 32)
     # not near uniform: the top token holds far more than 1/n_vocab of the probability
     assert np.exp(reference).max(axis=-1).mean() > 10 / reference.shape[-1]
 
@@ -168,19 +196,41 @@ def test_quantization_really_changes_a_peaked_models_predictions(
     assert agreement == sorted(agreement, reverse=True), agreement
 
 
-def test_finer_quantization_agrees_more_with_the_base(models_dir: Path, tmp_path: Path) -> None:
-    base = model_path(tiny_model_cfg(), "f32", models_dir)
-    results = {}
-    for quantization in ("q8_0", "q2_k"):
-        path = ensure_model_file(tiny_model_cfg(), quantization, models_dir, n_threads=1).path
-        with _open(path) as backend:
-            results[quantization] = evaluate_quality(
-                backend,
-                base_file=base,
-                base_quantization="f32",
-                models_dir=tmp_path,
-                n_tokens=96,
-                open_base=_open,
-            )
-    assert results["q8_0"]["kl_mean"] < results["q2_k"]["kl_mean"]
-    assert results["q8_0"]["top1_agreement"] >= results["q2_k"]["top1_agreement"]
+@pytest.mark.slow
+def test_a_sweep_over_a_peaked_file_by_path_ranks_the_quantizations(
+    peaked_models: dict[str, Path], tmp_path: Path
+) -> None:
+    done = generate_cli(
+        f"llm.model.path={peaked_models['f32']}",
+        "llm.quantization=f32,q8_0,q4_k_m,q2_k",
+        "quality.n_chunks=6",
+        "bench.repetitions=1",
+        models_dir=tmp_path / "models",
+        outputs=tmp_path / "out",
+        timeout=600,
+        multirun=True,
+    )
+    assert done.returncode == 0, done.stderr
+    sweep = Path(last_line(done.stdout).removeprefix("summary: ")).parent
+    rows = {
+        job["metrics"]["quantization"]: job["metrics"]
+        for job in json.loads((sweep / "summary.json").read_text())["jobs"]
+    }
+    assert set(rows) == {"f32", "q8_0", "q4_k_m", "q2_k"}
+    assert all(row["model"] == "peaked" for row in rows.values())
+    reference = rows["f32"]
+    assert reference["quality/reference"] is True and reference["quality/kl_mean"] is None
+    kl = {q: rows[q]["quality/kl_mean"] for q in PEAKED_QUANTIZATIONS}
+    assert 0 < kl["q8_0"] < kl["q4_k_m"] < kl["q2_k"], kl
+    for q in PEAKED_QUANTIZATIONS:  # each mean is many standard errors apart from zero
+        assert rows[q]["quality/kl_mean_unc"] < kl[q] / 3
+        assert rows[q]["quality/positions"] == 6 * (64 - 1 - 32)
+    assert rows["q2_k"]["quality/top1_agreement"] < 1
+    q8 = rows["q8_0"]
+    assert q8["quality/ppl_ratio"] > 1 - 3 * q8["quality/ppl_ratio_unc"]  # not better than f32
+    assert abs(q8["quality/ppl_ratio"] - 1) < 0.01
+    assert q8["quality/ln_ppl_correlation"] > 0.99
+    header = (sweep / "summary.csv").read_text().splitlines()[0]
+    for column in ("quality/kl_mean", "quality/kl_mean_unc", "quality/kl_p99", "quality/dp_rms"):
+        assert column in header
+    assert (sweep / "summary.png").stat().st_size > 10_000

@@ -41,6 +41,9 @@ def _record(job: str, rate: float | None, std: float | None, n: int = 6, **extra
         "compute_backend": "cpu",
         "file_mb": {"f32": 40.0, "q8_0": 11.0, "q4_k_m": 7.0, "q2_k": 5.0}.get(job, 9.0),
         "quality/perplexity": 30.0,
+        "quality/reference": job == "f32",
+        "quality/kl_mean": {"f32": None, "q8_0": 0.002, "q4_k_m": 0.05, "q2_k": 0.8}.get(job, 0.1),
+        "quality/kl_mean_unc": {"q8_0": 0.0001, "q4_k_m": 0.004, "q2_k": 0.03}.get(job, 0.2),
     }
     return {"job": job, "status": "ok", "overrides": [], "metrics": metrics, **extra}
 
@@ -113,7 +116,22 @@ def test_speed_panel_has_error_bars_and_starts_at_zero() -> None:
     figure = speed_and_quality_figure(RECORDS, verdicts)
     speed_ax, quality_ax = figure.axes
     assert speed_ax.get_ylim()[0] == 0 and speed_ax.get_xlim()[0] == 0
-    assert quality_ax.get_ylim()[0] == 0
+    assert quality_ax.get_xlim()[0] == 0 and quality_ax.get_yscale() == "log"
+    assert "from f32" in quality_ax.get_ylabel()  # the reference row names the base
+    kl_bars = {}
+    for container in quality_ax.containers:
+        ((_x, y),) = container.lines[0].get_xydata()
+        low, high = container.lines[2][0].get_segments()[0][:, 1]
+        kl_bars[round(float(y), 4)] = (round(float(low), 5), round(float(high), 5))
+    # the base has no KL to show; a ± reaching below 0 stops just above it on the log axis
+    assert kl_bars == {
+        0.002: (0.0019, 0.0021),
+        0.05: (0.046, 0.054),
+        0.8: (0.77, 0.83),
+        0.1: (0.0001, 0.3),
+    }
+    labels = {t.get_text() for t in quality_ax.texts}
+    assert labels == {"q8_0", "q4_k_m", "q2_k", "once", "f32: the base"}
     assert speed_ax.get_ylim()[1] >= 3100 + 900  # the best's bar fits
 
     bars = {}  # y extent of each error bar, by the mark's centre

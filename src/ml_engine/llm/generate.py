@@ -7,9 +7,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ml_engine.errors import UserError
+from ml_engine.llm.backends.base import CHAT_TEMPLATE_MISSING, CHAT_TEMPLATE_UNKNOWN
 from ml_engine.llm.isolation import call_target, run_isolated
 from ml_engine.llm.metrics import (
     curve_points,
@@ -20,7 +21,12 @@ from ml_engine.llm.metrics import (
     row_of,
 )
 from ml_engine.llm.tensorboard_log import log_run
-from ml_engine.run.files import write_json_atomic, write_text_atomic
+from ml_engine.run.files import (
+    RESOLVED_CONFIG,
+    save_resolved_config,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,46 @@ def selected_prompts(cfg: DictConfig) -> list[str]:
             f"prompts.items[{bad[0]}] of set '{name}' is empty; expected non-empty text"
         )
     return list(items)
+
+
+def _resolve_file_model(cfg: DictConfig) -> None:
+    """With ``llm.model.path``, the model node becomes the file's own (name and quantization
+    from its GGUF metadata), so every record of the run names what actually ran."""
+    from ml_engine.llm.models import file_model_node, is_file_model
+
+    if not is_file_model(cfg.llm.model):
+        return
+    node = file_model_node(cfg.llm.model)
+    with open_dict(cfg):
+        cfg.llm.model = node
+    output_dir = Path(cfg.paths.output_dir)
+    if (output_dir / RESOLVED_CONFIG).is_file():  # the job wrapper's copy: keep it true
+        save_resolved_config(cfg, output_dir)
+
+
+def _check_quality_text(cfg: DictConfig) -> None:
+    quality = cfg.get("quality") or {}
+    text_path = quality.get("text_path") if quality.get("enabled", True) else None
+    if text_path is not None and not Path(text_path).expanduser().is_file():
+        raise UserError(f"quality.text_path={text_path}: no such file")
+
+
+def _notes(facts: dict[str, Any]) -> list[str]:
+    """What a reader of result.json must know about how the prompts and the file were used."""
+    notes = []
+    status = facts.get("chat_template")
+    if status in (CHAT_TEMPLATE_MISSING, CHAT_TEMPLATE_UNKNOWN):
+        why = (
+            "the file has no chat template"
+            if status == CHAT_TEMPLATE_MISSING
+            else "llama.cpp cannot apply the file's chat template"
+        )
+        notes.append(
+            f"chat_template=true, but {why}: no template was applied, the prompts ran as given"
+        )
+    if facts.get("requantized"):
+        notes.append("requantized: made from an already-quantized file (llm.allow_requantize=true)")
+    return notes
 
 
 def _job_spec(cfg: DictConfig, prompts: list[str]) -> dict[str, Any]:
@@ -138,9 +184,11 @@ def _print_config(cfg: DictConfig) -> None:
 def _report_line(metrics: dict[str, Any]) -> str:
     if metrics["backend"] == "mock":
         return f"MOCK echo backend (no model): {metrics['completion_tokens']} words echoed"
+    requantized = " (requantized)" if metrics.get("requantized") else ""
     return (
-        f"{metrics['model']} {metrics['quantization']} ngl={metrics['n_gpu_layers']} "
-        f"({metrics['backend']}, {metrics['compute_backend']}): {report_text(metrics)}"
+        f"{metrics['model']} {metrics['quantization']}{requantized} "
+        f"ngl={metrics['n_gpu_layers']} ({metrics['backend']}, {metrics['compute_backend']}): "
+        f"{report_text(metrics)}"
     )
 
 
@@ -159,6 +207,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         _print_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    _resolve_file_model(cfg)
+    _check_quality_text(cfg)
 
     work = _run_model_work(cfg, _job_spec(cfg, prompts), output_dir)
     metrics = flat_metrics(cfg, work)
@@ -179,6 +229,11 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         result["note"] = (
             "MOCK backend: no model ran; texts echo the prompts, timings measure the echo"
         )
+    notes = _notes(work["facts"])
+    if notes:
+        result["notes"] = notes
+        for note in notes:
+            log.warning(note)
     write_json_atomic(output_dir / "result.json", result)
     _log_to_tensorboard(cfg, work, metrics)
     print(_report_line(metrics), flush=True)

@@ -16,7 +16,7 @@ from ml_engine.llm.backends import SAMPLING_FIELDS, Sampling, open_backend
 from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.bench import run_benchmark
 from ml_engine.llm.models import base_quantization, model_path
-from ml_engine.llm.quality import evaluate_quality, quality_settings
+from ml_engine.llm.quality import QualitySettings, evaluate_quality
 
 
 def sampling_from(llm: dict[str, Any]) -> Sampling:
@@ -37,8 +37,10 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
     bench = spec["bench"]
     with open_backend(llm, models_dir) as backend:
         facts = backend.describe()
-        origin = getattr(backend, "model_file", None)
-        facts["model_origin"] = origin.origin if origin else None
+        resolved = getattr(backend, "model_file", None)
+        facts["model_origin"] = resolved.origin if resolved else None
+        facts["file_quantization"] = resolved.quantization if resolved else None
+        facts["requantized"] = resolved.requantized if resolved else None
         timing = run_benchmark(
             backend,
             spec["prompts"],
@@ -60,8 +62,8 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _quality(backend: Any, llm: dict[str, Any], spec: dict[str, Any], models_dir: Path) -> dict:
-    enabled, n_tokens = quality_settings(spec)
-    if not enabled or not isinstance(backend, LlamaCppBackend):
+    settings = QualitySettings.from_spec(spec)
+    if not settings.enabled or not isinstance(backend, LlamaCppBackend):
         return {}
     base = base_quantization(llm["model"], models_dir)
     base_file = model_path(llm["model"], base, models_dir) if base else None
@@ -80,6 +82,6 @@ def _quality(backend: Any, llm: dict[str, Any], spec: dict[str, Any], models_dir
         base_file=base_file,
         base_quantization=base,
         models_dir=models_dir,
-        n_tokens=n_tokens,
+        settings=settings,
         open_base=open_base,
     )

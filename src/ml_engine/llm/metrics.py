@@ -22,10 +22,13 @@ class Metric:
     ``source`` is ``<part>.<dotted key>`` in the job's parts: ``setting`` (the resolved ``llm``
     node), ``facts`` (what the backend reports), ``bench`` (aggregates over the repetitions),
     ``quality``, ``work`` (the model worker's own readings). ``spread``: the bench part also
-    holds ``<key>_std``, which becomes ``<name>_std`` in the row. ``curve``: key of each
-    repetition's record, logged per repetition to TensorBoard. ``final``: an HParams metric
-    (``hp/<name>``). ``column``: in the sweep summary. ``report``: label in the printed line.
-    ``scale``: factor applied to the source value (bytes → MB, kept to 3 decimals).
+    holds ``<key>_std``, which becomes ``<name>_std`` in the row. ``uncertainty``: the part
+    also holds ``<key>_unc``, the ± of a mean as llama-perplexity prints it, which becomes
+    ``<name>_unc``. ``curve``: key of each repetition's record, logged per repetition to
+    TensorBoard. ``final``: an HParams metric (``hp/<name>``). ``column``: in the sweep summary
+    (with its std or ±). ``report``: label in the printed line, its number written with
+    ``digits`` in ``style``. ``scale``: factor applied to the source value (bytes → MB, kept to 3
+    decimals).
     """
 
     name: str
@@ -33,11 +36,14 @@ class Metric:
     description: str
     source: str
     spread: bool = False
+    uncertainty: bool = False
     curve: str | None = None
     final: bool = False
     column: bool = False
     report: str | None = None
     digits: int = 1
+    # "f": ``digits`` decimals; "g": ``digits`` significant digits (values over decades)
+    style: str = "f"
     scale: float | None = None
 
     @property
@@ -45,14 +51,22 @@ class Metric:
         return f"{self.name}_std"
 
     @property
+    def unc_name(self) -> str:
+        return f"{self.name}_unc"
+
+    @property
     def names(self) -> tuple[str, ...]:
-        """The row's keys this metric fills: its own, and its std when it has a spread."""
-        return (self.name, self.std_name) if self.spread else (self.name,)
+        """The row's keys this metric fills: its own, its std (spread), its ± (uncertainty)."""
+        return (
+            (self.name,)
+            + ((self.std_name,) if self.spread else ())
+            + ((self.unc_name,) if self.uncertainty else ())
+        )
 
 
 # fmt: off
 METRICS: tuple[Metric, ...] = (
-    Metric("model", "", "model config name (conf/llm/model)", "setting.model.name", column=True),
+    Metric("model", "", "model config name (conf/llm/model), or a llm.model.path file's general.name (else its stem)", "setting.model.name", column=True),
     Metric("backend", "", "text generation backend", "facts.backend", column=True),
     Metric("quantization", "", "weight format of the GGUF file", "setting.quantization", column=True),
     Metric("n_gpu_layers", "layers", "layers requested on a GPU (-1: all)", "setting.n_gpu_layers", column=True),
@@ -73,10 +87,46 @@ METRICS: tuple[Metric, ...] = (
     Metric("ttft_s", "s", "time to first token", "bench.ttft_s", spread=True, curve="ttft_s", final=True, column=True, report="ttft", digits=4),
     Metric("peak_rss_mb", "MB", "peak resident memory of the model worker", "work.peak_rss_mb", final=True, column=True, report="peak"),
     Metric("work_s", "s", "time of the model work (load, benchmark, quality)", "work.work_s"),
-    Metric("quality/perplexity", "", "perplexity on the reference text", "quality.perplexity", final=True, column=True, report="perplexity", digits=2),
+    Metric("chat_template", "", "what chat_template=true did: applied, none in the file, not supported by llama.cpp (or off)", "facts.chat_template", column=True),
+    Metric("requantized", "", "made from an already-quantized file (llm.allow_requantize=true)", "facts.requantized", column=True),
+    # llama-perplexity --kl-divergence's figures (llm/kld.py); the comparisons are empty on the base's own row
+    Metric("quality/base_quantization", "", "quantization of the base file the comparisons are against", "quality.base_quantization"),
+    Metric("quality/positions", "tokens", "scored positions: chunks × (n_ctx - 1 - n_ctx/2)", "quality.positions"),
+    Metric("quality/perplexity", "", "Mean PPL(Q): perplexity of this file on the quality text", "quality.perplexity", uncertainty=True, final=True, column=True, report="perplexity", digits=2),
     Metric("quality/reference", "", "this file is the base the others are compared with", "quality.reference", column=True),
-    Metric("quality/top1_agreement", "", "share of positions with the base's top token", "quality.top1_agreement", final=True, column=True),
-    Metric("quality/kl_mean", "nats", "mean KL(base ‖ this file) per position", "quality.kl_mean", final=True, column=True),
+    Metric("quality/perplexity_base", "", "Mean PPL(base): the base's perplexity on the same positions", "quality.perplexity_base", uncertainty=True),
+    Metric("quality/ln_ppl_correlation", "", "Cor(ln(PPL(Q)), ln(PPL(base))): correlation of the per-position log-likelihoods", "quality.ln_ppl_correlation", final=True, column=True),
+    Metric("quality/ln_ppl_ratio", "", "Mean ln(PPL(Q)/PPL(base))", "quality.ln_ppl_ratio", uncertainty=True),
+    Metric("quality/ppl_ratio", "", "Mean PPL(Q)/PPL(base)", "quality.ppl_ratio", uncertainty=True, final=True, column=True),
+    Metric("quality/ppl_diff", "", "Mean PPL(Q)-PPL(base)", "quality.ppl_diff", uncertainty=True),
+    Metric("quality/kl_mean", "nats", "Mean KLD: KL(base ‖ this file) over the vocabulary, mean over positions", "quality.kl_mean", uncertainty=True, final=True, column=True, report="KLD", digits=3, style="g"),
+    Metric("quality/kl_max", "nats", "Maximum KLD", "quality.kl_max", final=True, column=True),
+    Metric("quality/kl_p99_9", "nats", "99.9% KLD (percentile over positions)", "quality.kl_p99_9"),
+    Metric("quality/kl_p99", "nats", "99.0% KLD", "quality.kl_p99", final=True, column=True),
+    Metric("quality/kl_p95", "nats", "95.0% KLD", "quality.kl_p95"),
+    Metric("quality/kl_p90", "nats", "90.0% KLD", "quality.kl_p90"),
+    Metric("quality/kl_median", "nats", "Median KLD", "quality.kl_median"),
+    Metric("quality/kl_p10", "nats", "10.0% KLD", "quality.kl_p10"),
+    Metric("quality/kl_p5", "nats", "5.0% KLD", "quality.kl_p5"),
+    Metric("quality/kl_p1", "nats", "1.0% KLD", "quality.kl_p1"),
+    Metric("quality/kl_p0_1", "nats", "0.1% KLD", "quality.kl_p0_1"),
+    Metric("quality/kl_min", "nats", "Minimum KLD", "quality.kl_min"),
+    Metric("quality/dp_mean", "", "Mean Δp: probability of the actual next token, this file minus the base", "quality.dp_mean", uncertainty=True, final=True, column=True),
+    Metric("quality/dp_max", "", "Maximum Δp", "quality.dp_max"),
+    Metric("quality/dp_p99_9", "", "99.9% Δp", "quality.dp_p99_9"),
+    Metric("quality/dp_p99", "", "99.0% Δp", "quality.dp_p99"),
+    Metric("quality/dp_p95", "", "95.0% Δp", "quality.dp_p95"),
+    Metric("quality/dp_p90", "", "90.0% Δp", "quality.dp_p90"),
+    Metric("quality/dp_p75", "", "75.0% Δp", "quality.dp_p75"),
+    Metric("quality/dp_median", "", "Median Δp", "quality.dp_median"),
+    Metric("quality/dp_p25", "", "25.0% Δp", "quality.dp_p25"),
+    Metric("quality/dp_p10", "", "10.0% Δp", "quality.dp_p10"),
+    Metric("quality/dp_p5", "", "5.0% Δp", "quality.dp_p5"),
+    Metric("quality/dp_p1", "", "1.0% Δp", "quality.dp_p1"),
+    Metric("quality/dp_p0_1", "", "0.1% Δp", "quality.dp_p0_1"),
+    Metric("quality/dp_min", "", "Minimum Δp", "quality.dp_min"),
+    Metric("quality/dp_rms", "", "RMS Δp", "quality.dp_rms", uncertainty=True, final=True, column=True),
+    Metric("quality/top1_agreement", "", "Same top p: share of positions where this file and the base rank the same token first", "quality.top1_agreement", uncertainty=True, final=True, column=True),
 )
 # fmt: on
 
@@ -116,6 +166,11 @@ def definitions() -> dict[str, dict[str, str]]:
         table[m.name] = {"unit": m.unit, "description": m.description}
         if m.spread:
             table[m.std_name] = {"unit": m.unit, "description": f"sample std of {m.name}"}
+        if m.uncertainty:
+            table[m.unc_name] = {
+                "unit": m.unit,
+                "description": f"± of {m.name}, as llama-perplexity computes it",
+            }
     return table
 
 
@@ -146,6 +201,8 @@ def row_of(parts: Mapping[str, Any]) -> dict[str, Any]:
         values[m.name] = value
         if m.spread:
             values[m.std_name] = _lookup(parts, m.source + "_std")
+        if m.uncertainty:
+            values[m.unc_name] = _lookup(parts, m.source + "_unc")
     return values
 
 
@@ -163,15 +220,20 @@ def final_metrics(values: Mapping[str, Any]) -> dict[str, Any]:
 def report_text(values: Mapping[str, Any]) -> str:
     """``gen 2331.9 ± 72.1 tok/s, ttft 0.0399 ± 0.0012 s, …``: the metrics with a label."""
 
-    def number(value: Any, digits: int) -> str:
-        return f"{value:.{digits}f}" if is_finite_number(value) else "n/a"
+    def number(value: Any, m: Metric) -> str:
+        return f"{value:.{m.digits}{m.style}}" if is_finite_number(value) else "n/a"
 
     pieces = []
     for m in METRICS:
         if m.report is None:
             continue
-        text = f"{m.report} {number(values.get(m.name), m.digits)}"
+        value = values.get(m.name)
+        if m.uncertainty and value is None:
+            continue  # a comparison the row does not have (the reference's KLD): left out
+        text = f"{m.report} {number(value, m)}"
         if m.spread:
-            text += f" ± {number(values.get(m.std_name), m.digits)}"
+            text += f" ± {number(values.get(m.std_name), m)}"
+        if m.uncertainty and values.get(m.unc_name) is not None:
+            text += f" ± {number(values.get(m.unc_name), m)}"
         pieces.append(f"{text} {m.unit}".rstrip())
     return ", ".join(pieces)

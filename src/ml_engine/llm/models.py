@@ -1,13 +1,23 @@
-"""Where a configured model's GGUF file for a quantization lives, and how it gets there.
+"""Where a model's GGUF file for a quantization lives, and how it gets there.
 
 A model config (``conf/llm/model/<name>.yaml``) names its file per quantization under
 ``paths.models_dir``. Resolution order: the file on disk → (embedded tiny) written on first use →
 produced from a higher-precision file on disk → downloaded, only when the user allows it →
 otherwise one line naming the path looked at and how to obtain the file.
+
+``llm.model.path`` set makes the model the file at that path instead: its name and quantization
+are read from its GGUF metadata, and other quantizations are produced from it into
+``paths.models_dir`` (the file's own folder may be read-only or shared, e.g. a Hugging Face cache
+or a training run's export; a derived file is cache data like ``models/.quality``), named after
+the file and its identity (path, size, modification time), so a re-exported file never reuses a
+stale quantization. Only an f32/f16/bf16 file is quantized; an already-quantized one only with
+``llm.allow_requantize=true``, and what comes of it is labelled requantized.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib.metadata
 import logging
 from collections.abc import Mapping
@@ -20,6 +30,9 @@ from ml_engine.llm.quantize import (
     QUANTIZATIONS,
     SOURCE_PRECISIONS,
     check_quantization,
+    file_type_name,
+    gains_precision,
+    is_float,
     precision_rank,
     quantize_gguf,
 )
@@ -28,15 +41,131 @@ from ml_engine.run.locations import install_command
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
+# the source of a model given as llm.model.path
+FILE = "file"
+# llm.quantization when neither it nor llm.model.default_quantization is given
+DEFAULT_QUANTIZATION = "q4_k_m"
 
 
 @dataclass(frozen=True)
 class ModelFile:
-    """A resolved model file and its origin: on_disk, written, quantized_from_*, downloaded."""
+    """A resolved model file and its origin: on_disk, given, written, quantized_from_*,
+    requantized_from_*, downloaded. ``requantized``: produced from an already-quantized file
+    (now or by an earlier run)."""
 
     path: Path
     quantization: str
     origin: str
+    requantized: bool = False
+
+
+@dataclass(frozen=True)
+class GgufFacts:
+    """What a GGUF says about itself, read from its header without touching the weights."""
+
+    name: str | None
+    quantization: str
+    architecture: str | None
+    has_chat_template: bool
+
+
+def read_gguf_facts(path: Path) -> GgufFacts:
+    """``general.name``, ``general.file_type`` (as our quantization name, or llama.cpp's for the
+    types we do not produce), ``general.architecture`` and whether a chat template is stored.
+    Raises ``ValueError``/``OSError`` for what is not a readable GGUF."""
+    stat = Path(path).stat()
+    return _read_gguf_facts(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=32)
+def _read_gguf_facts(path: str, size: int, mtime_ns: int) -> GgufFacts:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)  # memory-maps the file; the weights are not read
+
+    def value(key: str) -> Any:
+        field = reader.fields.get(key)
+        return field.contents() if field is not None else None
+
+    file_type = value("general.file_type")
+    quantization = (
+        file_type_name(int(file_type)) if file_type is not None else _guess_file_type(reader)
+    )
+    return GgufFacts(
+        name=value("general.name") or None,
+        quantization=quantization,
+        architecture=value("general.architecture"),
+        has_chat_template="tokenizer.chat_template" in reader.fields,
+    )
+
+
+def _guess_file_type(reader: Any) -> str:
+    """Without ``general.file_type``: the type holding most of the matrices' weights, as
+    llama.cpp guesses it (a K-quant mix cannot be told apart from its main type)."""
+    weights: dict[str, int] = {}
+    for tensor in reader.tensors:
+        if len(tensor.shape) > 1:
+            name = tensor.tensor_type.name.lower()
+            weights[name] = weights.get(name, 0) + int(tensor.n_elements)
+    return max(weights, key=weights.__getitem__) if weights else "unknown"
+
+
+def is_file_model(model_cfg: Mapping[str, Any]) -> bool:
+    return bool(model_cfg.get("path"))
+
+
+def _given_file(model_cfg: Mapping[str, Any]) -> Path:
+    return Path(str(model_cfg["path"])).expanduser()
+
+
+def _own_quantization(source: Path) -> str | None:
+    try:
+        return read_gguf_facts(source).quantization
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def file_model_node(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``llm.model`` node of ``llm.model.path``: the file's name (``general.name``, else its
+    stem) and own quantization, the selected model's ``chat_template``/``ignore_eos``.
+
+    An unreadable file keeps its stem and no quantization: the model worker then lets llama.cpp
+    say what is wrong with it.
+    """
+    path = _given_file(model_cfg)
+    if not path.is_file():
+        raise UserError(f"llm.model.path={model_cfg['path']}: no such file (expected a .gguf)")
+    try:
+        facts: GgufFacts | None = read_gguf_facts(path)
+    except (OSError, ValueError, KeyError, IndexError):
+        facts = None
+    return {
+        "name": (facts.name if facts else None) or path.stem,
+        "source": FILE,
+        "path": str(path.resolve()),
+        # llm.quantization follows it unless one is named
+        "default_quantization": facts.quantization if facts else None,
+        "architecture": facts.architecture if facts else None,
+        "chat_template": bool(model_cfg.get("chat_template", False)),
+        "ignore_eos": bool(model_cfg.get("ignore_eos", False)),
+    }
+
+
+def default_quantization(model_cfg: Mapping[str, Any]) -> str | None:
+    """The quantization run when none is named: the given file's own, else the config's."""
+    if is_file_model(model_cfg):
+        return _own_quantization(_given_file(model_cfg))
+    return str(model_cfg.get("default_quantization") or DEFAULT_QUANTIZATION)
+
+
+def _identity(source: Path) -> str:
+    stat = source.stat()
+    text = f"{source.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
+def _derived_path(source: Path, quantization: str, models_dir: Path) -> Path:
+    return Path(models_dir) / f"{source.stem}-{_identity(source)}-{quantization}.gguf"
 
 
 def model_names() -> list[str]:
@@ -60,30 +189,47 @@ def _file_name(model_cfg: Mapping[str, Any], quantization: str) -> str:
 
 def model_path(model_cfg: Mapping[str, Any], quantization: str, models_dir: Path) -> Path:
     """Where ``quantization`` of this model is looked for (and written to)."""
+    if is_file_model(model_cfg):
+        source = _given_file(model_cfg)
+        if quantization == _own_quantization(source):
+            return source
+        return _derived_path(source, check_quantization(quantization), models_dir)
     return Path(models_dir) / _file_name(model_cfg, check_quantization(quantization))
 
 
 def available_quantizations(model_cfg: Mapping[str, Any], models_dir: Path) -> list[str]:
-    """The quantizations of this model present on disk, most precise first."""
+    """The quantizations of this model present on disk, most precise first (a given file's own
+    first: it is what the others are made from)."""
+    if is_file_model(model_cfg):
+        own = _own_quantization(_given_file(model_cfg))
+        derived = [q for q in QUANTIZATIONS if q != own]
+        present = [q for q in derived if model_path(model_cfg, q, models_dir).is_file()]
+        return ([own] if own else []) + present
     return [q for q in QUANTIZATIONS if model_path(model_cfg, q, models_dir).is_file()]
 
 
 def base_quantization(model_cfg: Mapping[str, Any], models_dir: Path) -> str | None:
-    """The most precise quantization on disk: the reference for agreement and KL divergence."""
+    """The reference for the KL-divergence statistics: the most precise quantization on disk,
+    or a given file itself (every other quantization of it is made from it)."""
     present = available_quantizations(model_cfg, models_dir)
     return present[0] if present else None
 
 
 def ensure_model_file(
     model_cfg: Mapping[str, Any],
-    quantization: str,
+    quantization: str | None,
     models_dir: Path,
     *,
     allow_download: bool = False,
+    allow_requantize: bool = False,
     n_threads: int | None = None,
 ) -> ModelFile:
-    """The model's file at ``quantization``, producing it when it can (see module docstring)."""
+    """The model's file at ``quantization`` (None: its default), producing it when it can (see
+    module docstring)."""
     models_dir = Path(models_dir)
+    if is_file_model(model_cfg):
+        return _ensure_from_file(model_cfg, quantization, models_dir, allow_requantize, n_threads)
+    quantization = quantization or default_quantization(model_cfg)
     target = model_path(model_cfg, quantization, models_dir)
     if target.is_file():
         return ModelFile(target, quantization, "on_disk")
@@ -99,6 +245,45 @@ def ensure_model_file(
     if allow_download and model_cfg.get("repo_id"):
         return ModelFile(_download(model_cfg, quantization, models_dir), quantization, "downloaded")
     raise UserError(_missing_file_message(model_cfg, quantization, target, models_dir))
+
+
+def _ensure_from_file(
+    model_cfg: Mapping[str, Any],
+    quantization: str | None,
+    models_dir: Path,
+    allow_requantize: bool,
+    n_threads: int | None,
+) -> ModelFile:
+    from ml_engine.llm.backends.llama_cpp import probe_gguf
+
+    source = _given_file(model_cfg)
+    if not source.is_file():
+        raise UserError(f"llm.model.path={model_cfg['path']}: no such file (expected a .gguf)")
+    probe_gguf(source)  # not a GGUF, truncated, unknown architecture: llama.cpp's reason
+    own = read_gguf_facts(source).quantization
+    if quantization is None or quantization == own:
+        return ModelFile(source, own, "given")
+    check_quantization(quantization)
+    if gains_precision(quantization, own):
+        raise UserError(
+            f"llm.quantization={quantization} would hold more than {source} ({own}) does: "
+            f"quantizing cannot restore lost precision; run {own} or a smaller quantization"
+        )
+    requantize = not is_float(own)
+    if requantize and not allow_requantize:
+        raise UserError(
+            f"{source} is already quantized ({own}); {quantization} made from it is quantized "
+            "twice, worse than from the f32/f16/bf16 original: give that original as "
+            "llm.model.path, or set llm.allow_requantize=true (such rows are labelled "
+            "requantized)"
+        )
+    target = _derived_path(source, quantization, models_dir)
+    if target.is_file():
+        return ModelFile(target, quantization, "on_disk", requantized=requantize)
+    log.info("producing %s from %s (%s)", target.name, source, own)
+    quantize_gguf(source, target, quantization, n_threads, requantize=requantize)
+    verb = "requantized" if requantize else "quantized"
+    return ModelFile(target, quantization, f"{verb}_from_{own}", requantized=requantize)
 
 
 def _quant_of(model_cfg: Mapping[str, Any], path: Path) -> str:

@@ -26,6 +26,34 @@ QUANTIZATIONS: dict[str, int] = {
 }
 # Files that other quantizations can be produced from.
 SOURCE_PRECISIONS: tuple[str, ...] = ("f32", "f16", "bf16")
+_FLOAT_BITS = {"f32": 32, "f16": 16, "bf16": 16}
+
+
+def file_type_name(ftype: int) -> str:
+    """Our name for a GGUF's ``general.file_type`` (a llama_ftype), else llama.cpp's own in lower
+    case (``iq4_xs``, ``q5_0``): a file of a type we do not produce can still be run as it is."""
+    import gguf
+
+    ours = {value: name for name, value in QUANTIZATIONS.items()}
+    if ftype in ours:
+        return ours[ftype]
+    try:
+        member = gguf.LlamaFileType(ftype)
+    except ValueError:
+        return f"ftype_{ftype}"
+    return member.name.removeprefix("MOSTLY_").removeprefix("ALL_").lower()
+
+
+def is_float(name: str) -> bool:
+    return name in _FLOAT_BITS
+
+
+def gains_precision(target: str, source: str) -> bool:
+    """``target`` would hold more than ``source`` does: a float type from a quantized file, or
+    f32 from a 16-bit one. Converting cannot restore what the source has lost."""
+    if not is_float(target):
+        return False
+    return not is_float(source) or _FLOAT_BITS[target] > _FLOAT_BITS[source]
 
 
 def quantization_names() -> list[str]:
@@ -45,25 +73,37 @@ def precision_rank(name: str) -> int:
 
 
 def quantize_gguf(
-    source: Path, target: Path, quantization: str, n_threads: int | None = None
+    source: Path,
+    target: Path,
+    quantization: str,
+    n_threads: int | None = None,
+    *,
+    requantize: bool = False,
 ) -> Path:
-    """Produce ``target`` at ``quantization`` from the higher-precision ``source`` in-process.
+    """Produce ``target`` at ``quantization`` from ``source`` in-process.
 
-    Written to a temp file and renamed, so parallel jobs either see the whole file or none.
+    ``source`` is f32/f16/bf16, or, with ``requantize``, an already-quantized file (llama.cpp
+    refuses those otherwise). Written to a temp file and renamed, so parallel jobs either see the
+    whole file or none.
     """
     import llama_cpp
 
+    from ml_engine.llm.backends.llama_cpp import capture_llama_logs, llama_load_reason
+
     check_quantization(quantization)
+    capture_llama_logs()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTIZATIONS[quantization]
     params.nthread = n_threads or 0  # 0: llama.cpp uses all hardware threads
+    params.allow_requantize = requantize
     with atomic_path(target) as tmp:
         status = llama_cpp.llama_model_quantize(
             str(source).encode(), str(tmp).encode(), ctypes.byref(params)
         )
         if status != 0 or not tmp.exists():
+            reason = llama_load_reason() or "no reason logged"
             raise UserError(
-                f"could not produce {quantization} from {source}: llama.cpp's quantizer failed "
-                "(is the source a complete, valid GGUF?)"
+                f"could not produce {quantization} from {source}: llama.cpp's quantizer failed: "
+                f"{reason}"
             )
     return target

@@ -33,7 +33,10 @@ def _quantization_list(value: Any) -> bool:
 
 GENERATE_RULES: tuple[Rule, ...] = (
     one_of("llm.backend.name", BACKENDS),
-    one_of("llm.quantization", quantization_names()),
+    # null only until the job fills in the model's default (a given file's own)
+    optional(one_of("llm.quantization", quantization_names())),
+    optional(Rule("llm.model.path", lambda v: isinstance(v, str) and bool(v), "a file path")),
+    one_of("llm.allow_requantize", (True, False)),
     # the quantizations a model's repository publishes, as its config lists them
     optional(
         Rule(
@@ -55,7 +58,10 @@ GENERATE_RULES: tuple[Rule, ...] = (
     optional(int_at_least("llm.seed", 0)),
     int_at_least("bench.warmup", 0),
     int_at_least("bench.repetitions", 1),
-    int_at_least("quality.n_tokens", 2),
+    optional(Rule("quality.text_path", lambda v: isinstance(v, str) and bool(v), "a file path")),
+    int_at_least("quality.n_ctx", 8),
+    optional(int_at_least("quality.n_chunks", 1)),
+    positive_number("quality.max_cache_mb"),
     positive_number("worker.timeout_s"),
     # what a sweeper optimizes must be a field every job's row has
     optional(one_of("optimized_metric", metric_names())),

@@ -1,9 +1,11 @@
 """Generation sweeps: the shared sweep summary plus ``summary.png``.
 
 The picture puts generation tokens/s (mean ± std over the repetitions) against file size (one
-mark per quantization, one series per n_gpu_layers) beside perplexity against file size, so speed
-and quality are read together. Both value axes start at zero so that noise does not look like a
-difference; jobs whose speed is within noise of the best are marked (as in ``summary.md``).
+mark per quantization, one series per n_gpu_layers) beside the mean KL divergence from the base
+file (± as llama-perplexity computes it) against file size, so speed and quality are read
+together. The speed axes start at zero so that noise does not look like a difference; jobs whose
+speed is within noise of the best are marked (as in ``summary.md``). KL divergence spans orders
+of magnitude between q8_0 and q2_k, hence its logarithmic axis.
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ log = logging.getLogger(__name__)
 
 SPEED = metric("gen/tokens_per_s").name
 SPEED_STD = metric("gen/tokens_per_s").std_name
-PERPLEXITY = metric("quality/perplexity").name
+KL = metric("quality/kl_mean").name
+KL_UNC = metric("quality/kl_mean").unc_name
+REFERENCE = metric("quality/reference").name
+BASE = metric("quality/base_quantization").name
 SIZE = metric("file_mb").name
 _MARKERS = "osD^v<>pPX*hH8d"
 
@@ -141,8 +146,9 @@ def speed_and_quality_figure(
         figure.text(
             0.01,
             0.01,
-            "Bars: ± 1 std over the repetitions. Hollow marks, (≈ best): the interval overlaps "
-            "the best's, so the difference is within noise. Axes start at 0.",
+            "Speed bars: ± 1 std over the repetitions; hollow marks, (≈ best): the interval "
+            "overlaps the best's, so the difference is within noise; axes start at 0. KLD bars: "
+            "± as llama-perplexity computes it.",
             fontsize=8,
             color="0.3",
         )
@@ -151,26 +157,59 @@ def speed_and_quality_figure(
             0.5, 0.5, "no successful model jobs", ha="center", transform=speed_ax.transAxes
         )
 
-    by_quant: dict[str, dict[str, Any]] = {}
-    for point in points:
-        if is_finite_number(point.get(PERPLEXITY)):
-            by_quant.setdefault(str(point.get("quantization")), point)
-    for quant, point in sorted(by_quant.items(), key=lambda item: item[1][SIZE]):
-        quality_ax.plot(point[SIZE], point[PERPLEXITY], marker_of[quant], markersize=8, color="C3")
-        quality_ax.annotate(
-            quant,
-            (point[SIZE], point[PERPLEXITY]),
-            textcoords="offset points",
-            xytext=(4, 4),
-            fontsize=8,
-        )
-    quality_ax.set_xlabel("file size (MB)")
-    quality_ax.set_ylabel("perplexity on the reference text")
-    quality_ax.set_title("quality vs size (lower is better)")
-    for axes in (speed_ax, quality_ax):
-        _start_at_zero(axes)
+    _plot_kl(quality_ax, points, marker_of)
+    _start_at_zero(speed_ax)
+    quality_ax.set_xlim(0, max(speed_ax.get_xlim()[1], quality_ax.get_xlim()[1]))
     figure.tight_layout(rect=(0, 0.04, 1, 1))
     return figure
+
+
+def _plot_kl(axes: Any, points: list[dict[str, Any]], marker_of: dict[str, str]) -> None:
+    """Mean KLD per quantization (log scale, ± bars); the base itself has none to show."""
+    by_quant: dict[str, dict[str, Any]] = {}
+    for point in points:
+        if is_finite_number(point.get(KL)) and point[KL] > 0:
+            by_quant.setdefault(str(point.get("quantization")), point)
+    for quant, point in sorted(by_quant.items(), key=lambda item: item[1][SIZE]):
+        kl, unc = point[KL], finite_or_none(point.get(KL_UNC)) or 0.0
+        # a log axis has no zero: a bar reaching it stops just above
+        axes.errorbar(
+            point[SIZE],
+            kl,
+            yerr=[[min(unc, kl * 0.999)], [unc]],
+            fmt=marker_of[quant],
+            markersize=8,
+            capsize=4,
+            color="C3",
+        )
+        axes.annotate(
+            quant, (point[SIZE], kl), textcoords="offset points", xytext=(4, 4), fontsize=8
+        )
+    reference = next((p for p in points if p.get(REFERENCE)), None)
+    if reference is not None and is_finite_number(reference.get(SIZE)):
+        # the base has no KL of its own: its size is marked where its point would be
+        axes.axvline(reference[SIZE], linestyle=":", color="0.5")
+        axes.annotate(
+            f"{reference.get('quantization')}: the base",
+            (reference[SIZE], 0.02),
+            xycoords=("data", "axes fraction"),
+            xytext=(-4, 0),
+            textcoords="offset points",
+            ha="right",
+            fontsize=8,
+            color="0.3",
+        )
+    base = reference.get("quantization") if reference is not None else None
+    base = base or next((p.get(BASE) for p in points if p.get(BASE)), None)
+    axes.set_xlabel("file size (MB)")
+    axes.set_ylabel(f"mean KL divergence from {base or 'the base'} (nats), ± unc.")
+    axes.set_title("quality vs size (lower is better)")
+    if by_quant:
+        axes.set_yscale("log")
+    else:
+        axes.text(0.5, 0.5, "no KL divergence measured", ha="center", transform=axes.transAxes)
+    right = axes.get_xlim()[1]
+    axes.set_xlim(0, right * 1.12 if right > 0 else 1)
 
 
 def _known(what: str, names: Sequence[str], accepted: Sequence[str]) -> None:

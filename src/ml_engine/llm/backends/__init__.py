@@ -39,10 +39,12 @@ def open_backend(llm_cfg: Mapping[str, Any], models_dir: Path) -> LlmBackend:
     """A ready backend for the composed ``llm`` config node.
 
     ``llm_cfg`` holds ``backend`` (node with ``name``, one of ``BACKENDS``), ``model`` (a
-    ``conf/llm/model`` node), ``quantization``, ``n_gpu_layers``, ``n_ctx``, ``n_threads``,
-    ``n_batch``, ``flash_attn`` and ``allow_download``. The model file is resolved first: the
-    embedded tiny model is written on first use and a missing quantization is produced from a
-    higher-precision file on disk. User mistakes raise ``UserError`` with a one-line message.
+    ``conf/llm/model`` node, or one with ``path``: the file at that path), ``quantization``
+    (None: the model's default), ``n_gpu_layers``, ``n_ctx``, ``n_threads``, ``n_batch``,
+    ``flash_attn``, ``allow_download`` and ``allow_requantize``. The model file is resolved
+    first: the embedded tiny model is written on first use and a missing quantization is
+    produced from a higher-precision file on disk. User mistakes raise ``UserError`` with a
+    one-line message.
     """
     name = _backend_name(llm_cfg)
     if name == "mock":
@@ -54,11 +56,13 @@ def open_backend(llm_cfg: Mapping[str, Any], models_dir: Path) -> LlmBackend:
 
     model_cfg = llm_cfg["model"]
     n_threads = llm_cfg.get("n_threads")
+    quantization = llm_cfg.get("quantization")
     resolved = ensure_model_file(
         model_cfg,
-        str(llm_cfg["quantization"]),
+        None if quantization is None else str(quantization),
         Path(models_dir),
         allow_download=bool(llm_cfg.get("allow_download", False)),
+        allow_requantize=bool(llm_cfg.get("allow_requantize", False)),
         n_threads=n_threads,
     )
     backend_cfg = llm_cfg.get("backend") or {}

@@ -24,6 +24,12 @@ class Sampling:
 # the request keys a sampling setting is read from (config nodes, API bodies)
 SAMPLING_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Sampling))
 
+# what a model's chat_template=true did to the prompts (``describe()["chat_template"]``; "off"
+# when not asked for): a result never claims a template that was not applied
+CHAT_TEMPLATE_APPLIED = "applied"
+CHAT_TEMPLATE_MISSING = "none in the file"
+CHAT_TEMPLATE_UNKNOWN = "not supported by llama.cpp"
+
 
 @dataclass
 class Generation:

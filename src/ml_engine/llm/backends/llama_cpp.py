@@ -17,7 +17,14 @@ from typing import Any
 import numpy as np
 
 from ml_engine.errors import UserError
-from ml_engine.llm.backends.base import Generation, LlmBackend, Sampling
+from ml_engine.llm.backends.base import (
+    CHAT_TEMPLATE_APPLIED,
+    CHAT_TEMPLATE_MISSING,
+    CHAT_TEMPLATE_UNKNOWN,
+    Generation,
+    LlmBackend,
+    Sampling,
+)
 
 _LOG_TAIL: deque[str] = deque(maxlen=40)
 _log_callback = None  # kept referenced: llama.cpp calls it from C
@@ -28,11 +35,14 @@ _LAYER_LINE = re.compile(r"load_tensors: layer\s+(\d+) assigned to device (\S+?)
 _OFFLOADED_LINE = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 
 
-def _capture_llama_logs(echo: bool) -> None:
+def capture_llama_logs(echo: bool = False) -> None:
     """Route llama.cpp's log lines into a ring buffer, so a failed load can say why in one line,
     and a loading thread's placement lines into that load's report."""
     global _log_callback
     import llama_cpp
+
+    if _log_callback is not None and not echo:
+        return
 
     @llama_cpp.llama_log_callback
     def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
@@ -57,6 +67,64 @@ def last_llama_error() -> str:
         if "error" in line.lower():
             return line.split("error loading model: ")[-1]
     return ""
+
+
+# llama.cpp's loader ends every failed read of a file with this line; the reason is a line before
+_GENERIC_LOAD_FAILURE = "failed to load model from"
+
+
+def llama_load_reason() -> str:
+    """Why llama.cpp could not read a model file, in its own words: the specific line
+    ("invalid magic characters: 'not ', expected 'GGUF'") rather than the generic one after it."""
+    lines = list(_LOG_TAIL)
+    for index in range(len(lines) - 1, -1, -1):
+        line = lines[index]
+        if "error loading model: " not in line:
+            continue
+        reason = line.split("error loading model: ")[-1]
+        if _GENERIC_LOAD_FAILURE not in reason:
+            return reason
+        # gguf_init_from_reader/gguf_init_from_file_impl said what was wrong just before
+        for earlier in reversed(lines[:index]):
+            if earlier.startswith("gguf_init"):
+                return earlier.split(": ", 1)[-1]
+        return reason
+    return last_llama_error()
+
+
+def load_failure(path: Path, reason: str) -> str:
+    """One line naming the file, what the reason means, and llama.cpp's own reason."""
+    lowered = reason.lower()
+    if "invalid magic" in lowered:
+        meaning = "not a GGUF file"
+    elif "unknown model architecture" in lowered:
+        import llama_cpp
+
+        meaning = (
+            "an architecture this llama.cpp build does not know; llama-cpp-python "
+            f"{llama_cpp.__version__}"
+        )
+    elif "file bounds" in lowered or "failed to read" in lowered:
+        meaning = "corrupt or truncated GGUF"
+    else:
+        meaning = "corrupt or truncated GGUF?"
+    return f"llama.cpp could not load {path} ({meaning}): {reason or 'no reason logged'}"
+
+
+def probe_gguf(path: Path) -> None:
+    """Let llama.cpp read the file's metadata and vocabulary only (no weights; a fraction of a
+    second even for a 7B file): a file it cannot use fails here in one line, before any
+    quantization starts from it."""
+    import llama_cpp
+
+    capture_llama_logs()
+    _LOG_TAIL.clear()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise UserError(load_failure(Path(path), llama_load_reason()))
+    llama_cpp.llama_model_free(model)
 
 
 def gpu_offload_supported() -> bool:
@@ -222,7 +290,7 @@ class LlamaCppBackend(LlmBackend):
         import llama_cpp
 
         self._lib = llama_cpp
-        _capture_llama_logs(echo=verbose)
+        capture_llama_logs(echo=verbose)
         self.model_path = Path(model_path)
         self.n_gpu_layers_requested = n_gpu_layers
         self.ignore_eos = ignore_eos
@@ -244,10 +312,7 @@ class LlamaCppBackend(LlmBackend):
                 verbose=verbose,
             )
         except (ValueError, RuntimeError) as exc:
-            reason = last_llama_error() or "not a valid GGUF file"
-            raise UserError(
-                f"llama.cpp could not load {self.model_path} (corrupt or truncated GGUF?): {reason}"
-            ) from exc
+            raise UserError(load_failure(self.model_path, llama_load_reason())) from exc
         finally:
             load_lines, _loading.lines = _loading.lines, None
         self.load_s = time.perf_counter() - started
@@ -262,11 +327,18 @@ class LlamaCppBackend(LlmBackend):
         self.n_threads = int(self._llama.context_params.n_threads)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
-        self._template = (
-            llama_cpp.llama_model_chat_template(self._model, None) if chat_template else None
-        )
         self._piece_buffer = ctypes.create_string_buffer(256)
         self._closed = False
+        self._template = None
+        self.chat_template_status = "off"
+        if chat_template:
+            template = llama_cpp.llama_model_chat_template(self._model, None)
+            if not template:
+                self.chat_template_status = CHAT_TEMPLATE_MISSING
+            elif self._apply_template(template, "x") is None:
+                self.chat_template_status = CHAT_TEMPLATE_UNKNOWN
+            else:
+                self._template, self.chat_template_status = template, CHAT_TEMPLATE_APPLIED
 
     # ---- facts
 
@@ -296,29 +368,47 @@ class LlamaCppBackend(LlmBackend):
             "layer_devices": list(offload.layer_devices),
             "llama_devices": [d.name for d in llama_devices()],
             "offload_note": _offload_note(offload, self.n_gpu_layers_requested, n_layer),
+            # what happened to the prompts, never what was asked for: a file without a template
+            # (or with one llama.cpp cannot apply) runs the prompts as given and says so
+            "chat_template": self.chat_template_status,
             "chat_template_used": self._template is not None,
+            "add_bos": self.add_bos,
             "load_s": self.load_s,
         }
 
     # ---- tokens
 
-    def format_prompt(self, prompt: str) -> str:
-        """The prompt in the model's chat template, when configured and known to llama.cpp."""
-        if not self._template:
-            return prompt
+    def _apply_template(self, template: bytes, prompt: str) -> str | None:
+        """``prompt`` as the user turn of ``template``; None when llama.cpp cannot apply it."""
         message = (self._lib.llama_chat_message * 1)(
             self._lib.llama_chat_message(b"user", prompt.encode())
         )
         size = max(1024, 4 * len(prompt.encode()) + 512)
         for _ in range(2):
             buffer = ctypes.create_string_buffer(size)
-            n = self._lib.llama_chat_apply_template(self._template, message, 1, True, buffer, size)
-            if n < 0:  # a template llama.cpp does not recognise: use the raw prompt
-                return prompt
+            n = self._lib.llama_chat_apply_template(template, message, 1, True, buffer, size)
+            if n < 0:  # a template llama.cpp does not recognise
+                return None
             if n <= size:
                 return buffer.raw[:n].decode("utf-8", errors="replace")
             size = n + 1
-        return prompt
+        return None
+
+    def format_prompt(self, prompt: str) -> str:
+        """The prompt in the model's chat template, when configured and applicable."""
+        if not self._template:
+            return prompt
+        formatted = self._apply_template(self._template, prompt)
+        return prompt if formatted is None else formatted
+
+    @property
+    def add_bos(self) -> bool:
+        """The model's tokenizer starts a text with BOS (llama.cpp's add_bos_token)."""
+        return bool(self._lib.llama_vocab_get_add_bos(self._vocab))
+
+    @property
+    def bos(self) -> int:
+        return int(self._lib.llama_vocab_bos(self._vocab))
 
     def tokenize(self, text: str, *, special: bool = False) -> list[int]:
         data = text.encode("utf-8")
@@ -364,7 +454,11 @@ class LlamaCppBackend(LlmBackend):
         else:
             lib.llama_kv_cache_clear(self._ctx)
 
-    def _decode(self, tokens: list[int], start_pos: int, *, all_logits: bool) -> None:
+    def _decode(
+        self, tokens: list[int], start_pos: int, *, all_logits: bool, logits_from: int = 0
+    ) -> None:
+        """Decode one batch; outputs for every position ≥ ``logits_from`` when ``all_logits``,
+        else for the last one only."""
         batch = self._batch
         n = len(tokens)
         for i, token in enumerate(tokens):
@@ -372,7 +466,7 @@ class LlamaCppBackend(LlmBackend):
             batch.pos[i] = start_pos + i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
-            batch.logits[i] = all_logits or i == n - 1
+            batch.logits[i] = (all_logits and start_pos + i >= logits_from) or i == n - 1
         batch.n_tokens = n
         status = self._lib.llama_decode(self._ctx, batch)
         if status != 0:
@@ -486,19 +580,27 @@ class LlamaCppBackend(LlmBackend):
         if tail:
             yield tail
 
-    def next_token_logprobs(self, tokens: list[int]) -> np.ndarray:
-        """Log-probabilities of the next token after each of ``tokens[:-1]`` (n-1 × vocab)."""
-        if len(tokens) < 2 or len(tokens) > self.n_ctx:
-            raise ValueError(f"need 2..{self.n_ctx} tokens, got {len(tokens)}")
+    def chunk_logprobs(self, tokens: list[int], first: int) -> np.ndarray:
+        """Log-probabilities (float64) of the next token after ``tokens[first:-1]``, the chunk
+        decoded from an empty KV cache: ``(len(tokens) - 1 - first) × n_vocab``.
+
+        As llama-perplexity does, llama.cpp is asked for outputs at positions ≥ ``first`` only.
+        """
+        if not 0 <= first < len(tokens) - 1 or len(tokens) > self.n_ctx:
+            raise ValueError(f"need first < len(tokens) - 1 ≤ {self.n_ctx - 1}; got {first}")
         self._clear_kv_cache()
         rows = []
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
-            self._decode(chunk, start, all_logits=True)
+            self._decode(chunk, start, all_logits=True, logits_from=first)
+            end = start + len(chunk)
+            if end <= first:  # the batch's last position alone came back: before the window
+                continue
             pointer = self._lib.llama_get_logits(self._ctx)
-            logits = np.ctypeslib.as_array(pointer, shape=(len(chunk), self.n_vocab))
-            rows.append(_log_softmax(logits.astype(np.float64)))
-        return np.concatenate(rows)[:-1].astype(np.float32)
+            logits = np.ctypeslib.as_array(pointer, shape=(end - max(first, start), self.n_vocab))
+            rows.append(_log_softmax(logits))
+        # the last position predicts past the chunk
+        return np.concatenate(rows)[:-1]
 
     def close(self) -> None:
         if getattr(self, "_closed", True):
@@ -509,6 +611,7 @@ class LlamaCppBackend(LlmBackend):
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
