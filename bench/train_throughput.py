@@ -11,59 +11,40 @@ that only training is timed. Rounds alternate; the ratio of medians is printed.
 
 from __future__ import annotations
 
+import os
+
+# sleeping OpenMP waits, as the entrypoints set them (src/ml_engine/run/launch.py), before torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
-import logging
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import ROOT, ratio_line
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
+from _common import (
+    compose_train_config,
+    lightning_steps_per_s,
+    quiet_lightning,
+    ratio_line,
+)
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from ml_engine.run.launch import register_resolvers
 from ml_engine.training.datamodules import random_affine
-from ml_engine.training.instantiators import instantiate_callbacks, instantiate_loggers
 from ml_engine.training.module import to_model_input
 
 
-def compose_train_config(model: str, batch_size: int, steps: int, output_dir: Path):
-    register_resolvers()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", [f"model={model}"], return_hydra_config=True)
+def compose_mnist_config(model: str, batch_size: int, steps: int, output_dir: Path):
+    cfg = compose_train_config([f"model={model}"], steps, output_dir)
     with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
         cfg.datamodule.source = "bundled"
         cfg.datamodule.batch_size = batch_size
-        cfg.trainer.accelerator = "cpu"
-        cfg.trainer.max_steps = steps
-        cfg.trainer.max_epochs = -1
-        cfg.trainer.limit_val_batches = 0
-        cfg.trainer.num_sanity_val_steps = 0
-        cfg.callbacks.early_stopping = None  # monitors validation, which is off here
-    HydraConfig().set_config(cfg)
     return cfg
 
 
 def lightning_round(cfg) -> float:
-    torch.manual_seed(0)
-    datamodule = instantiate(cfg.datamodule)
-    datamodule.setup("fit")  # loading digits is not training: the baseline's is untimed too
-    model = instantiate(cfg.model)
-    trainer = instantiate(
-        cfg.trainer,
-        callbacks=instantiate_callbacks(cfg.callbacks),
-        logger=instantiate_loggers(cfg.logger),
-    )
-    started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
-    elapsed = time.perf_counter() - started
-    return trainer.global_step * cfg.datamodule.batch_size / elapsed
+    return lightning_steps_per_s(cfg) * cfg.datamodule.batch_size
 
 
 def baseline_round(cfg) -> float:
@@ -107,13 +88,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_lightning()
 
     ours, base = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_train_config(args.model, args.batch_size, args.steps, Path(tmp))
+        cfg = compose_mnist_config(args.model, args.batch_size, args.steps, Path(tmp))
         baseline_round(cfg)  # warm-up: first-call allocations and kernel selection
         for _ in range(args.rounds):
             base.append(baseline_round(cfg))

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import copy
 import os
+
+# as the entrypoints do (run/launch.py), before torch loads: OpenMP threads that sleep instead
+# of spinning while they wait, or in-process trainings crawl whenever another process holds a core
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -35,7 +39,8 @@ def compose_config(config_name: str, overrides: list[str] | None = None) -> Dict
 
 
 def shrink(cfg: DictConfig, output_dir: Path, keep_loggers: bool = False) -> DictConfig:
-    """CPU, bundled digits, no config printing (nor loggers unless kept); outputs in output_dir."""
+    """CPU, bundled digits (for MNIST), no config printing (nor loggers unless kept); outputs in
+    output_dir."""
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir)
@@ -44,7 +49,7 @@ def shrink(cfg: DictConfig, output_dir: Path, keep_loggers: bool = False) -> Dic
         if "trainer" in cfg:
             cfg.trainer.accelerator = "cpu"
             cfg.trainer.enable_progress_bar = False
-        if "datamodule" in cfg:
+        if "datamodule" in cfg and "source" in cfg.datamodule:  # datamodule=text has none
             cfg.datamodule.source = "bundled"
         if "callbacks" in cfg and cfg.callbacks:
             cfg.callbacks.rich_progress_bar = None

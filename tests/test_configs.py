@@ -23,9 +23,9 @@ def options(group: str) -> list[str]:
 
 
 def test_every_group_has_its_documented_options() -> None:
-    assert options("model") == ["cnn_mnist", "mlp_mnist"]
-    assert options("model/net") == ["cnn_mnist", "mlp_mnist"]
-    assert options("datamodule") == ["mnist"]
+    assert options("model") == ["cnn_mnist", "llama_char", "mlp_mnist"]
+    assert options("model/net") == ["cnn_mnist", "llama", "mlp_mnist"]
+    assert options("datamodule") == ["mnist", "text"]
     assert options("trainer") == ["cpu", "ddp", "ddp_cpu", "default", "gpu", "mps"]
     assert {"default", "none", "model_checkpoint", "early_stopping"} <= set(options("callbacks"))
     assert options("logger") == ["csv", "mlflow", "none", "tensorboard", "wandb"]
@@ -38,7 +38,7 @@ def test_model_options_build_a_lightning_module(model: str, tmp_path: Path) -> N
     cfg = shrink(compose_config("train", [f"model={model}"]), tmp_path)
     module = instantiate(cfg.model)
     assert isinstance(module, L.LightningModule)
-    assert module.hparams.net["name"] == model
+    assert module.hparams.net["name"] == {"llama_char": "llama"}.get(model, model)
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))
@@ -103,6 +103,18 @@ def test_experiment_and_hparams_search_compose() -> None:
     cfg = compose_config("train", ["hparams_search=mnist_optuna"])
     assert cfg.hydra.sweeper.direction == "maximize"
     assert cfg.optimized_metric == "val/acc_best"
+
+
+@pytest.mark.parametrize("experiment", ["shakespeare_char", "shakespeare_char_long"])
+def test_language_model_experiments_select_and_rank_by_the_lowest_val_loss(experiment) -> None:
+    cfg = compose_config("train", [f"experiment={experiment}"])
+    assert cfg.model.net.name == "llama" and cfg.datamodule.path is None
+    assert cfg.model.net.n_embd % 256 == 0 and cfg.model.net.n_ff % 256 == 0  # K-quants apply
+    assert cfg.test is False  # datamodule=text has no test split
+    for name in ("model_checkpoint", "early_stopping"):
+        assert (cfg.callbacks[name].monitor, cfg.callbacks[name].mode) == ("val/loss", "min")
+    assert cfg.optimized_metric == cfg.hydra.callbacks.sweep_summary.metric == "val/loss_best"
+    assert cfg.hydra.callbacks.sweep_summary.mode == "min"
 
 
 def test_eval_and_predict_configs_compose() -> None:

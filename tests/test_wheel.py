@@ -33,6 +33,15 @@ TRAIN_FAST = (
     "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2",
 )
+LM_FAST = (
+    "experiment=shakespeare_char",
+    "datamodule.max_chars=20000",
+    "datamodule.train_batches=10",
+    "model.net.n_layer=1",
+    "trainer.max_epochs=1",
+    "extras.print_config=false",
+    "logger=none",
+)
 # the mock backend loads no model: generation runs offline, in a second
 GENERATE_MOCK = (
     "llm/backend=mock",
@@ -136,6 +145,7 @@ def test_wheel_runs_every_entrypoint_outside_the_repo(tmp_path: Path, digit_pngs
     }
     assert configs and configs <= names, sorted(configs - names)
     assert {f"ml_engine/server/static/{f}" for f in STATIC_FILES} <= names
+    assert "ml_engine/training/corpora/tinyshakespeare.txt" in names
     assert any(n.endswith("entry_points.txt") for n in names)
 
     venv = tmp_path / "venv"
@@ -174,6 +184,11 @@ def test_wheel_runs_every_entrypoint_outside_the_repo(tmp_path: Path, digit_pngs
     )
     assert "test/acc" in evaluated.stdout
     assert run_dir_printed(evaluated).parent == work / "outputs" / "eval" / "runs"
+
+    # the language model reads the corpus packaged in the wheel
+    lm_run = run_dir_printed(run([str(ml_engine), "train", *LM_FAST], cwd=work))
+    lm_metrics = json.loads((lm_run / "metrics.json").read_text())
+    assert lm_metrics["data_source"] == "tinyshakespeare.txt" and lm_metrics["val/loss"] < 5
 
     folder, expected = digit_pngs
     predicted = run_dir_printed(

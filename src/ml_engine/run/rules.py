@@ -49,6 +49,10 @@ def fraction(key: str) -> Rule:
     return Rule(key, lambda v: is_finite_number(v) and 0 <= v < 1, "a number in [0, 1)")
 
 
+def open_fraction(key: str) -> Rule:
+    return Rule(key, lambda v: is_finite_number(v) and 0 < v < 1, "a number in (0, 1)")
+
+
 def int_at_least(key: str, low: int) -> Rule:
     return Rule(key, lambda v: _is_int(v) and v >= low, f"an integer ≥ {low}")
 

@@ -11,7 +11,7 @@ from ml_engine.server.predict_service import PredictService
 from ml_engine.server.runs import RunIndex
 from ml_engine.server.settings import Settings
 from ml_engine.training.accelerators import usable_accelerators
-from ml_engine.training.registry import network_names
+from ml_engine.training.registry import CLASSIFIER, network_names
 
 
 @dataclass
@@ -28,7 +28,7 @@ class ServerState:
 
     @classmethod
     def build(cls, settings: Settings) -> ServerState:
-        networks = network_names()
+        networks = network_names(CLASSIFIER)  # the digit classifiers it trains and serves
         allowed = settings.train_models
         trainable = [n for n in networks if allowed is None or n in allowed]
         store = JobStore(settings.jobs_db)

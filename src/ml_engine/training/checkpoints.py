@@ -6,20 +6,31 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ml_engine.errors import UserError
 from ml_engine.run.helpers import error_summary
+from ml_engine.run.locations import CONFIG_DIR
+from ml_engine.training.lm_module import CausalLMModule
 from ml_engine.training.module import ClassifierModule
+from ml_engine.training.optimizers import MODULE_CLASS_KEY
 
 log = logging.getLogger(__name__)
 
 LATEST = "last"
-# the keys that decide which digits land in which split; the rest (batch size, workers, data
-# dir) may differ between training and evaluation without changing what is tested
+# the keys that decide what is held out: which digits land in which split (datamodule=mnist),
+# which text and characters validate, in windows of which length (datamodule=text); the rest
+# (batch size, workers, data dir) may differ between training and evaluation
 SPLIT_KEYS = ("source", "val_fraction", "test_fraction", "split_seed")
+TEXT_SPLIT_KEYS = ("path", "max_chars", "block_size")
 DATAMODULE_HPARAMS = "datamodule_hyper_parameters"
+DATAMODULE_GROUP = "datamodule"
+# the LightningModules a checkpoint may name (checkpoints from before the name: classifiers)
+MODULE_CLASSES: dict[str, type[L.LightningModule]] = {
+    cls.__name__: cls for cls in (ClassifierModule, CausalLMModule)
+}
 
 
 def latest_last_checkpoint(runs_dir: Path) -> Path:
@@ -57,7 +68,7 @@ def resolve_checkpoint(
 def _unreadable(path: Path, reason: str) -> UserError:
     return UserError(
         f"could not load checkpoint {path} ({reason}) "
-        "(expected a Lightning .ckpt of a ml_engine classifier written by train.py)"
+        "(expected a Lightning .ckpt of a ml_engine model written by train.py)"
     )
 
 
@@ -101,17 +112,42 @@ def checked_checkpoint(
     return resolved, read_checkpoint(resolved)
 
 
-def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> ClassifierModule:
-    """A ClassifierModule rebuilt from its checkpoint alone; corrupt files end in a UserError."""
+def module_class(checkpoint: dict[str, Any]) -> type[L.LightningModule]:
+    """The LightningModule class that wrote ``checkpoint``."""
+    name = checkpoint.get(MODULE_CLASS_KEY, ClassifierModule.__name__)
+    if name not in MODULE_CLASSES:
+        raise UserError(
+            f"checkpoint of an unknown module {name!r}; accepted: {', '.join(MODULE_CLASSES)}"
+        )
+    return MODULE_CLASSES[name]
+
+
+def load_module(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    expected: type[L.LightningModule] | None = None,
+) -> L.LightningModule:
+    """The module (classifier or language model) rebuilt from its checkpoint alone, in eval
+    mode; corrupt files, and another kind than ``expected`` where given, end in a UserError."""
     checkpoint = resolve_checkpoint(str(path))
-    read_checkpoint(checkpoint)
+    cls = module_class(read_checkpoint(checkpoint))
+    if expected is not None and cls is not expected:
+        raise UserError(
+            f"{checkpoint} is a {cls.__name__} checkpoint; this task needs a "
+            f"{expected.__name__} one"
+        )
     try:
-        model = ClassifierModule.load_from_checkpoint(str(checkpoint), map_location=map_location)
+        model = cls.load_from_checkpoint(str(checkpoint), map_location=map_location)
     except UserError:
         raise
     except Exception as exc:
         raise _unreadable(checkpoint, _short_reason(exc)) from exc
     return model.eval()
+
+
+def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> ClassifierModule:
+    """A ClassifierModule rebuilt from its checkpoint alone; corrupt files end in a UserError."""
+    return load_module(path, map_location, expected=ClassifierModule)
 
 
 def _command_line_keys() -> set[str]:
@@ -143,23 +179,50 @@ def _keep_off_bundled_digits(cfg: DictConfig, path: Path) -> None:
         log.info("%s was trained on full MNIST: testing on its official test set", path.name)
 
 
+def trained_datamodule(checkpoint: dict[str, Any]) -> str | None:
+    """The ``datamodule`` option whose class saved its state in ``checkpoint`` (Lightning keys
+    it by class name); None for a checkpoint without datamodule state."""
+    for option in sorted((CONFIG_DIR / DATAMODULE_GROUP).glob("*.yaml")):
+        target = str(OmegaConf.load(option).get("_target_", ""))
+        if target and target.rsplit(".", 1)[-1] in checkpoint:
+            return option.stem
+    return None
+
+
+def adopt_datamodule(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) -> None:
+    """Evaluate on the kind of data the checkpoint was trained on: a language model's checkpoint
+    brings ``datamodule=text`` unless the command line names a datamodule."""
+    option = trained_datamodule(checkpoint)
+    if option is None or DATAMODULE_GROUP in _command_line_keys():
+        return
+    node = OmegaConf.load(CONFIG_DIR / DATAMODULE_GROUP / f"{option}.yaml")
+    if node.get("_target_") == cfg.datamodule.get("_target_"):
+        return
+    with open_dict(cfg):
+        cfg.datamodule = node
+    log.info("%s was trained with datamodule=%s: evaluating on it", path.name, option)
+
+
 def adopt_data_settings(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) -> None:
     """Use the checkpoint's split settings unless the command line gives them; refuse a given
     one that would move digits the checkpoint trained on into the test split."""
     saved = checkpoint.get(DATAMODULE_HPARAMS) or {}
     trained_on = (checkpoint.get("MNISTDataModule") or {}).get("source_used")
+    digits = trained_datamodule(checkpoint) in (None, "mnist")
     given = _command_line_keys()
     adopted = []
     with open_dict(cfg):
-        for key in SPLIT_KEYS:
+        for key in SPLIT_KEYS + TEXT_SPLIT_KEYS:
+            if key not in cfg.datamodule:  # another datamodule's key
+                continue
             if key not in saved or f"datamodule.{key}" in given:
                 continue
             if cfg.datamodule.get(key) != saved[key]:
                 adopted.append(f"datamodule.{key}={saved[key]}")
             cfg.datamodule[key] = saved[key]
-    if trained_on == "torchvision":
+    if digits and trained_on == "torchvision":
         _keep_off_bundled_digits(cfg, path)
-    if _may_test_on_bundled(cfg.datamodule, trained_on):
+    if digits and _may_test_on_bundled(cfg.datamodule, trained_on):
         for key in SPLIT_KEYS[1:]:
             if key in saved and cfg.datamodule.get(key) != saved[key]:
                 raise UserError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -9,24 +10,44 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from ml_engine.training.checkpoints import adopt_data_settings, checked_checkpoint, load_classifier
+from ml_engine.training.checkpoints import (
+    adopt_data_settings,
+    adopt_datamodule,
+    checked_checkpoint,
+    load_module,
+)
 from ml_engine.training.instantiators import instantiate_loggers
-from ml_engine.training.lightning_run import collect_metrics, finish_run, prepare_lightning_run
+from ml_engine.training.lightning_run import (
+    collect_metrics,
+    finish_run,
+    has_test_split,
+    prepare_lightning_run,
+)
+
+log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test the checkpoint at ``cfg.ckpt_path`` on its own test split (the split settings saved
-    in the checkpoint, unless given on the command line)."""
+    in the checkpoint, unless given on the command line); a datamodule without a test split
+    (text) reports its validation split, the held-out part it has."""
     started = time.perf_counter()
     ckpt_path, checkpoint = checked_checkpoint(cfg.ckpt_path)
+    adopt_datamodule(cfg, checkpoint, ckpt_path)
     adopt_data_settings(cfg, checkpoint, ckpt_path)
     prepare_lightning_run(cfg)
-    model = load_classifier(ckpt_path)
+    model = load_module(ckpt_path)
 
     datamodule: L.LightningDataModule = instantiate(cfg.datamodule)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False)
-    trainer.test(model=model, datamodule=datamodule)
+    if has_test_split(datamodule):
+        trainer.test(model=model, datamodule=datamodule)
+    else:
+        log.info(
+            "%s has no test split: evaluating on its validation split", cfg.datamodule._target_
+        )
+        trainer.validate(model=model, datamodule=datamodule)
 
     metrics = collect_metrics(trainer, {})
     metrics.update(

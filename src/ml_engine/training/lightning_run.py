@@ -11,6 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
 from ml_engine.errors import UserError
@@ -30,6 +31,11 @@ def prepare_lightning_run(cfg: DictConfig) -> None:
     check_logger_packages(cfg.get("logger"))
     apply_extras(cfg)
     L.seed_everything(cfg.seed, workers=True)
+
+
+def has_test_split(datamodule: L.LightningDataModule) -> bool:
+    """Whether the datamodule holds out a test split (datamodule=text has train and val only)."""
+    return is_overridden("test_dataloader", datamodule, L.LightningDataModule)
 
 
 # loggers whose package is an optional extra of ours: class name → (import name, extra)

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
-import logging
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import Tensor
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from ml_engine.errors import UserError
+from ml_engine.training.optimizers import ConfiguredOptimizers
 from ml_engine.training.registry import build_network
-
-log = logging.getLogger(__name__)
 
 # MNIST's pixel statistics; inputs are raw intensities in [0, 1] (or uint8) so that a checkpoint
 # alone is enough to predict on new images.
@@ -41,12 +35,11 @@ def to_model_input(images: Tensor) -> Tensor:
     return (images - MNIST_MEAN) / MNIST_STD
 
 
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(ConfiguredOptimizers):
     """Cross-entropy classification with torchmetrics accuracy and a configurable optimizer.
 
-    ``optimizer`` and ``scheduler`` are Hydra nodes with ``_partial_: true``; they are completed
-    in ``configure_optimizers``. Schedulers that take ``total_steps`` (one-cycle) get the
-    trainer's estimate of it.
+    ``optimizer`` and ``scheduler`` are Hydra nodes with ``_partial_: true``, completed in
+    ``configure_optimizers`` (``ConfiguredOptimizers``).
     """
 
     def __init__(
@@ -77,8 +70,6 @@ class ClassifierModule(L.LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
-        # total_steps the resumed run's schedulers had planned; compared once training starts
-        self._planned_total_steps: list[int | None] = []
 
     def forward(self, images: Tensor) -> Tensor:
         return self.net(to_model_input(images))
@@ -89,44 +80,10 @@ class ClassifierModule(L.LightningModule):
         loss = F.cross_entropy(logits, targets, label_smoothing=self.hparams.label_smoothing)
         return loss, logits.argmax(dim=1), targets
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Let step-planned schedulers (one-cycle) keep the length planned for *this* run.
-
-        A resumed run may be longer than the one that wrote the checkpoint (a larger
-        ``trainer.max_epochs``). The saved ``total_steps`` and the phases derived from it would
-        overwrite the new plan and the scheduler would fail past the old end; dropping them
-        keeps the plan ``configure_optimizers`` made for the new length, at the saved step.
-        """
-        self._planned_total_steps = []
-        for state in checkpoint.get("lr_schedulers", []):
-            self._planned_total_steps.append(state.pop("total_steps", None))
-            if self._planned_total_steps[-1] is not None:
-                state.pop("_schedule_phases", None)
-
     def on_train_start(self) -> None:
         # Lightning's sanity check runs validation first; it must not count towards the best.
         self.val_acc_best.reset()
-        self._report_replanned_schedules()
-
-    def _report_replanned_schedules(self) -> None:
-        configs = self.trainer.lr_scheduler_configs
-        for config, was in zip(configs, self._planned_total_steps, strict=False):
-            now = getattr(config.scheduler, "total_steps", None)
-            if was is not None and now is not None and now <= self.global_step:
-                raise UserError(
-                    f"cannot resume at step {self.global_step}: this run plans only {now} "
-                    f"steps for {type(config.scheduler).__name__} (the checkpoint planned {was}); "
-                    "raise trainer.max_epochs"
-                )
-            if was is not None and now != was and self.trainer.is_global_zero:
-                log.info(
-                    "resuming at step %d: %s re-planned for %d total steps (was %d)",
-                    self.global_step,
-                    type(config.scheduler).__name__,
-                    now,
-                    was,
-                )
-        self._planned_total_steps = []
+        super().on_train_start()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss, preds, targets = self._shared_step(batch)
@@ -169,25 +126,3 @@ class ClassifierModule(L.LightningModule):
     def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return torch.softmax(self(images), dim=1)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
-        if not self.hparams.scheduler:
-            return {"optimizer": optimizer}
-        make_scheduler = instantiate(self.hparams.scheduler)
-        extra: dict[str, Any] = {}
-        wants_steps = "total_steps" in inspect.signature(make_scheduler.func).parameters
-        if wants_steps and "total_steps" not in make_scheduler.keywords:
-            extra["total_steps"] = int(self.trainer.estimated_stepping_batches)
-        try:
-            scheduler = make_scheduler(optimizer=optimizer, **extra)
-        except ZeroDivisionError as exc:  # one-cycle with a warm-up phase of under one step
-            name = make_scheduler.func.__name__
-            raise UserError(
-                f"{name} cannot plan {extra.get('total_steps')} steps (a phase shorter than one "
-                "step); train for more steps or set model.scheduler=null"
-            ) from exc
-        return {
-            "optimizer": optimizer,
-            "lr_scheduler": {"scheduler": scheduler, "interval": self.hparams.scheduler_interval},
-        }

@@ -25,15 +25,23 @@ if TYPE_CHECKING:  # torch loads only when a network is built, not when configs 
 
 ENTRY_POINT_GROUP = "ml_engine.networks"
 NET_CONFIG_GROUP = "model/net"
-# set by ClassifierModule itself, never part of a network's config
-_MODULE_SUPPLIED_ARGS = ("num_classes",)
+# set by the LightningModule itself (ClassifierModule, CausalLMModule), never part of a
+# network's config
+_MODULE_SUPPLIED_ARGS = ("num_classes", "vocab_size")
+
+# what a network does, i.e. which LightningModule trains it: digit classifiers (images → class
+# logits, the kind of every plugin network) or causal language models (ids → next-id logits)
+CLASSIFIER, CAUSAL_LM = "classifier", "causal_lm"
 
 NetworkBuilder = Callable[..., "nn.Module"]
 
 _NETWORKS: dict[str, NetworkBuilder] = {}
+_KINDS: dict[str, str] = {}
 
 
-def register_network(name: str) -> Callable[[NetworkBuilder], NetworkBuilder]:
+def register_network(
+    name: str, kind: str = CLASSIFIER
+) -> Callable[[NetworkBuilder], NetworkBuilder]:
     """Class or function decorator that makes a network buildable by ``name``."""
 
     def decorator(builder: NetworkBuilder) -> NetworkBuilder:
@@ -41,6 +49,7 @@ def register_network(name: str) -> Callable[[NetworkBuilder], NetworkBuilder]:
         if existing is not None and existing is not builder:
             raise ValueError(f"network '{name}' is already registered by {existing!r}")
         _NETWORKS[name] = builder
+        _KINDS[name] = kind
         return builder
 
     return decorator
@@ -51,17 +60,19 @@ def _plugin_entry_points() -> list[EntryPoint]:
 
 
 def _load_builtin_and_plugins() -> None:
-    import ml_engine.training.networks  # noqa: F401  (registers the built-in networks on import)
+    # the built-in networks register themselves on import
+    import ml_engine.training.llama
+    import ml_engine.training.networks  # noqa: F401
 
     for entry in _plugin_entry_points():
         if entry.name not in _NETWORKS:
             _NETWORKS[entry.name] = entry.load()
 
 
-def network_names() -> list[str]:
-    """Every registered network name: built-ins and those of installed plugins."""
+def network_names(kind: str | None = None) -> list[str]:
+    """Registered network names (built-ins and installed plugins'), of one ``kind`` if given."""
     _load_builtin_and_plugins()
-    return sorted(_NETWORKS)
+    return sorted(n for n in _NETWORKS if kind is None or _KINDS.get(n, CLASSIFIER) == kind)
 
 
 def _accepted_arguments(builder: NetworkBuilder) -> list[str] | None:

@@ -11,6 +11,7 @@ from ml_engine.run.rules import (
     int_at_least,
     non_negative_number,
     one_of,
+    open_fraction,
     optional,
     positive_number,
 )
@@ -26,7 +27,21 @@ TRAIN_RULES: tuple[Rule, ...] = (
     int_at_least("datamodule.eval_batch_size", 1),
     int_at_least("datamodule.num_workers", 0),
     one_of("datamodule.source", SOURCES),
+    open_fraction("datamodule.val_fraction"),
+    # datamodule=text and the causal language models
+    int_at_least("datamodule.block_size", 1),
+    optional(int_at_least("datamodule.max_chars", 2)),
+    optional(int_at_least("datamodule.train_batches", 1)),
+    int_at_least("model.sample_tokens", 0),
+    int_at_least("model.net.n_layer", 1),
+    int_at_least("model.net.n_head", 1),
+    int_at_least("model.net.n_head_kv", 1),
+    int_at_least("model.net.n_embd", 2),
+    int_at_least("model.net.n_ff", 1),
+    positive_number("model.net.norm_eps"),
+    positive_number("model.net.rope_theta"),
     optional(int_at_least("trainer.max_epochs", -1)),
+    optional(int_at_least("trainer.max_steps", -1)),
     int_at_least("callbacks.early_stopping.patience", 0),
 )
 

@@ -11,11 +11,13 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from ml_engine.errors import UserError
 from ml_engine.training.checkpoints import adopt_data_settings, checked_checkpoint
 from ml_engine.training.instantiators import instantiate_callbacks, instantiate_loggers
 from ml_engine.training.lightning_run import (
     collect_metrics,
     finish_run,
+    has_test_split,
     log_hyperparameters,
     prepare_lightning_run,
 )
@@ -31,6 +33,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     prepare_lightning_run(cfg)
 
     datamodule: L.LightningDataModule = instantiate(cfg.datamodule)
+    if cfg.get("test") and not has_test_split(datamodule):
+        raise UserError(
+            f"test=true needs a test split, and {type(datamodule).__name__} has none (its "
+            "held-out text is the validation split, reported as val/loss); set test=false"
+        )
     model: L.LightningModule = instantiate(cfg.model)
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
