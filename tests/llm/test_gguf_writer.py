@@ -10,6 +10,7 @@ import pytest
 from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.gguf_writer import (
     LlamaShape,
+    TokenizerOptions,
     byte_fallback_vocabulary,
     expected_tensor_shapes,
     random_llama_tensors,
@@ -103,3 +104,21 @@ def test_missing_tensors_are_named(tmp_path: Path) -> None:
             tmp_path / "m.gguf", shape, byte_fallback_vocabulary(300), tensors, name="m"
         )
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenizer_options_turn_off_bos_and_the_space_prefix(tmp_path: Path) -> None:
+    shape = LlamaShape(n_vocab=320, n_embd=64, n_ff=128, n_layer=1, n_head=2, n_head_kv=2, n_ctx=64)
+    vocab = byte_fallback_vocabulary(shape.n_vocab)
+    plain = TokenizerOptions(add_bos=False, add_space_prefix=False, pre="default")
+    tokens = {}
+    for label, options in (("default", None), ("plain", plain)):
+        path = tmp_path / f"{label}.gguf"
+        write_llama_gguf(
+            path, shape, vocab, random_llama_tensors(shape), name=label, tokenizer=options
+        )
+        with LlamaCppBackend(path, n_ctx=64, n_threads=1) as backend:
+            tokens[label] = (backend.add_bos, backend.tokenize("a b"))
+    a, space, b = (vocab.tokens.index(piece) for piece in ("a", "\u2581", "b"))
+    # SentencePiece's habits: BOS first, "▁" before the text
+    assert tokens["default"] == (True, [vocab.bos_id, space, a, space, b])
+    assert tokens["plain"] == (False, [a, space, b])

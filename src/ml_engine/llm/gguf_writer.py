@@ -90,6 +90,21 @@ class Vocabulary:
     eos_id: int = 2
 
 
+@dataclass(frozen=True)
+class TokenizerOptions:
+    """How llama.cpp applies the vocabulary to a text.
+
+    ``add_bos``: a text starts with BOS (``tokenizer.ggml.add_bos_token``). ``add_space_prefix``:
+    SentencePiece's habit of prepending ``▁`` to a text (llama.cpp's default when the key is
+    absent); a vocabulary that must reproduce another tokenizer exactly sets it false. ``pre``:
+    ``tokenizer.ggml.pre``, a pre-tokenizer name llama.cpp knows (``default``), or none.
+    """
+
+    add_bos: bool = True
+    add_space_prefix: bool = True
+    pre: str | None = None
+
+
 def _min_vocab() -> int:
     return 3 + 256
 
@@ -178,6 +193,15 @@ def random_llama_tensors(
 
 
 _FILE_TYPES = {"f32": (0, np.float32), "f16": (1, np.float16)}
+# held-out text an exporter writes beside its GGUF, for quality figures on text the model never
+# trained on (generate.py reads it by itself)
+HELD_OUT_SUFFIX = ".val.txt"
+
+
+def held_out_text_path(gguf_path: Path) -> Path:
+    """``<dir>/<stem>.val.txt`` for ``<dir>/<stem>.gguf``."""
+    gguf_path = Path(gguf_path)
+    return gguf_path.with_name(gguf_path.stem + HELD_OUT_SUFFIX)
 
 
 def write_llama_gguf(
@@ -189,11 +213,13 @@ def write_llama_gguf(
     name: str,
     file_type: str = "f32",
     chat_template: str | None = None,
+    tokenizer: TokenizerOptions | None = None,
 ) -> Path:
     """Write a llama GGUF atomically (temp file + rename): readers never see half a file.
 
     ``file_type`` is ``f32`` or ``f16`` for the matrices; norm vectors stay f32 as llama.cpp
     expects. Lower precisions are produced from this file by ``quantize.quantize_gguf``.
+    ``tokenizer`` sets how llama.cpp applies the vocabulary (default: SentencePiece's habits).
     """
     import gguf
 
@@ -208,7 +234,15 @@ def write_llama_gguf(
     path = Path(path)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
-        _add_metadata(writer, shape, vocab, name=name, ftype=ftype, chat_template=chat_template)
+        _add_metadata(
+            writer,
+            shape,
+            vocab,
+            name=name,
+            ftype=ftype,
+            chat_template=chat_template,
+            tokenizer=tokenizer or TokenizerOptions(),
+        )
         seen = set()
         for tensor_name, array in items:
             if tensor_name not in expected:
@@ -239,6 +273,7 @@ def _add_metadata(
     name: str,
     ftype: int,
     chat_template: str | None,
+    tokenizer: TokenizerOptions,
 ) -> None:
     writer.add_name(name)
     writer.add_file_type(ftype)
@@ -253,14 +288,17 @@ def _add_metadata(
     writer.add_layer_norm_rms_eps(shape.rms_eps)
     writer.add_vocab_size(shape.n_vocab)
     writer.add_tokenizer_model("llama")
+    if tokenizer.pre is not None:
+        writer.add_tokenizer_pre(tokenizer.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
     writer.add_unk_token_id(vocab.unk_id)
     writer.add_bos_token_id(vocab.bos_id)
     writer.add_eos_token_id(vocab.eos_id)
-    writer.add_add_bos_token(True)
+    writer.add_add_bos_token(tokenizer.add_bos)
     writer.add_add_eos_token(False)
+    writer.add_add_space_prefix(tokenizer.add_space_prefix)
     if chat_template:
         writer.add_chat_template(chat_template)
 
