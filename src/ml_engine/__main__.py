@@ -1,7 +1,8 @@
 """``ml-engine <task> [key=value ...]`` and ``python -m ml_engine <task> ...``.
 
-The same entrypoints as the repo's ``train.py``, ``eval.py``, ``predict.py``, ``generate.py``
-and ``serve.py``, for an installed package (configs packaged, outputs under the current dir).
+The same entrypoints as the repo's ``train.py``, ``eval.py``, ``predict.py``, ``export.py``,
+``generate.py`` and ``serve.py``, for an installed package (configs packaged, outputs under the
+current dir).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 from ml_engine.llm.rules import GENERATE_RULES
 from ml_engine.run.rules import Rule
+from ml_engine.training.export import EXPORT_RULES
 from ml_engine.training.rules import PREDICT_RULES, TRAIN_RULES
 
 # installed plugin networks become model/net=<name> options before the config composes
@@ -48,6 +50,12 @@ ENTRYPOINTS: dict[str, Entrypoint] = {
         PREDICT_RULES,
         "predict digits (ckpt_path=... input=<image|folder>)",
         _NETWORK_OPTIONS,
+    ),
+    "export": Entrypoint(
+        "ml_engine.training.export:export",
+        "export",
+        EXPORT_RULES,
+        "a language-model checkpoint as a GGUF (ckpt_path=...)",
     ),
     "generate": Entrypoint(
         "ml_engine.llm.generate:generate",

@@ -187,6 +187,13 @@ class TextDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             self.tokenizer = CharTokenizer.from_text(text)
 
+    @property
+    def val_text(self) -> str:
+        """The validation split as text (after ``setup``): what ``val/loss`` is measured on."""
+        if self.text is None:
+            raise RuntimeError("setup() first")
+        return self.text[self._train_chars :]
+
     def use_tokenizer(self, tokenizer: CharTokenizer) -> None:
         """Encode with ``tokenizer`` (a restored model's) instead of one built from the text."""
         if tokenizer != self.tokenizer:

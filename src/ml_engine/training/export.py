@@ -1,0 +1,278 @@
+"""Export a trained character-level llama to a GGUF file llama.cpp runs:
+``python export.py ckpt_path=outputs/train/runs/<run>/checkpoints/best.ckpt``.
+
+The file holds the network in llama.cpp's layout (``llama.py`` names its parameters after
+llama.cpp's tensors; only the rows of ``wq`` and ``wk`` are permuted, for the RoPE convention)
+and the character vocabulary as a SentencePiece ("llama") tokenizer that reproduces the
+training tokenizer exactly: no BOS added, no ``▁`` prepended. ``add_bos`` is false because the
+training windows start anywhere in the text and never with BOS: llama.cpp's generation,
+``llama-perplexity`` and the sweep's quality measurement then feed the model what it was trained
+on (with BOS they would put an untrained token at the start of every prompt and chunk). The
+context length is the training ``block_size``.
+
+Beside the GGUF goes the validation split as ``<file stem>.val.txt``: held-out text for
+quality figures (``generate.py llm.model.path=<file>`` picks it up by itself).
+
+Other quantizations than f32/f16 are made from a temporary f32 file by llama.cpp's quantizer.
+The only imports from ``ml_engine.llm`` are its GGUF writer and quantizer (tests/test_layout.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from ml_engine.errors import UserError
+from ml_engine.llm.gguf_writer import (
+    LlamaShape,
+    TokenizerOptions,
+    Vocabulary,
+    held_out_text_path,
+    write_llama_gguf,
+)
+from ml_engine.llm.quantize import quantization_names, quantize_gguf
+from ml_engine.run.files import write_text_atomic
+from ml_engine.run.rules import Rule, int_at_least, one_of, optional
+
+if TYPE_CHECKING:  # torch loads once the config is checked
+    from ml_engine.training.lm_module import CausalLMModule
+
+log = logging.getLogger(__name__)
+
+# what the GGUF writer writes itself; every other quantization goes through llama.cpp's quantizer
+WRITTEN_DIRECTLY = ("f32", "f16")
+# exactly the training tokenizer: no BOS (windows never start with one), no "▁" before a text
+TOKENIZER = TokenizerOptions(add_bos=False, add_space_prefix=False, pre="default")
+LM_EXPERIMENT = "experiment=shakespeare_char"
+DEFAULT_BASE_NAME = "char_llama"
+
+
+def _gguf_path(value: Any) -> bool:
+    return isinstance(value, str) and value.endswith(".gguf") and len(value) > len(".gguf")
+
+
+def _model_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip()) and "\n" not in value
+
+
+EXPORT_RULES: tuple[Rule, ...] = (
+    one_of("quantization", quantization_names()),
+    optional(Rule("output", _gguf_path, "a file path ending in .gguf")),
+    optional(Rule("name", _model_name, "a one-line model name")),
+    one_of("val_text", (True, False)),
+    optional(int_at_least("n_threads", 1)),
+)
+
+# llama.py's parameter names → llama.cpp's tensor names (``{i}``: the layer)
+TENSOR_NAMES: dict[str, str] = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "layers.{i}.attention_norm.weight": "blk.{i}.attn_norm.weight",
+    "layers.{i}.attention.wq.weight": "blk.{i}.attn_q.weight",
+    "layers.{i}.attention.wk.weight": "blk.{i}.attn_k.weight",
+    "layers.{i}.attention.wv.weight": "blk.{i}.attn_v.weight",
+    "layers.{i}.attention.wo.weight": "blk.{i}.attn_output.weight",
+    "layers.{i}.ffn_norm.weight": "blk.{i}.ffn_norm.weight",
+    "layers.{i}.feed_forward.w1.weight": "blk.{i}.ffn_gate.weight",
+    "layers.{i}.feed_forward.w3.weight": "blk.{i}.ffn_up.weight",
+    "layers.{i}.feed_forward.w2.weight": "blk.{i}.ffn_down.weight",
+    "norm.weight": "output_norm.weight",
+    "output.weight": "output.weight",
+}
+
+
+def rope_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Rows of a Q or K projection from rotate_half order (dimension ``i`` of a head paired
+    with ``i + head_dim/2``) to llama.cpp's adjacent pairs ``(2i, 2i+1)``, as
+    ``convert_hf_to_gguf.py``'s ``LlamaModel.permute``; ``n_head``: the heads of this matrix
+    (``n_head_kv`` for K)."""
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_head, 2, rows // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+def gguf_tensors(net: Any) -> Iterator[tuple[str, np.ndarray]]:
+    """The network's parameters as float32 arrays under llama.cpp's names, Q and K permuted.
+
+    A parameter without a llama.cpp name is an error: a file without it would compute
+    something else than the network did."""
+    config = net.config
+    names = {}
+    for i in range(config.n_layer):
+        names.update(
+            {ours.format(i=i): theirs.format(i=i) for ours, theirs in TENSOR_NAMES.items()}
+        )
+    for ours, tensor in net.state_dict().items():
+        if ours not in names:
+            raise UserError(
+                f"the network's parameter {ours!r} has no llama.cpp tensor; cannot export"
+            )
+        array = tensor.detach().float().cpu().numpy()
+        if ours.endswith("attention.wq.weight"):
+            array = rope_permute(array, config.n_head)
+        elif ours.endswith("attention.wk.weight"):
+            array = rope_permute(array, config.n_head_kv)
+        yield names[ours], array
+
+
+def gguf_shape(net: Any) -> LlamaShape:
+    """The GGUF's hyperparameters; its context length is the trained ``block_size``."""
+    c = net.config
+    return LlamaShape(
+        n_vocab=c.vocab_size,
+        n_embd=c.n_embd,
+        n_ff=c.n_ff,
+        n_layer=c.n_layer,
+        n_head=c.n_head,
+        n_head_kv=c.n_head_kv,
+        n_ctx=c.block_size,
+        rms_eps=c.norm_eps,
+        rope_theta=c.rope_theta,
+    )
+
+
+def gguf_vocabulary(tokenizer: Any) -> Vocabulary:
+    from ml_engine.training.char_tokenizer import BOS, EOS, UNK
+
+    pieces, scores, types = tokenizer.vocabulary()
+    return Vocabulary(pieces, scores, types, unk_id=UNK, bos_id=BOS, eos_id=EOS)
+
+
+def write_gguf(
+    module: CausalLMModule,
+    path: Path,
+    *,
+    name: str,
+    quantization: str = "f32",
+    n_threads: int | None = None,
+) -> Path:
+    """``module``'s network and tokenizer as a GGUF at ``path``, whole or not at all."""
+    if module.net is None or module.tokenizer is None:
+        raise UserError("the checkpoint holds no built network (it was saved before training)")
+    if module.hparams.net.get("name") != "llama":
+        raise UserError(
+            f"network {module.hparams.net.get('name')!r} has no GGUF layout; export takes "
+            f"model/net=llama checkpoints ({LM_EXPERIMENT})"
+        )
+    shape = gguf_shape(module.net)
+    vocab = gguf_vocabulary(module.tokenizer)
+    if quantization in WRITTEN_DIRECTLY:
+        return write_llama_gguf(
+            path,
+            shape,
+            vocab,
+            gguf_tensors(module.net),
+            name=name,
+            file_type=quantization,
+            tokenizer=TOKENIZER,
+        )
+    if not shape.k_quant_ready and quantization.endswith(("_k", "_k_m", "_k_s")):
+        log.warning(
+            "n_embd=%d / n_ff=%d are not multiples of 256: llama.cpp quantizes the rows that "
+            "do not split into K-quant blocks with another type",
+            shape.n_embd,
+            shape.n_ff,
+        )
+    with tempfile.TemporaryDirectory(prefix="ml-engine-export-") as folder:
+        source = Path(folder) / "f32.gguf"
+        write_llama_gguf(
+            source, shape, vocab, gguf_tensors(module.net), name=name, tokenizer=TOKENIZER
+        )
+        return quantize_gguf(source, Path(path), quantization, n_threads)
+
+
+def training_run_dir(ckpt_path: Path) -> Path:
+    """The run a checkpoint belongs to: ``<run>/checkpoints/<file>.ckpt`` → ``<run>``."""
+    return ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+
+
+def default_name(run_dir: Path) -> str:
+    """``<experiment>-<run dir name>`` (e.g. ``shakespeare_char-2026-12-01_19-34-10_e5da85``);
+    ``char_llama-…`` for a run without an experiment."""
+    experiment = None
+    overrides = run_dir / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        for item in OmegaConf.load(overrides) or []:
+            key, _, value = str(item).lstrip("+~").partition("=")
+            if key == "experiment" and value:
+                experiment = value
+    return f"{experiment or DEFAULT_BASE_NAME}-{run_dir.name}"
+
+
+def validation_text(checkpoint: dict[str, Any]) -> str | None:
+    """The validation split the checkpoint was measured on, re-cut from its text file; None
+    (with a warning) when that file is gone or has changed since training."""
+    from ml_engine.training.checkpoints import DATAMODULE_HPARAMS
+    from ml_engine.training.text_data import TextDataModule
+
+    settings = checkpoint.get(DATAMODULE_HPARAMS) or {}
+    trained = checkpoint.get(TextDataModule.__name__) or {}
+    datamodule = TextDataModule(**settings)
+    try:
+        datamodule.setup()
+    except UserError as exc:
+        log.warning("no validation text written: %s", exc)
+        return None
+    if trained.get("sha256") and trained["sha256"] != datamodule.state_dict()["sha256"]:
+        log.warning(
+            "no validation text written: %s has changed since the checkpoint trained on it",
+            datamodule.source_used,
+        )
+        return None
+    return datamodule.val_text
+
+
+def export(cfg: DictConfig) -> dict[str, Any]:
+    """Write the GGUF of ``cfg.ckpt_path`` (and its validation text); prints ``gguf: <path>``
+    last. ``cfg`` was checked against EXPORT_RULES by the job wrapper."""
+    from ml_engine.run.extras import apply_extras
+    from ml_engine.training.checkpoints import checked_checkpoint, load_module, module_class
+    from ml_engine.training.lm_module import CausalLMModule
+
+    started = time.perf_counter()
+    runs_dir = Path(cfg.paths.log_dir) / "train" / "runs"
+    ckpt_path, checkpoint = checked_checkpoint(cfg.ckpt_path, runs_dir=runs_dir)
+    if module_class(checkpoint) is not CausalLMModule:
+        raise UserError(
+            f"{ckpt_path} is a classifier checkpoint; export takes a language-model checkpoint "
+            f"from {LM_EXPERIMENT}"
+        )
+    apply_extras(cfg)
+    run_dir = training_run_dir(ckpt_path)
+    name = str(cfg.name) if cfg.get("name") else default_name(run_dir)
+    quantization = str(cfg.quantization)
+    output = Path(cfg.output) if cfg.get("output") else run_dir / f"{name}-{quantization}.gguf"
+    module = load_module(ckpt_path, expected=CausalLMModule)
+
+    log.info("writing %s (%s) from %s", output, quantization, ckpt_path)
+    # the gguf package logs the temp file's name, which is never the file a user gets
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+    write_gguf(module, output, name=name, quantization=quantization, n_threads=cfg.get("n_threads"))
+    metrics: dict[str, Any] = {
+        "gguf": str(output),
+        "name": name,
+        "quantization": quantization,
+        "file_mb": round(output.stat().st_size / 1e6, 3),
+        "n_params": sum(p.numel() for p in module.net.parameters()),
+        "context_length": int(module.net.config.block_size),
+        "n_vocab": int(module.net.config.vocab_size),
+        "ckpt_path": str(ckpt_path),
+        "val_text": None,
+    }
+    text = validation_text(checkpoint) if cfg.get("val_text", True) else None
+    if text is not None:
+        held_out = write_text_atomic(held_out_text_path(output), text)
+        metrics.update(val_text=str(held_out), val_chars=len(text))
+        print(f"val_text: {held_out}", flush=True)
+    metrics["wall_s"] = round(time.perf_counter() - started, 3)
+    print(f"gguf: {output}", flush=True)
+    return metrics
