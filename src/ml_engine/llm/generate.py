@@ -70,6 +70,44 @@ def _resolve_file_model(cfg: DictConfig) -> None:
         save_resolved_config(cfg, output_dir)
 
 
+def _quality_for_file_model(cfg: DictConfig) -> None:
+    """A ``llm.model.path`` file is measured on its own held-out text when one lies beside it
+    (``<stem>.val.txt``, as ``export.py`` writes) and no ``quality.text_path`` is given, in
+    chunks no longer than the context it was trained on: positions past it measure how the
+    model extrapolates, not how a quantization changes it."""
+    from ml_engine.llm.gguf_writer import held_out_text_path
+    from ml_engine.llm.models import is_file_model, read_gguf_facts
+
+    quality = cfg.get("quality")
+    if not is_file_model(cfg.llm.model) or not quality or not quality.get("enabled", True):
+        return
+    path = Path(cfg.llm.model.path)
+    changed = False
+    held_out = held_out_text_path(path)
+    if quality.get("text_path") is None and held_out.is_file():
+        log.info("quality measured on %s (the held-out text beside the file)", held_out)
+        with open_dict(cfg):
+            cfg.quality.text_path = str(held_out)
+        changed = True
+    try:
+        trained = read_gguf_facts(path).context_length
+    except (OSError, ValueError, KeyError, IndexError):
+        trained = None  # the model worker lets llama.cpp say what is wrong with the file
+    if trained and int(quality.n_ctx) > trained:
+        log.info(
+            "quality.n_ctx=%d lowered to %d, the context %s was trained on",
+            quality.n_ctx,
+            trained,
+            path.name,
+        )
+        with open_dict(cfg):
+            cfg.quality.n_ctx = trained
+        changed = True
+    output_dir = Path(cfg.paths.output_dir)
+    if changed and (output_dir / RESOLVED_CONFIG).is_file():
+        save_resolved_config(cfg, output_dir)
+
+
 def _check_quality_text(cfg: DictConfig) -> None:
     quality = cfg.get("quality") or {}
     text_path = quality.get("text_path") if quality.get("enabled", True) else None
@@ -208,6 +246,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _resolve_file_model(cfg)
+    _quality_for_file_model(cfg)
     _check_quality_text(cfg)
 
     work = _run_model_work(cfg, _job_spec(cfg, prompts), output_dir)

@@ -67,6 +67,7 @@ class GgufFacts:
     quantization: str
     architecture: str | None
     has_chat_template: bool
+    context_length: int | None = None  # the context it was trained on (<arch>.context_length)
 
 
 def read_gguf_facts(path: Path) -> GgufFacts:
@@ -88,14 +89,17 @@ def _read_gguf_facts(path: str, size: int, mtime_ns: int) -> GgufFacts:
         return field.contents() if field is not None else None
 
     file_type = value("general.file_type")
+    architecture = value("general.architecture")
+    context_length = value(f"{architecture}.context_length") if architecture else None
     quantization = (
         file_type_name(int(file_type)) if file_type is not None else _guess_file_type(reader)
     )
     return GgufFacts(
         name=value("general.name") or None,
         quantization=quantization,
-        architecture=value("general.architecture"),
+        architecture=architecture,
         has_chat_template="tokenizer.chat_template" in reader.fields,
+        context_length=int(context_length) if context_length is not None else None,
     )
 
 
