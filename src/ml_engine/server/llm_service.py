@@ -1,22 +1,32 @@
 """Text generation for the API: composed LLM configs, a cache of loaded backends, one request
-at a time per loaded model (a llama.cpp context is not thread-safe), other work continues."""
+at a time per loaded model (a llama.cpp context is not thread-safe), other work continues.
+
+Models are the configured ones (``conf/llm/model/*.yaml``) and the GGUF files exported into
+training runs (``<exports_dir>/*/*.gguf``, where ``export.py`` writes them), each named by its
+file stem. A request names a model; the server alone maps a name to a file.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ml_engine.errors import UnknownNameError, UserError
 from ml_engine.run.helpers import finite_or_none
 from ml_engine.run.locations import CONFIG_DIR
+from ml_engine.server.schemas import NAME_PATTERN
+
+log = logging.getLogger(__name__)
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "repeat_penalty", "seed")
 
@@ -52,7 +62,9 @@ class LlmKey:
     n_gpu_layers: int | None
 
     def overrides(self) -> list[str]:
-        values = [f"llm/backend={self.backend}", f"llm/model={self.model}"]
+        """The settings as overrides of the generation config; the model is set apart (a
+        configured one is a config option, an exported one a file)."""
+        values = [f"llm/backend={self.backend}"]
         if self.quantization is not None:
             values.append(f"llm.quantization={self.quantization}")
         if self.n_ctx is not None:
@@ -78,21 +90,59 @@ class LlmService:
         allowed_models: tuple[str, ...] | None = None,
         cache_size: int = 2,
         produce_missing: bool = False,
+        exports_dir: Path | None = None,
     ) -> None:
         self.models_dir, self.config_name = models_dir, config_name
+        self.exports_dir = exports_dir
+        self._skipped: set[Path] = set()  # exported files already warned about
         self.allowed_models, self.cache_size = allowed_models, max(1, cache_size)
         self.produce_missing = produce_missing
         self._loaded: OrderedDict[LlmKey, _Loaded] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._load_locks: dict[LlmKey, threading.Lock] = {}
 
-    def model_names(self) -> list[str]:
+    def _configured_names(self) -> list[str]:
         from ml_engine.llm.models import model_names
 
-        names = model_names()
+        return model_names()
+
+    def exported_models(self) -> dict[str, Path]:
+        """GGUF files exported into training runs, by file stem. A stem that is not a name
+        (the API's pattern), or that a configured model or an earlier run already has, is
+        skipped with a warning."""
+        if self.exports_dir is None or not self.exports_dir.is_dir():
+            return {}
+        taken = set(self._configured_names())
+        found: dict[str, Path] = {}
+        for path in sorted(self.exports_dir.glob("*/*.gguf")):
+            name = path.stem
+            if not re.fullmatch(NAME_PATTERN, name) or name in taken or name in found:
+                if path not in self._skipped:
+                    self._skipped.add(path)
+                    log.warning("not listing %s: %r is not a free model name", path, name)
+                continue
+            found[name] = path
+        return found
+
+    def model_names(self) -> list[str]:
+        names = self._configured_names() + list(self.exported_models())
         if self.allowed_models is not None:
             names = [n for n in names if n in self.allowed_models]
         return sorted(names)
+
+    def llm_config(self, model: str, overrides: Sequence[str] = ()) -> DictConfig:
+        """The composed ``llm`` node for ``model``; an exported model is its file, as
+        ``generate.py llm.model.path=<file>`` makes it (name and quantization from the file)."""
+        from ml_engine.llm.models import file_model_node
+
+        exported = self.exported_models().get(model)
+        if exported is None:
+            return compose_config(self.config_name, [f"llm/model={model}", *overrides]).llm
+        llm = compose_config(self.config_name, list(overrides)).llm
+        node = OmegaConf.to_container(llm.model, resolve=True)
+        with open_dict(llm):
+            llm.model = file_model_node({**node, "path": str(exported)})
+        return llm
 
     def check_model(self, name: str) -> None:
         names = self.model_names()
@@ -103,8 +153,9 @@ class LlmService:
         from ml_engine.llm.models import EMBEDDED, available_quantizations
 
         models = []
+        exported = self.exported_models()
         for name in self.model_names():
-            llm = compose_config(self.config_name, [f"llm/model={name}"]).llm
+            llm = self.llm_config(name)
             on_disk = available_quantizations(llm.model, self.models_dir)
             default = OmegaConf.select(llm, "quantization", default=None)
             models.append(
@@ -114,6 +165,7 @@ class LlmService:
                     "default_quantization": default,
                     "file_on_disk": default in on_disk,
                     "embedded": llm.model.get("source") == EMBEDDED,
+                    "exported": name in exported,
                 }
             )
         return models
@@ -149,7 +201,7 @@ class LlmService:
     def _open(self, key: LlmKey) -> _Loaded:
         from ml_engine.llm.backends import open_backend
 
-        llm = compose_config(self.config_name, key.overrides()).llm
+        llm = self.llm_config(key.model, key.overrides())
         if key.backend != "mock":
             self._check_file(llm)
         backend = open_backend(llm, self.models_dir)

@@ -60,6 +60,7 @@ class Settings:
     llm_models: tuple[str, ...] | None = None
     llm_cache_size: int = 2
     llm_produce_missing: bool = False
+    llm_exports_dir: Path | None = None
     log_level: str = "info"
 
 
@@ -131,5 +132,8 @@ def load_settings(cfg: DictConfig) -> Settings:
         llm_models=_names(llm.get("models")),
         llm_cache_size=int(llm.get("cache_size", 2)),
         llm_produce_missing=bool(llm.get("produce_missing", False)),
+        llm_exports_dir=(
+            Path(llm["exports_dir"]).expanduser().resolve() if llm.get("exports_dir") else None
+        ),
         log_level=str(data.get("log_level") or "info"),
     )

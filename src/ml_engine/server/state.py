@@ -56,6 +56,7 @@ class ServerState:
                 settings.llm_models,
                 settings.llm_cache_size,
                 settings.llm_produce_missing,
+                settings.llm_exports_dir,
             ),
         )
 
