@@ -189,6 +189,11 @@ def test_wheel_runs_every_entrypoint_outside_the_repo(tmp_path: Path, digit_pngs
     lm_run = run_dir_printed(run([str(ml_engine), "train", *LM_FAST], cwd=work))
     lm_metrics = json.loads((lm_run / "metrics.json").read_text())
     assert lm_metrics["data_source"] == "tinyshakespeare.txt" and lm_metrics["val/loss"] < 5
+    exported = run(
+        [str(ml_engine), "export", f"ckpt_path={lm_run / 'checkpoints' / 'best.ckpt'}"], cwd=work
+    )
+    gguf_file = Path(exported.stdout.strip().splitlines()[-1].removeprefix("gguf: "))
+    assert gguf_file.parent == lm_run and (work / gguf_file).stat().st_size > 0
 
     folder, expected = digit_pngs
     predicted = run_dir_printed(
