@@ -12,6 +12,7 @@ from pathlib import Path
 
 import gguf
 import lightning as L
+import llama_cpp
 import numpy as np
 import pytest
 import torch
@@ -24,6 +25,7 @@ from ml_engine.run.files import PARTIAL_SUFFIX
 from ml_engine.run.launch import describe_error
 from ml_engine.server import create_app
 from ml_engine.server.llm_service import LlmService
+from ml_engine.training.char_tokenizer import CharTokenizer
 from ml_engine.training.checkpoints import DATAMODULE_HPARAMS, load_module, read_checkpoint
 from ml_engine.training.export import EXPORT_RULES, export, rope_permute, write_gguf
 from ml_engine.training.lm_module import CausalLMModule
@@ -157,8 +159,6 @@ def test_llama_cpp_tokenizes_exactly_as_the_training_tokenizer(module, backend, 
 def test_llama_cpp_logits_equal_pytorch_on_a_256_token_window(
     module, backend, f32_file, val_text
 ) -> None:
-    import llama_cpp
-
     # 256 tokens: four times the trained context; RoPE is defined at every position, so both
     # sides must still compute the same function there
     ids = module.tokenizer.encode_ids(val_text)[:257]
@@ -368,3 +368,37 @@ def test_other_quantizations_are_made_from_f32(module, tmp_path: Path) -> None:
     facts = read_gguf_facts(path)
     assert (facts.quantization, facts.name, facts.context_length) == ("q4_k_m", "m", BLOCK)
     assert list(tmp_path.iterdir()) == [path]
+
+
+def test_grouped_query_attention_exports_exactly(tmp_path: Path) -> None:
+    # K has n_head_kv heads of its own to permute; random weights large enough to matter
+    tokenizer = CharTokenizer.from_text("abcdefgh ijklmnop\nqrstuvwxyz.,;")
+    net = {"name": "llama", "n_layer": 2, "n_head": 4, "n_head_kv": 2, "n_embd": 256, "n_ff": 256}
+    module = CausalLMModule(
+        net, {"_target_": "torch.optim.AdamW"}, tokenizer=tokenizer.to_config(), block_size=32
+    )
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in module.net.parameters():
+            if parameter.ndim == 2:
+                parameter.normal_(0, 0.1)
+    path = write_gguf(module, tmp_path / "gqa.gguf", name="gqa")
+    ids = tokenizer.encode_ids("a quick brown fox jumps over the lazy dog.\n" * 2)[:80]
+    with torch.no_grad():
+        expected = module.net(torch.tensor([ids]))[0].double().numpy()
+    model = llama_cpp.Llama(
+        str(path),
+        n_ctx=128,
+        n_threads=1,
+        logits_all=True,
+        type_k=GGML_TYPE_F32,
+        type_v=GGML_TYPE_F32,
+        verbose=False,
+    )
+    try:
+        model.eval(ids)
+        logits = np.asarray(model.scores[: len(ids)], dtype=np.float64)
+    finally:
+        model.close()
+    assert np.abs(expected).max() > 1  # the comparison has something to compare
+    assert np.abs(logits - expected).max() < 1e-3

@@ -107,10 +107,9 @@ def gguf_tensors(net: Any) -> Iterator[tuple[str, np.ndarray]]:
     something else than the network did."""
     config = net.config
     names = {}
-    for i in range(config.n_layer):
-        names.update(
-            {ours.format(i=i): theirs.format(i=i) for ours, theirs in TENSOR_NAMES.items()}
-        )
+    for ours, theirs in TENSOR_NAMES.items():
+        layers = range(config.n_layer) if "{i}" in ours else [0]
+        names.update({ours.format(i=i): theirs.format(i=i) for i in layers})
     for ours, tensor in net.state_dict().items():
         if ours not in names:
             raise UserError(
