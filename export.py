@@ -1,4 +1,4 @@
-"""Export a language-model checkpoint to GGUF: python export.py ckpt_path=<best.ckpt> [quantization=f32]."""
+"""Export a language-model checkpoint to GGUF: python export.py ckpt_path=<best.ckpt>"""
 
 from ml_engine.__main__ import launch_task
 
