@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from omegaconf import open_dict
 
 from ml_engine.errors import UserError
+from ml_engine.run.files import read_job_record
 from ml_engine.training import registry
 from ml_engine.training.char_tokenizer import (
     BYTE_OFFSET,
@@ -336,7 +337,7 @@ def test_eval_reproduces_the_val_loss(trained, tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "was trained with datamodule=text: evaluating on it" in result.stdout + result.stderr
-    evaluated = json.loads((run_dir_of(result) / "metrics.json").read_text())
+    evaluated = read_job_record(run_dir_of(result))["metrics"]
     assert evaluated["val/loss"] == pytest.approx(metrics["val/loss_best"], abs=1e-4)
     assert evaluated["val/ppl"] == pytest.approx(math.exp(evaluated["val/loss"]), rel=1e-4)
     assert evaluated["data_source"] == "tinyshakespeare.txt"
@@ -396,7 +397,7 @@ def test_sweep_ranks_by_lowest_val_loss_and_resume_replans(tmp_path: Path) -> No
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     output = resumed.stdout + resumed.stderr
     assert "resuming at step 30: OneCycleLR re-planned for 60 total steps (was 30)" in output
-    final = json.loads((run_dir_of(resumed) / "metrics.json").read_text())
+    final = read_job_record(run_dir_of(resumed))["metrics"]
     assert final["epochs_run"] == 2 and final["val/loss_best"] < losses[0]
 
 

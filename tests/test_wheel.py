@@ -36,7 +36,7 @@ TRAIN_FAST = (
 LM_FAST = (
     "experiment=shakespeare_char",
     "datamodule.max_chars=20000",
-    "datamodule.train_batches=10",
+    "datamodule.train_batches=20",
     "model.net.n_layer=1",
     "trainer.max_epochs=1",
     "extras.print_config=false",
@@ -187,7 +187,7 @@ def test_wheel_runs_every_entrypoint_outside_the_repo(tmp_path: Path, digit_pngs
 
     # the language model reads the corpus packaged in the wheel
     lm_run = run_dir_printed(run([str(ml_engine), "train", *LM_FAST], cwd=work))
-    lm_metrics = json.loads((lm_run / "metrics.json").read_text())
+    lm_metrics = json.loads((lm_run / "job.json").read_text())["metrics"]
     assert lm_metrics["data_source"] == "tinyshakespeare.txt" and lm_metrics["val/loss"] < 5
     exported = run(
         [str(ml_engine), "export", f"ckpt_path={lm_run / 'checkpoints' / 'best.ckpt'}"], cwd=work
