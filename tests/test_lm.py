@@ -419,3 +419,27 @@ def test_config_rules_name_the_new_keys(make_cfg) -> None:
         cfg.model.net.n_head_kv = 3
     with pytest.raises(UserError, match=r"must be a multiple of model\.net\.n_head_kv=3"):
         train(cfg)
+
+
+@pytest.mark.slow
+def test_optuna_search_minimizes_the_validation_loss(tmp_path: Path) -> None:
+    import yaml
+
+    result = run_entrypoint(
+        "train.py",
+        "-m",
+        *CLI_TINY,
+        "hparams_search=shakespeare_optuna",
+        "logger=none",
+        "trainer.max_epochs=1",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        "hydra.sweeper.params={model.optimizer.lr: 'choice(0.0001, 0.003)'}",
+        f"paths.log_dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = Path(result.stdout.strip().splitlines()[-1].removeprefix("summary: "))
+    best = yaml.safe_load((summary.parent / "optimization_results.yaml").read_text())
+    jobs = json.loads(summary.with_suffix(".json").read_text())["jobs"]
+    losses = [job["metrics"]["val/loss_best"] for job in jobs]
+    assert len(losses) == 2 and best["best_value"] == pytest.approx(min(losses))
