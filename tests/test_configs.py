@@ -30,7 +30,7 @@ def test_every_group_has_its_documented_options() -> None:
     assert {"default", "none", "model_checkpoint", "early_stopping"} <= set(options("callbacks"))
     assert options("logger") == ["csv", "mlflow", "none", "tensorboard", "wandb"]
     assert options("debug") == ["fdr", "limit", "overfit", "profiler"]
-    assert options("hparams_search") == ["mnist_optuna"]
+    assert options("hparams_search") == ["mnist_optuna", "shakespeare_optuna"]
 
 
 @pytest.mark.parametrize("model", options("model"))
@@ -103,6 +103,11 @@ def test_experiment_and_hparams_search_compose() -> None:
     cfg = compose_config("train", ["hparams_search=mnist_optuna"])
     assert cfg.hydra.sweeper.direction == "maximize"
     assert cfg.optimized_metric == "val/acc_best"
+    cfg = compose_config(
+        "train", ["experiment=shakespeare_char", "hparams_search=shakespeare_optuna"]
+    )
+    assert cfg.hydra.sweeper.direction == "minimize"
+    assert cfg.optimized_metric == "val/loss_best"
 
 
 @pytest.mark.parametrize("experiment", ["shakespeare_char", "shakespeare_char_long"])
