@@ -25,38 +25,17 @@ import numpy as np
 import torch
 
 from ml_engine.llm.backends import Sampling
-from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
+from ml_engine.llm.backends.llama_cpp import LlamaCppBackend, exact_logits
 from ml_engine.llm.gguf_writer import held_out_text_path
 from ml_engine.training.checkpoints import DATAMODULE_HPARAMS, load_module, read_checkpoint
 from ml_engine.training.text_data import TextDataModule
 
 ODD_TEXT = "  Ünïcødé 🙂 tabs\tand  double  spaces  \n\n\n trailing   "
-GGML_TYPE_F32 = 0
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
-def llama_cpp_logits(gguf: Path, ids: list[int], threads: int) -> np.ndarray:
-    """Raw logits of every position, f32 KV cache (llama.cpp's default is f16)."""
-    import llama_cpp
-
-    model = llama_cpp.Llama(
-        str(gguf),
-        n_ctx=max(512, len(ids)),
-        n_threads=threads,
-        logits_all=True,
-        type_k=GGML_TYPE_F32,
-        type_v=GGML_TYPE_F32,
-        verbose=False,
-    )
-    try:
-        model.eval(ids)
-        return np.asarray(model.scores[: len(ids)], dtype=np.float64)
-    finally:
-        model.close()
 
 
 def window_perplexity(backend: LlamaCppBackend, tokens: list[int], block: int) -> float:
@@ -110,7 +89,9 @@ def main() -> None:
     ids = tokenizer.encode_ids(val_text)[: args.window + 1]
     with torch.no_grad():
         expected = net(torch.tensor([ids[: args.window]]))[0].double().numpy()
-    logits = llama_cpp_logits(args.gguf, ids[: args.window], args.threads)
+    logits = exact_logits(
+        args.gguf, ids[: args.window], n_ctx=max(512, args.window), n_threads=args.threads
+    )
     delta = np.abs(logits - expected)
     f16_kv = np.abs(backend.chunk_logprobs(ids, 0) - log_softmax(expected)).max()
     print(

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import gguf
 import lightning as L
-import llama_cpp
 import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
 from ml_engine.llm.backends import Sampling
-from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
+from ml_engine.llm.backends.llama_cpp import LlamaCppBackend, exact_logits
 from ml_engine.llm.gguf_writer import LlamaShape, held_out_text_path, write_random_llama
 from ml_engine.run.files import PARTIAL_SUFFIX
 from ml_engine.run.launch import describe_error
@@ -52,7 +51,6 @@ TRAIN = (
 )
 # characters the corpus lacks (byte fallback), and runs of spaces and newlines at both ends
 ODD_TEXT = "  Ünïcødé 🙂 tabs\tand  double  spaces  \n\n\n trailing   "
-GGML_TYPE_F32 = 0
 
 
 @pytest.fixture(scope="module")
@@ -165,20 +163,7 @@ def test_llama_cpp_logits_equal_pytorch_on_a_256_token_window(
     with torch.no_grad():
         expected = module.net(torch.tensor([ids[:256]]))[0].double().numpy()
     # f32 KV cache: llama.cpp computes in float32 throughout, as PyTorch does
-    exact = llama_cpp.Llama(
-        str(f32_file),
-        n_ctx=512,
-        n_threads=2,
-        logits_all=True,
-        type_k=GGML_TYPE_F32,
-        type_v=GGML_TYPE_F32,
-        verbose=False,
-    )
-    try:
-        exact.eval(ids[:256])
-        logits = np.asarray(exact.scores[:256], dtype=np.float64)
-    finally:
-        exact.close()
+    logits = exact_logits(f32_file, ids[:256], n_ctx=512, n_threads=2)
     assert np.abs(logits - expected).max() < 1e-3
     # what generate.py runs: llama.cpp's default f16 KV cache
     logprobs = backend.chunk_logprobs(ids, 0)
@@ -386,19 +371,6 @@ def test_grouped_query_attention_exports_exactly(tmp_path: Path) -> None:
     ids = tokenizer.encode_ids("a quick brown fox jumps over the lazy dog.\n" * 2)[:80]
     with torch.no_grad():
         expected = module.net(torch.tensor([ids]))[0].double().numpy()
-    model = llama_cpp.Llama(
-        str(path),
-        n_ctx=128,
-        n_threads=1,
-        logits_all=True,
-        type_k=GGML_TYPE_F32,
-        type_v=GGML_TYPE_F32,
-        verbose=False,
-    )
-    try:
-        model.eval(ids)
-        logits = np.asarray(model.scores[: len(ids)], dtype=np.float64)
-    finally:
-        model.close()
+    logits = exact_logits(path, ids, n_ctx=128, n_threads=1)
     assert np.abs(expected).max() > 1  # the comparison has something to compare
     assert np.abs(logits - expected).max() < 1e-3

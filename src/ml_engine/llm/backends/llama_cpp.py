@@ -610,6 +610,32 @@ class LlamaCppBackend(LlmBackend):
         self._llama.close()
 
 
+_GGML_TYPE_F32 = 0
+
+
+def exact_logits(
+    model_path: Path, tokens: list[int], *, n_ctx: int, n_threads: int | None = None
+) -> np.ndarray:
+    """Raw logits at every position of ``tokens`` with an f32 KV cache (llama.cpp's default is
+    f16): what an exported f32 file is compared with the PyTorch network on."""
+    import llama_cpp
+
+    model = llama_cpp.Llama(
+        str(model_path),
+        n_ctx=n_ctx,
+        n_threads=n_threads,
+        logits_all=True,
+        type_k=_GGML_TYPE_F32,
+        type_v=_GGML_TYPE_F32,
+        verbose=False,
+    )
+    try:
+        model.eval(tokens)
+        return np.asarray(model.scores[: len(tokens)], dtype=np.float64)
+    finally:
+        model.close()
+
+
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
     logits = logits.astype(np.float64)
     shifted = logits - logits.max(axis=-1, keepdims=True)
