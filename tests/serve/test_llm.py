@@ -202,3 +202,80 @@ def test_a_prompt_longer_than_the_context_is_a_422(client, stream: bool) -> None
     # and the model is free for the next request
     ok = client.post("/llm/generate", json={**body, "prompt": "word", "stream": False})
     assert ok.status_code == 200
+
+
+# ---- any GGUF: llm.files
+
+
+@pytest.fixture(scope="module")
+def chat_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A llama GGUF with a name and a ChatML template, as a downloaded instruct model has."""
+    from ml_engine.llm.gguf_writer import (
+        LlamaShape,
+        byte_fallback_vocabulary,
+        random_llama_tensors,
+        write_llama_gguf,
+    )
+
+    shape = LlamaShape(
+        n_vocab=512, n_embd=256, n_ff=512, n_layer=2, n_head=4, n_head_kv=4, n_ctx=512
+    )
+    chatml = (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+        "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    return write_llama_gguf(
+        tmp_path_factory.mktemp("given") / "some-download.Q8.gguf",
+        shape,
+        byte_fallback_vocabulary(shape.n_vocab),
+        random_llama_tensors(shape, seed=5),
+        name="Chat Model 0.1 (test)",
+        chat_template=chatml,
+    )
+
+
+def test_a_given_gguf_is_a_model_named_by_its_metadata(make_client, chat_gguf, tmp_path) -> None:
+    client = make_client(
+        **{"paths.models_dir": str(tmp_path / "models"), "llm.files": [str(chat_gguf)]}
+    )
+    body = client.get("/llm/models").json()
+    models = {m["name"]: m for m in body["models"]}
+    entry = models["Chat-Model-0.1-test"]
+    assert entry["file"] == str(chat_gguf) and entry["exported"] is False
+    assert entry["quantizations_on_disk"] == ["f32"] and entry["file_on_disk"]
+    # a real file on disk is what a client should preselect, not the embedded random weights
+    assert body["default_model"] == "Chat-Model-0.1-test"
+    request = {"model": entry["name"], "prompt": "Hi", "max_tokens": 6, "temperature": 0}
+    answer = client.post("/llm/generate", json=request)
+    assert answer.status_code == 200, answer.text
+    # the file's chat template was applied: its markers are in the evaluated prompt (one
+    # token per byte in this vocabulary: "Hi" alone is 3 with BOS)
+    assert answer.json()["prompt_tokens"] > len("<|im_start|>user\nHi<|im_end|>\n")
+    with client.stream("POST", "/llm/generate", json={**request, "stream": True}) as response:
+        events = sse_events(response.read().decode())
+    assert events[-1][1]["output"] == answer.json()["output"]
+    # a quantization that is not on disk is refused (an operator's produce_missing decides)
+    missing = client.post("/llm/generate", json={**request, "quantization": "q4_k_m"})
+    assert missing.status_code == 422 and "not on disk" in missing.text
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(None, "no such file"), (b"not a gguf" * 20, "is not a readable GGUF file")],
+)
+def test_a_given_file_that_is_no_gguf_stops_the_server_in_one_line(
+    content: bytes | None, expected: str, tmp_path: Path
+) -> None:
+    from ml_engine.errors import UserError
+    from ml_engine.server import create_app
+    from tests.serve.conftest import serve_config
+
+    path = tmp_path / "model.gguf"
+    if content is not None:
+        path.write_bytes(content)
+    cfg = serve_config(tmp_path, **{"llm.files": [str(path)]})
+    with pytest.raises(UserError) as raised:
+        create_app(cfg)
+    message = str(raised.value)
+    assert f"llm.files[0]={path}" in message and expected in message and "\n" not in message

@@ -1,9 +1,10 @@
 """Text generation for the API: composed LLM configs, a cache of loaded backends, one request
 at a time per loaded model (a llama.cpp context is not thread-safe), other work continues.
 
-Models are the configured ones (``conf/llm/model/*.yaml``) and the GGUF files exported into
-training runs (``<exports_dir>/*/*.gguf``, where ``export.py`` writes them), each named by its
-file stem. A request names a model; the server alone maps a name to a file.
+Models are the configured ones (``conf/llm/model/*.yaml``), the GGUF files the operator names
+(``llm.files``: any GGUF llama.cpp supports, named by its ``general.name``, else its file stem) and
+the GGUF files exported into training runs (``<exports_dir>/*/*.gguf``, where ``export.py`` writes
+them), named by their file stem. A request names a model; the server alone maps a name to a file.
 """
 
 from __future__ import annotations
@@ -82,6 +83,39 @@ class _Loaded:
     closed: bool = False
 
 
+def _api_name(path: Path) -> str:
+    """A given file's model name: its ``general.name`` made into an API name ("Qwen2.5 0.5B
+    Instruct" → "Qwen2.5-0.5B-Instruct"), else its file stem."""
+    from ml_engine.llm.models import read_gguf_facts
+
+    facts = read_gguf_facts(path)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", facts.name or "").strip("-._")[:64]
+    return name if re.fullmatch(NAME_PATTERN, name) else path.stem
+
+
+def _name_given_files(files: Sequence[Path], taken: set[str]) -> dict[str, Path]:
+    """``llm.files`` by model name; a file that is missing or not a GGUF stops the server
+    with one line, a name another model has is refused the same way."""
+    named: dict[str, Path] = {}
+    for index, raw in enumerate(files):
+        path = Path(raw).expanduser().resolve()
+        where = f"llm.files[{index}]={raw}"
+        if not path.is_file():
+            raise UserError(f"{where}: no such file (expected a .gguf)")
+        try:
+            name = _api_name(path)
+        except (OSError, ValueError, KeyError, IndexError) as error:
+            raise UserError(f"{where} is not a readable GGUF file: {error}") from None
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise UserError(f"{where}: no usable model name (general.name or the file stem)")
+        if name in taken or name in named:
+            raise UserError(
+                f"{where}: model name '{name}' is already taken; rename the file or drop it"
+            )
+        named[name] = path
+    return named
+
+
 class LlmService:
     def __init__(
         self,
@@ -91,9 +125,11 @@ class LlmService:
         cache_size: int = 2,
         produce_missing: bool = False,
         exports_dir: Path | None = None,
+        files: Sequence[Path] = (),
     ) -> None:
         self.models_dir, self.config_name = models_dir, config_name
         self.exports_dir = exports_dir
+        self.given_files = _name_given_files(files, set(self._configured_names()))
         self._skipped: set[Path] = set()  # exported files already warned about
         self.allowed_models, self.cache_size = allowed_models, max(1, cache_size)
         self.produce_missing = produce_missing
@@ -108,11 +144,11 @@ class LlmService:
 
     def exported_models(self) -> dict[str, Path]:
         """GGUF files exported into training runs, by file stem. A stem that is not a name
-        (the API's pattern), or that a configured model or an earlier run already has, is
-        skipped with a warning."""
+        (the API's pattern), or that a configured model, a given file or an earlier run already
+        has, is skipped with a warning."""
         if self.exports_dir is None or not self.exports_dir.is_dir():
             return {}
-        taken = set(self._configured_names())
+        taken = set(self._configured_names()) | set(self.given_files)
         found: dict[str, Path] = {}
         for path in sorted(self.exports_dir.glob("*/*.gguf")):
             name = path.stem
@@ -124,24 +160,29 @@ class LlmService:
             found[name] = path
         return found
 
+    def file_models(self) -> dict[str, Path]:
+        """Every model that is a file rather than a config: given files, then exports."""
+        return {**self.given_files, **self.exported_models()}
+
     def model_names(self) -> list[str]:
-        names = self._configured_names() + list(self.exported_models())
+        names = self._configured_names() + list(self.file_models())
         if self.allowed_models is not None:
             names = [n for n in names if n in self.allowed_models]
         return sorted(names)
 
     def llm_config(self, model: str, overrides: Sequence[str] = ()) -> DictConfig:
-        """The composed ``llm`` node for ``model``; an exported model is its file, as
+        """The composed ``llm`` node for ``model``; a given or exported model is its file, as
         ``generate.py llm.model.path=<file>`` makes it (name and quantization from the file)."""
         from ml_engine.llm.models import file_model_node
 
-        exported = self.exported_models().get(model)
-        if exported is None:
+        path = self.file_models().get(model)
+        if path is None:
             return compose_config(self.config_name, [f"llm/model={model}", *overrides]).llm
         llm = compose_config(self.config_name, list(overrides)).llm
         node = OmegaConf.to_container(llm.model, resolve=True)
+        # a file's chat template is used when it has one (what llama-server does)
         with open_dict(llm):
-            llm.model = file_model_node({**node, "path": str(exported)})
+            llm.model = file_model_node({**node, "path": str(path), "chat_template": True})
         return llm
 
     def check_model(self, name: str) -> None:
@@ -153,7 +194,7 @@ class LlmService:
         from ml_engine.llm.models import EMBEDDED, available_quantizations
 
         models = []
-        exported = self.exported_models()
+        exported, given = self.exported_models(), self.given_files
         for name in self.model_names():
             llm = self.llm_config(name)
             on_disk = available_quantizations(llm.model, self.models_dir)
@@ -166,6 +207,7 @@ class LlmService:
                     "file_on_disk": default in on_disk,
                     "embedded": llm.model.get("source") == EMBEDDED,
                     "exported": name in exported,
+                    "file": str(given[name]) if name in given else None,
                 }
             )
         return models

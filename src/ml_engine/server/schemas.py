@@ -207,6 +207,9 @@ class LlmModelView(BaseModel):
     exported: bool = Field(
         False, description="a GGUF that export.py wrote into a training run (named by its file)"
     )
+    file: str | None = Field(
+        None, description="the GGUF named in the server's llm.files (this model is that file)"
+    )
 
 
 class LlmModelList(BaseModel):

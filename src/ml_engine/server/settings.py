@@ -61,6 +61,7 @@ class Settings:
     llm_cache_size: int = 2
     llm_produce_missing: bool = False
     llm_exports_dir: Path | None = None
+    llm_files: tuple[Path, ...] = ()
     log_level: str = "info"
 
 
@@ -135,5 +136,6 @@ def load_settings(cfg: DictConfig) -> Settings:
         llm_exports_dir=(
             Path(llm["exports_dir"]).expanduser().resolve() if llm.get("exports_dir") else None
         ),
+        llm_files=tuple(Path(str(f)) for f in llm.get("files") or ()),
         log_level=str(data.get("log_level") or "info"),
     )

@@ -57,6 +57,7 @@ class ServerState:
                 settings.llm_cache_size,
                 settings.llm_produce_missing,
                 settings.llm_exports_dir,
+                settings.llm_files,
             ),
         )
 
