@@ -388,3 +388,35 @@ def test_llm_picker_says_when_no_model_has_a_file(
         browser.find_element(By.ID, "generate-btn").click()
         _wait(browser, lambda d: _text(d, "#error") != "", 30)
         assert "none has a file on disk" in _text(browser, "#error")
+
+
+def test_a_given_gguf_is_preselected_and_generates(browser, tmp_path: Path, trained_runs) -> None:
+    """``serve.py llm.files=[any.gguf]``: the page offers the file by its general.name and
+    generates from it through llama.cpp."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    from ml_engine.llm.gguf_writer import LlamaShape, write_random_llama
+
+    shape = LlamaShape(
+        n_vocab=512, n_embd=256, n_ff=512, n_layer=1, n_head=4, n_head_kv=4, n_ctx=256
+    )
+    given = write_random_llama(tmp_path / "download.gguf", shape, seed=1, name="My Model")
+    cfg = serve_config(
+        tmp_path,
+        runs_dir=trained_runs,
+        **{"paths.models_dir": str(tmp_path / "models"), "llm.files": [str(given)]},
+    )
+    with live_server(create_app(cfg)) as url:
+        browser.get(url + "/")
+        _wait(browser, lambda d: len(Select(d.find_element(By.ID, "llm-model")).options) > 1, 60)
+        picker = Select(browser.find_element(By.ID, "llm-model"))
+        assert picker.first_selected_option.get_attribute("value") == "My-Model"
+        Select(browser.find_element(By.ID, "backend")).select_by_visible_text("llama_cpp")
+        prompt = browser.find_element(By.ID, "prompt")
+        prompt.clear()
+        prompt.send_keys("Hello")
+        browser.find_element(By.ID, "generate-btn").click()
+        _wait(browser, lambda d: _text(d, "#generation-status").startswith("done"), 60)
+        assert _text(browser, "#error") == ""
+        assert "pieces" in _text(browser, "#generation-status")
