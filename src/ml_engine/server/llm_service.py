@@ -223,7 +223,7 @@ class LlmService:
 
     # loading ---------------------------------------------------------------------------------
 
-    def _check_file(self, llm: DictConfig) -> None:
+    def _check_file(self, name: str, llm: DictConfig) -> None:
         """A request may only use model files already on disk: producing one (quantizing a
         7B model, say) is minutes of CPU and gigabytes of disk, an operator's decision
         (``llm.produce_missing=true``). The embedded tiny model is cheap and always allowed."""
@@ -236,7 +236,7 @@ class LlmService:
         on_disk = available_quantizations(llm.model, self.models_dir)
         if quantization not in on_disk:
             raise UserError(
-                f"quantization '{quantization}' of model '{llm.model.name}' is not on disk; "
+                f"quantization '{quantization}' of model '{name}' is not on disk; "
                 f"on disk: {', '.join(on_disk) or '(none)'}"
             )
 
@@ -245,7 +245,7 @@ class LlmService:
 
         llm = self.llm_config(key.model, key.overrides())
         if key.backend != "mock":
-            self._check_file(llm)
+            self._check_file(key.model, llm)
         backend = open_backend(llm, self.models_dir)
         # the mock loads no file, so it has no quantization to report
         quantization = None if key.backend == "mock" else llm.get("quantization")
