@@ -18,6 +18,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ml_engine.errors import UserError
+from ml_engine.run.distributed import is_rank_zero, shared_run_dir_override
 from ml_engine.run.files import (
     JOB_RECORD,
     RESOLVED_CONFIG,
@@ -177,9 +178,7 @@ def run_job(task: TaskRef, cfg: DictConfig, rules: Sequence[Rule] = ()) -> float
 
 
 def _is_rank_zero() -> bool:
-    return (
-        int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0
-    )
+    return is_rank_zero()
 
 
 def is_config_mistake(exc: BaseException) -> bool:
@@ -270,6 +269,9 @@ def launch(
     main = hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name=config_name)
     try:
         check_group_options(sys.argv[1:], CONFIG_DIR)
+        shared_dir = shared_run_dir_override(sys.argv[1:])
+        if shared_dir is not None:  # torchrun/srun: every process of the run in one dir
+            sys.argv.append(shared_dir)
         main(hydra_task)()
         if failures:
             exc, run_dir, task_name = failures[0]

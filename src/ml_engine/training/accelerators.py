@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from ml_engine.errors import UserError
+from ml_engine.run.distributed import external_launcher
 from ml_engine.training.choices import ACCELERATORS
 
 
@@ -70,3 +71,29 @@ def check_sync_batchnorm(trainer_cfg: Mapping[str, Any]) -> None:
             f"trainer.sync_batchnorm=true needs CUDA GPUs, but trainer.accelerator='{requested}' "
             "runs on " + ("MPS" if kind == "mps" else "CPU") + "; set trainer.sync_batchnorm=false"
         )
+
+
+def check_num_nodes(trainer_cfg: Mapping[str, Any], env: Mapping[str, str] | None = None) -> None:
+    """``trainer.num_nodes > 1`` needs one process per node started by a launcher: run as a
+    plain command, Lightning would wait for nodes that never come."""
+    nodes = trainer_cfg.get("num_nodes") or 1
+    if not isinstance(nodes, int) or nodes <= 1:
+        return
+    if external_launcher(env) is not None or _launched_by_cluster(env):
+        return
+    raise UserError(
+        f"trainer.num_nodes={nodes} needs a launcher that starts the processes on every node: "
+        f"torchrun --nnodes={nodes} --node-rank=<this node> --master-addr=<node 0> "
+        "--nproc-per-node=<devices> train.py …, or srun on SLURM (see README, Scale-out)"
+    )
+
+
+def _launched_by_cluster(env: Mapping[str, str] | None) -> bool:
+    """torchrun with one process per node, or an environment Lightning reads itself (SLURM,
+    MPI, Kubeflow's MASTER_ADDR/WORLD_SIZE)."""
+    import os
+
+    env = os.environ if env is None else env
+    return any(
+        key in env for key in ("TORCHELASTIC_RUN_ID", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE")
+    )

@@ -18,7 +18,11 @@ from ml_engine.errors import UserError
 from ml_engine.run.extras import apply_extras
 from ml_engine.run.helpers import finite_or_none, is_real_number
 from ml_engine.run.locations import install_command
-from ml_engine.training.accelerators import check_accelerator, check_sync_batchnorm
+from ml_engine.training.accelerators import (
+    check_accelerator,
+    check_num_nodes,
+    check_sync_batchnorm,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +32,7 @@ def prepare_lightning_run(cfg: DictConfig) -> None:
     route_lightning_logs_through_hydra()
     check_accelerator(cfg.trainer.get("accelerator"))
     check_sync_batchnorm(cfg.trainer)
+    check_num_nodes(cfg.trainer)
     check_logger_packages(cfg.get("logger"))
     apply_extras(cfg)
     L.seed_everything(cfg.seed, workers=True)
