@@ -213,6 +213,10 @@ def _log_to_tensorboard(cfg: DictConfig, work: dict[str, Any], metrics: dict[str
     hparams.update(
         model=cfg.llm.model.name, backend=cfg.llm.backend.name, repetitions=cfg.bench.repetitions
     )
+    # null threads mean "the physical cores": HParams shows the count llama.cpp got
+    for key in ("n_threads", "n_threads_batch"):
+        if hparams[key] is None:
+            hparams[key] = metrics.get(key)
     log_run(
         OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None,
         curve_points(reps),
