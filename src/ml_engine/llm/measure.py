@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ml_engine.llm import measure_cache
 from ml_engine.llm.backends import SAMPLING_FIELDS, Sampling, open_backend
 from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.bench import run_benchmark
@@ -51,14 +52,18 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
         # Read before the quality step, which may load the base file as well.
         peak = peak_rss_mb()
         quality = _quality(backend, llm, spec, models_dir)
-    work_s = time.perf_counter() - started
-    return {
+    work = {
         "facts": facts,
         "bench": timing,
         "peak_rss_mb": peak,
         "quality": quality,
-        "work_s": work_s,
+        "work_s": time.perf_counter() - started,
+        "cached": False,
     }
+    if resolved is not None:
+        # kept as the model ran it, so a re-run (or a resumed search) need not load it again
+        measure_cache.store(spec, resolved.path, work)
+    return work
 
 
 def _quality(backend: Any, llm: dict[str, Any], spec: dict[str, Any], models_dir: Path) -> dict:

@@ -58,6 +58,7 @@ GENERATE_RULES: tuple[Rule, ...] = (
     optional(int_at_least("llm.seed", 0)),
     int_at_least("bench.warmup", 0),
     int_at_least("bench.repetitions", 1),
+    one_of("bench.cache", (True, False)),
     optional(Rule("quality.text_path", lambda v: isinstance(v, str) and bool(v), "a file path")),
     int_at_least("quality.n_ctx", 8),
     optional(int_at_least("quality.n_chunks", 1)),
