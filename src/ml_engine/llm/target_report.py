@@ -233,7 +233,7 @@ def _table(verdict: Verdict) -> str:
         record = _probe_record(probe, target)
         result = "meets" if record["meets"] else "; ".join(record["misses"])
         cells = [
-            record["job"],
+            Path(record["job"]).name if record["job"] else "",
             record["quantization"],
             record["n_threads"],
             record["n_gpu_layers"],
