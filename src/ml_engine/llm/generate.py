@@ -154,6 +154,12 @@ def _job_spec(cfg: DictConfig, prompts: list[str]) -> dict[str, Any]:
 
 
 def _run_model_work(cfg: DictConfig, spec: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    from ml_engine.llm import measure_cache
+
+    # looked up here, before a worker starts: a cached measurement loads no model at all
+    cached = measure_cache.lookup(spec)
+    if cached is not None:
+        return cached
     if not cfg.worker.isolate:
         return call_target(MEASURE, spec)
     return run_isolated(
@@ -239,10 +245,11 @@ def _report_line(metrics: dict[str, Any]) -> str:
     if metrics["backend"] == "mock":
         return f"MOCK echo backend (no model): {metrics['completion_tokens']} words echoed"
     requantized = " (requantized)" if metrics.get("requantized") else ""
+    cached = " (cached)" if metrics.get("cached") else ""
     return (
         f"{metrics['model']} {metrics['quantization']}{requantized} "
-        f"ngl={metrics['n_gpu_layers']} ({metrics['backend']}, {metrics['compute_backend']}): "
-        f"{report_text(metrics)}"
+        f"ngl={metrics['n_gpu_layers']} ({metrics['backend']}, {metrics['compute_backend']})"
+        f"{cached}: {report_text(metrics)}"
     )
 
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ml_engine.llm import measure_cache
 from ml_engine.llm.backends import SAMPLING_FIELDS, Sampling, open_backend
 from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.bench import run_benchmark, run_llama_bench
@@ -52,15 +53,19 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
         # Read before the quality step, which may load the base file as well.
         peak = peak_rss_mb()
         quality = _quality(backend, llm, spec, models_dir)
-    work_s = time.perf_counter() - started
-    return {
+    work = {
         "facts": facts,
         "bench": timing,
         "llama_bench": tests,
         "peak_rss_mb": peak,
         "quality": quality,
-        "work_s": work_s,
+        "work_s": time.perf_counter() - started,
+        "cached": False,
     }
+    if resolved is not None:
+        # kept as the model ran it, so a re-run (or a resumed search) need not load it again
+        measure_cache.store(spec, resolved.path, work)
+    return work
 
 
 def _llama_bench(backend: Any, bench: dict[str, Any]) -> list[dict[str, Any]]:

@@ -97,6 +97,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("ttft_s", "s", "time to first token", "bench.ttft_s", spread=True, curve="ttft_s", final=True, column=True, report="ttft", digits=4),
     Metric("peak_rss_mb", "MB", "peak resident memory of the model worker", "work.peak_rss_mb", final=True, column=True, report="peak"),
     Metric("work_s", "s", "time of the model work (load, benchmark, quality)", "work.work_s"),
+    Metric("cached", "", "measurement reused from the cache (bench.cache=true): no model was loaded", "work.cached", column=True),
     Metric("chat_template", "", "what chat_template=true did: applied, none in the file, not supported by llama.cpp (or off)", "facts.chat_template", column=True),
     Metric("requantized", "", "made from an already-quantized file (llm.allow_requantize=true)", "facts.requantized", column=True),
     # llama-perplexity --kl-divergence's figures (llm/kld.py); the comparisons are empty on the base's own row

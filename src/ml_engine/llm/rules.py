@@ -80,6 +80,7 @@ GENERATE_RULES: tuple[Rule, ...] = (
     Rule("bench.n_prompt", _sizes, "an integer ≥ 0 or a list of them"),
     Rule("bench.n_gen", _sizes, "an integer ≥ 0 or a list of them"),
     Rule("bench.formats", _formats, "a list among " + ", ".join(FORMATS)),
+    one_of("bench.cache", (True, False)),
     optional(Rule("quality.text_path", lambda v: isinstance(v, str) and bool(v), "a file path")),
     int_at_least("quality.n_ctx", 8),
     optional(int_at_least("quality.n_chunks", 1)),
