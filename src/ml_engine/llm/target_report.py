@@ -199,7 +199,7 @@ def verdict_lines(verdict: Verdict, context: RunContext) -> list[str]:
         lines.append("run it:")
         lines += [f"  {command}" for command in commands(winner, context).values()]
         lines.append(
-            "  (the server runs llama.cpp's default thread count: a request names no threads)"
+            "  (a server request names no threads: the server runs the physical-core default)"
         )
     lines += [f"note: {note}" for note in verdict.notes]
     return lines

@@ -71,7 +71,7 @@ class Target:
 class Setting:
     """What one job runs. ``quantization`` None: a ``llm.model.path`` file as it is (its type
     is one we do not name, or it could not be read: the job says why); ``n_threads`` None: the
-    configured count (``llm.n_threads``, null meaning llama.cpp's default)."""
+    configured count (``llm.n_threads``, null meaning the physical cores)."""
 
     quantization: str | None
     n_threads: int | None

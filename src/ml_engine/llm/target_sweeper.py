@@ -250,7 +250,7 @@ def _header(
     offload: bool,
 ) -> list[str]:
     names = ", ".join(q or "(the file as it is)" for q in quantizations)
-    first = f"llm.n_threads={configured}" if configured else "llama.cpp's default"
+    first = f"llm.n_threads={configured}" if configured else "the physical cores (the default)"
     lines = [f"target: {target.describe()}"]
     if target.speed_only:
         lines.append(

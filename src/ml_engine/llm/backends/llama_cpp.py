@@ -221,8 +221,10 @@ def llama_bench_devices(devices: Iterable[Device]) -> dict[str, str]:
 
 def build_info() -> dict[str, Any]:
     """What this llama.cpp build says of itself. llama-cpp-python's library exports neither
-    llama_commit nor llama_build_number (llama-bench's build_commit/build_number), so those are
-    "unknown"/None; ggml's own version and commit are exported and kept beside them."""
+    llama_commit nor llama_build_number (llama-bench's build_commit/build_number), but the ggml
+    built inside llama.cpp takes llama.cpp's commit as its own (llama.cpp's CMakeLists passes
+    it down): that is build_commit, as llama-bench prints it (without git's "-dirty", which
+    the sdist's build adds). The build number stays None: ggml carries none."""
     import llama_cpp
 
     info: dict[str, Any] = {
@@ -239,6 +241,9 @@ def build_info() -> dict[str, Any]:
             info[name] = (function() or b"").decode(errors="replace")
     except (AttributeError, OSError):
         pass
+    commit = info.get("ggml_commit", "").removesuffix("-dirty")
+    if commit and commit != "unknown":
+        info["build_commit"] = commit
     return info
 
 
