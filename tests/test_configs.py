@@ -30,7 +30,7 @@ def test_every_group_has_its_documented_options() -> None:
     assert {"default", "none", "model_checkpoint", "early_stopping"} <= set(options("callbacks"))
     assert options("logger") == ["csv", "mlflow", "none", "tensorboard", "wandb"]
     assert options("debug") == ["fdr", "limit", "overfit", "profiler"]
-    assert options("hparams_search") == ["mnist_optuna", "shakespeare_optuna"]
+    assert options("hparams_search") == ["llm_target", "mnist_optuna", "shakespeare_optuna"]
 
 
 @pytest.mark.parametrize("model", options("model"))

@@ -15,13 +15,16 @@ from ml_engine.llm.models import ensure_model_file, model_path
 from ml_engine.run.locations import CONFIG_DIR
 from tests.conftest import compose_config, run_entrypoint, shrink
 
-# small, quick jobs: a few tokens, two repetitions, a short quality window, one thread
+# small, quick jobs: a few tokens, two repetitions, short llama-bench tests and quality window,
+# one thread
 FAST_OVERRIDES = (
     "llm.max_tokens=8",
     "llm.n_threads=1",
     "llm.n_ctx=512",
     "bench.warmup=1",
     "bench.repetitions=2",
+    "bench.n_prompt=16",
+    "bench.n_gen=4",
     "quality.n_ctx=64",
     "quality.n_chunks=2",
     "extras.print_config=false",

@@ -21,6 +21,7 @@ PARTS = {
     "setting": {"model": {"name": "tiny"}, "quantization": "q8_0", "n_gpu_layers": 99},
     "facts": {"backend": "llama_cpp", "file_size_bytes": 2_345_678, "compute_backend": "CPU"},
     "bench": {"gen_tokens_per_s": 100.0, "gen_tokens_per_s_std": 5.0, "ttft_s": 0.01234},
+    "tests": {"pp": {"avg_ts": 900.0, "avg_ts_std": 9.0}, "n_prompt": 512},
     "quality": {"perplexity": 12.5, "reference": False, "kl_mean": 0.2},
     "work": {"peak_rss_mb": 55.0},
 }
@@ -38,6 +39,8 @@ def test_row_reads_each_field_from_its_source() -> None:
     assert row["model"] == "tiny" and row["file_mb"] == 2.346
     assert row["gen/tokens_per_s"] == 100.0 and row["gen/tokens_per_s_std"] == 5.0
     assert row["load_s"] is None  # absent from the parts
+    assert (row["pp/avg_ts"], row["pp/avg_ts_std"], row["n_prompt"]) == (900.0, 9.0, 512)
+    assert row["tg/avg_ts"] is None  # no tg test
     final = metrics.final_metrics(row)
     assert final["gen/tokens_per_s"] == 100.0 and final["ttft_s_std"] is None
     assert "model" not in final

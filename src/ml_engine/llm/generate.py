@@ -11,7 +11,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ml_engine.errors import UserError
 from ml_engine.llm.backends.base import CHAT_TEMPLATE_MISSING, CHAT_TEMPLATE_UNKNOWN
+from ml_engine.llm.bench import as_sizes, check_fits, first_tests
 from ml_engine.llm.isolation import call_target, run_isolated
+from ml_engine.llm.llama_bench_format import markdown, rows_of, write_formats
 from ml_engine.llm.metrics import (
     curve_points,
     definitions,
@@ -115,6 +117,14 @@ def _check_quality_text(cfg: DictConfig) -> None:
         raise UserError(f"quality.text_path={text_path}: no such file")
 
 
+def _check_bench_fits(cfg: DictConfig) -> None:
+    """Before any work: llama.cpp may round n_ctx up, never down, so a test that fits the
+    requested context fits the one it allocates."""
+    n_ctx = int(cfg.llm.n_ctx)
+    bench = cfg.bench
+    check_fits(as_sizes(bench.get("n_prompt")), as_sizes(bench.get("n_gen")), n_ctx, n_ctx)
+
+
 def _notes(facts: dict[str, Any]) -> list[str]:
     """What a reader of result.json must know about how the prompts and the file were used."""
     notes = []
@@ -144,6 +154,12 @@ def _job_spec(cfg: DictConfig, prompts: list[str]) -> dict[str, Any]:
 
 
 def _run_model_work(cfg: DictConfig, spec: dict[str, Any], output_dir: Path) -> dict[str, Any]:
+    from ml_engine.llm import measure_cache
+
+    # looked up here, before a worker starts: a cached measurement loads no model at all
+    cached = measure_cache.lookup(spec)
+    if cached is not None:
+        return cached
     if not cfg.worker.isolate:
         return call_target(MEASURE, spec)
     return run_isolated(
@@ -162,6 +178,7 @@ def flat_metrics(cfg: DictConfig, work: dict[str, Any]) -> dict[str, Any]:
         "setting": OmegaConf.to_container(cfg.llm, resolve=True),
         "facts": work["facts"],
         "bench": work["bench"],
+        "tests": first_tests(work.get("llama_bench") or []),
         "quality": work.get("quality") or {},
         "work": work,
     }
@@ -184,6 +201,7 @@ _HPARAM_KEYS = (
     "n_gpu_layers",
     "n_ctx",
     "n_threads",
+    "n_threads_batch",
     "n_batch",
     "flash_attn",
     "max_tokens",
@@ -201,6 +219,10 @@ def _log_to_tensorboard(cfg: DictConfig, work: dict[str, Any], metrics: dict[str
     hparams.update(
         model=cfg.llm.model.name, backend=cfg.llm.backend.name, repetitions=cfg.bench.repetitions
     )
+    # null threads mean "the physical cores": HParams shows the count llama.cpp got
+    for key in ("n_threads", "n_threads_batch"):
+        if hparams[key] is None:
+            hparams[key] = metrics.get(key)
     log_run(
         OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") else None,
         curve_points(reps),
@@ -223,18 +245,20 @@ def _report_line(metrics: dict[str, Any]) -> str:
     if metrics["backend"] == "mock":
         return f"MOCK echo backend (no model): {metrics['completion_tokens']} words echoed"
     requantized = " (requantized)" if metrics.get("requantized") else ""
+    cached = " (cached)" if metrics.get("cached") else ""
     return (
         f"{metrics['model']} {metrics['quantization']}{requantized} "
-        f"ngl={metrics['n_gpu_layers']} ({metrics['backend']}, {metrics['compute_backend']}): "
-        f"{report_text(metrics)}"
+        f"ngl={metrics['n_gpu_layers']} ({metrics['backend']}, {metrics['compute_backend']})"
+        f"{cached}: {report_text(metrics)}"
     )
 
 
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Benchmark generation for the configured model and settings; returns the flat metrics.
 
-    Writes ``result.json`` (everything measured), ``texts/NN.txt`` (one per prompt) and the
-    configured loggers' files into the run dir. The config was checked against
+    Writes ``result.json`` (everything measured), ``texts/NN.txt`` (one per prompt),
+    ``llama-bench.<fmt>`` (the pp/tg tests, per ``bench.formats``) and the configured loggers'
+    files into the run dir. The config was checked against
     ``llm.rules.GENERATE_RULES`` by the entrypoint (``run_job``) before this runs.
     """
     prompts = selected_prompts(cfg)
@@ -248,6 +272,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     _resolve_file_model(cfg)
     _quality_for_file_model(cfg)
     _check_quality_text(cfg)
+    _check_bench_fits(cfg)
 
     work = _run_model_work(cfg, _job_spec(cfg, prompts), output_dir)
     metrics = flat_metrics(cfg, work)
@@ -260,6 +285,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         "metrics": metrics,
         "metric_definitions": definitions(),
         "bench": work["bench"],
+        "llama_bench": work.get("llama_bench") or [],
         "quality": work.get("quality") or {},
         "peak_rss_mb": work.get("peak_rss_mb"),
         "texts": _write_texts(output_dir, work["bench"]),
@@ -274,7 +300,11 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         for note in notes:
             log.warning(note)
     write_json_atomic(output_dir / "result.json", result)
+    rows = rows_of(result)
+    write_formats(output_dir, rows, cfg.bench.get("formats") or ())
     _log_to_tensorboard(cfg, work, metrics)
+    if rows:
+        print(markdown(rows), flush=True)
     print(_report_line(metrics), flush=True)
     print(f"run_dir: {output_dir}", flush=True)
     return metrics

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ml_engine.llm import measure_cache
 from ml_engine.llm.backends import SAMPLING_FIELDS, Sampling, open_backend
 from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
-from ml_engine.llm.bench import run_benchmark
+from ml_engine.llm.bench import run_benchmark, run_llama_bench
 from ml_engine.llm.models import base_quantization, model_path
 from ml_engine.llm.quality import QualitySettings, evaluate_quality
 
@@ -48,17 +49,36 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
             warmup=int(bench["warmup"]),
             repetitions=int(bench["repetitions"]),
         )
+        tests = _llama_bench(backend, bench)
         # Read before the quality step, which may load the base file as well.
         peak = peak_rss_mb()
         quality = _quality(backend, llm, spec, models_dir)
-    work_s = time.perf_counter() - started
-    return {
+    work = {
         "facts": facts,
         "bench": timing,
+        "llama_bench": tests,
         "peak_rss_mb": peak,
         "quality": quality,
-        "work_s": work_s,
+        "work_s": time.perf_counter() - started,
+        "cached": False,
     }
+    if resolved is not None:
+        # kept as the model ran it, so a re-run (or a resumed search) need not load it again
+        measure_cache.store(spec, resolved.path, work)
+    return work
+
+
+def _llama_bench(backend: Any, bench: dict[str, Any]) -> list[dict[str, Any]]:
+    """llama-bench's pp/tg tests on the loaded model (the mock has no model to test)."""
+    if not isinstance(backend, LlamaCppBackend):
+        return []
+    return run_llama_bench(
+        backend,
+        n_prompt=bench.get("n_prompt"),
+        n_gen=bench.get("n_gen"),
+        repetitions=int(bench["repetitions"]),
+        warmup=int(bench["warmup"]),
+    )
 
 
 def _quality(backend: Any, llm: dict[str, Any], spec: dict[str, Any], models_dir: Path) -> dict:
@@ -73,7 +93,8 @@ def _quality(backend: Any, llm: dict[str, Any], spec: dict[str, Any], models_dir
             path,
             n_gpu_layers=int(llm.get("n_gpu_layers", 0)),
             n_ctx=backend.n_ctx,
-            n_threads=llm.get("n_threads"),
+            n_threads=backend.n_threads,
+            n_threads_batch=backend.n_threads_batch,
             n_batch=backend.n_batch,
         )
 

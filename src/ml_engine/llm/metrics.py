@@ -21,7 +21,8 @@ class Metric:
 
     ``source`` is ``<part>.<dotted key>`` in the job's parts: ``setting`` (the resolved ``llm``
     node), ``facts`` (what the backend reports), ``bench`` (aggregates over the repetitions),
-    ``quality``, ``work`` (the model worker's own readings). ``spread``: the bench part also
+    ``tests`` (the first pp and tg test of llama-bench's, ``bench.first_tests``), ``quality``,
+    ``work`` (the model worker's own readings). ``spread``: the bench part also
     holds ``<key>_std``, which becomes ``<name>_std`` in the row. ``uncertainty``: the part
     also holds ``<key>_unc``, the ± of a mean as llama-perplexity prints it, which becomes
     ``<name>_unc``. ``curve``: key of each repetition's record, logged per repetition to
@@ -73,7 +74,8 @@ METRICS: tuple[Metric, ...] = (
     Metric("n_gpu_layers_effective", "layers", "layers on a GPU, as llama.cpp reported", "facts.n_gpu_layers_effective", column=True),
     Metric("compute_backend", "", "ggml backend holding the layers (CPU: none offloaded)", "facts.compute_backend", column=True),
     Metric("gpu_offload_supported", "", "llama.cpp sees a GPU it can offload to", "facts.gpu_offload_supported", column=True),
-    Metric("n_threads", "threads", "CPU threads llama.cpp used", "facts.n_threads"),
+    Metric("n_threads", "threads", "CPU threads of single-token decodes, as llama.cpp's context got them (null: the physical cores)", "facts.n_threads", column=True),
+    Metric("n_threads_batch", "threads", "CPU threads of multi-token (prompt) decodes, as llama.cpp's context got them (null: n_threads)", "facts.n_threads_batch", column=True),
     Metric("n_ctx", "tokens", "context size llama.cpp allocated", "facts.n_ctx"),
     Metric("file_mb", "MB", "size of the GGUF file", "facts.file_size_bytes", scale=1e-6, final=True, column=True),
     Metric("n_params", "", "parameters of the model", "facts.n_params"),
@@ -83,10 +85,19 @@ METRICS: tuple[Metric, ...] = (
     Metric("gen/tokens_per_s", "tok/s", "generation rate (wall clock)", "bench.gen_tokens_per_s", spread=True, curve="gen_tokens_per_s", final=True, column=True, report="gen"),
     Metric("prompt/tokens_per_s", "tok/s", "prompt evaluation rate (wall clock)", "bench.prompt_tokens_per_s", spread=True, curve="prompt_tokens_per_s", final=True, column=True, report="prompt"),
     Metric("n_repetitions", "", "measurements behind each mean and std", "bench.n_repetitions"),
+    Metric("gen/sampling", "", "greedy (temperature ≤ 0: argmax without llama.cpp's sampler chain) or sampled (llama.cpp's chain)", "bench.sampling", column=True),
+    Metric("gen/llama_cpp_tokens_per_s", "tok/s", "generation rate by llama.cpp's counters: decodes ÷ (decode time + the sampler chain's time per sample × decodes; greedy: decode time only)", "bench.llama_cpp_tokens_per_s", spread=True, final=True),
+    Metric("gen/vs_llama_cpp", "", "gen/tokens_per_s ÷ gen/llama_cpp_tokens_per_s: the share of llama.cpp's own rate the wall clock sees", "bench.vs_llama_cpp", final=True, column=True),
+    # llama-bench's tests (the first of each when bench.n_prompt/n_gen are lists; all in result.json's llama_bench)
+    Metric("n_prompt", "tokens", "tokens of the pp test (llama-bench -p)", "tests.n_prompt"),
+    Metric("pp/avg_ts", "tok/s", "llama-bench pp test: mean over repetitions of n_prompt ÷ seconds", "tests.pp.avg_ts", spread=True, final=True, column=True),
+    Metric("n_gen", "tokens", "tokens of the tg test (llama-bench -n)", "tests.n_gen"),
+    Metric("tg/avg_ts", "tok/s", "llama-bench tg test: mean over repetitions of n_gen ÷ seconds", "tests.tg.avg_ts", spread=True, final=True, column=True),
     Metric("gen/decode_counter_tokens_per_s", "tok/s", "generation rate by llama.cpp's decode counters", "bench.decode_counter_tokens_per_s", curve="counters.eval_tokens_per_s", final=True),
     Metric("ttft_s", "s", "time to first token", "bench.ttft_s", spread=True, curve="ttft_s", final=True, column=True, report="ttft", digits=4),
     Metric("peak_rss_mb", "MB", "peak resident memory of the model worker", "work.peak_rss_mb", final=True, column=True, report="peak"),
     Metric("work_s", "s", "time of the model work (load, benchmark, quality)", "work.work_s"),
+    Metric("cached", "", "measurement reused from the cache (bench.cache=true): no model was loaded", "work.cached", column=True),
     Metric("chat_template", "", "what chat_template=true did: applied, none in the file, not supported by llama.cpp (or off)", "facts.chat_template", column=True),
     Metric("requantized", "", "made from an already-quantized file (llm.allow_requantize=true)", "facts.requantized", column=True),
     # llama-perplexity --kl-divergence's figures (llm/kld.py); the comparisons are empty on the base's own row

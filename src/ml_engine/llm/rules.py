@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ml_engine.llm.backends import BACKENDS
+from ml_engine.llm.llama_bench_format import FORMATS
 from ml_engine.llm.metrics import metric_names
 from ml_engine.llm.quantize import quantization_names
 from ml_engine.run.rules import (
@@ -20,6 +21,23 @@ from ml_engine.run.rules import (
     optional,
     positive_number,
 )
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _sizes(value: Any) -> bool:
+    """An int ≥ 0 or a non-empty list of them (llama-bench's -p 512 / -p 128,512)."""
+    if _is_count(value):
+        return True
+    is_list = isinstance(value, Sequence) and not isinstance(value, str)
+    return is_list and bool(value) and all(_is_count(v) for v in value)
+
+
+def _formats(value: Any) -> bool:
+    is_list = isinstance(value, Sequence) and not isinstance(value, str)
+    return is_list and all(f in FORMATS for f in value)
 
 
 def _quantization_list(value: Any) -> bool:
@@ -48,6 +66,7 @@ GENERATE_RULES: tuple[Rule, ...] = (
     int_at_least("llm.n_gpu_layers", -1),
     int_at_least("llm.n_ctx", 16),
     optional(int_at_least("llm.n_threads", 1)),
+    optional(int_at_least("llm.n_threads_batch", 1)),
     int_at_least("llm.n_batch", 1),
     one_of("llm.flash_attn", (True, False)),
     int_at_least("llm.max_tokens", 1),
@@ -58,6 +77,10 @@ GENERATE_RULES: tuple[Rule, ...] = (
     optional(int_at_least("llm.seed", 0)),
     int_at_least("bench.warmup", 0),
     int_at_least("bench.repetitions", 1),
+    Rule("bench.n_prompt", _sizes, "an integer ≥ 0 or a list of them"),
+    Rule("bench.n_gen", _sizes, "an integer ≥ 0 or a list of them"),
+    Rule("bench.formats", _formats, "a list among " + ", ".join(FORMATS)),
+    one_of("bench.cache", (True, False)),
     optional(Rule("quality.text_path", lambda v: isinstance(v, str) and bool(v), "a file path")),
     int_at_least("quality.n_ctx", 8),
     optional(int_at_least("quality.n_chunks", 1)),

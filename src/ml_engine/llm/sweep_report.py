@@ -10,6 +10,7 @@ of magnitude between q8_0 and q2_k, hence its logarithmic axis.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ml_engine.errors import UserError
+from ml_engine.llm.llama_bench_format import FORMATS, rows_of, write_formats
 from ml_engine.llm.metrics import (
     JOB_COLUMNS,
     RANKING,
@@ -253,3 +255,29 @@ class GenerationSweepSummary(SweepSummary):
             plot_speed_and_quality(records, sweep_dir / "summary.png", verdicts)
         except Exception as exc:  # a missing plotting library must not lose the tables
             log.warning("summary.png not written: %s", exc)
+        write_sweep_llama_bench(sweep_dir, records)
+
+
+def _job_formats(job_dir: Path) -> list[str]:
+    """The formats a job wrote (its ``bench.formats``), in ``FORMATS`` order."""
+    return [fmt for fmt in FORMATS if (job_dir / f"llama-bench.{fmt}").is_file()]
+
+
+def write_sweep_llama_bench(sweep_dir: Path, records: list[dict[str, Any]]) -> list[Path]:
+    """Every job's llama-bench rows in one ``llama-bench.<fmt>`` per format the jobs wrote, in
+    the order of the ranked records (failed jobs have none)."""
+    rows, formats = [], []
+    for record in records:
+        job_dir = sweep_dir / record["job"]
+        result_path = job_dir / "result.json"
+        if record.get("status") != "ok" or not result_path.is_file():
+            continue
+        try:
+            rows += rows_of(json.loads(result_path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            log.warning("%s: llama-bench rows not read: %s", result_path, exc)
+            continue
+        formats += [f for f in _job_formats(job_dir) if f not in formats]
+    if not rows:
+        return []
+    return write_formats(sweep_dir, rows, [f for f in FORMATS if f in formats])

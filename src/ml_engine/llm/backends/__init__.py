@@ -40,10 +40,10 @@ def open_backend(llm_cfg: Mapping[str, Any], models_dir: Path) -> LlmBackend:
 
     ``llm_cfg`` holds ``backend`` (node with ``name``, one of ``BACKENDS``), ``model`` (a
     ``conf/llm/model`` node, or one with ``path``: the file at that path), ``quantization``
-    (None: the model's default), ``n_gpu_layers``, ``n_ctx``, ``n_threads``, ``n_batch``,
-    ``flash_attn``, ``allow_download`` and ``allow_requantize``. The model file is resolved
-    first: the embedded tiny model is written on first use and a missing quantization is
-    produced from a higher-precision file on disk. User mistakes raise ``UserError`` with a
+    (None: the model's default), ``n_gpu_layers``, ``n_ctx``, ``n_threads``, ``n_threads_batch``,
+    ``n_batch``, ``flash_attn``, ``allow_download`` and ``allow_requantize``. The model file is
+    resolved first: the embedded tiny model is written on first use and a missing quantization
+    is produced from a higher-precision file on disk. User mistakes raise ``UserError`` with a
     one-line message.
     """
     name = _backend_name(llm_cfg)
@@ -51,11 +51,12 @@ def open_backend(llm_cfg: Mapping[str, Any], models_dir: Path) -> LlmBackend:
         from ml_engine.llm.backends.mock import MockBackend
 
         return MockBackend()
-    from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
+    from ml_engine.llm.backends.llama_cpp import LlamaCppBackend, physical_core_count
     from ml_engine.llm.models import ensure_model_file
 
     model_cfg = llm_cfg["model"]
-    n_threads = llm_cfg.get("n_threads")
+    # null: llama-bench's default, the physical cores (quantizing a missing file uses them too)
+    n_threads = llm_cfg.get("n_threads") or physical_core_count()
     quantization = llm_cfg.get("quantization")
     resolved = ensure_model_file(
         model_cfg,
@@ -71,6 +72,7 @@ def open_backend(llm_cfg: Mapping[str, Any], models_dir: Path) -> LlmBackend:
         n_gpu_layers=int(llm_cfg.get("n_gpu_layers", 0)),
         n_ctx=int(llm_cfg.get("n_ctx", 2048)),
         n_threads=n_threads,
+        n_threads_batch=llm_cfg.get("n_threads_batch"),
         n_batch=int(llm_cfg.get("n_batch", 512)),
         flash_attn=bool(llm_cfg.get("flash_attn", False)),
         use_mmap=bool(backend_cfg.get("use_mmap", True)),

@@ -5,11 +5,12 @@ from __future__ import annotations
 import codecs
 import ctypes
 import functools
+import os
 import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from ml_engine.llm.backends.base import (
 )
 
 _LOG_TAIL: deque[str] = deque(maxlen=40)
+# llama.cpp's penalties sampler looks back this many generated tokens (common's default)
+PENALTY_LAST_N = 64
 _log_callback = None  # kept referenced: llama.cpp calls it from C
 # llama.cpp logs a model's load in the thread that loads it: each load collects its own lines
 _loading = threading.local()
@@ -167,6 +170,7 @@ def _ggml() -> Any:
         "ggml_backend_dev_type": ([ctypes.c_void_p], ctypes.c_int),
         "ggml_backend_dev_backend_reg": ([ctypes.c_void_p], ctypes.c_void_p),
         "ggml_backend_reg_name": ([ctypes.c_void_p], ctypes.c_char_p),
+        "ggml_type_name": ([ctypes.c_int], ctypes.c_char_p),
     }
     for name, (argtypes, restype) in signatures.items():
         function = getattr(libggml, name)
@@ -197,6 +201,57 @@ def llama_devices() -> list[Device]:
             )
         )
     return devices
+
+
+def llama_bench_devices(devices: Iterable[Device]) -> dict[str, str]:
+    """llama-bench's cpu_info, gpu_info and backends fields for ``devices``: the CPU (and
+    accelerator) descriptions, the GPU descriptions, the non-CPU backends ("CPU" when none)."""
+    devices = list(devices)
+
+    def described(kinds: Iterable[str]) -> str:
+        return ", ".join(d.description for d in devices if d.kind in kinds)
+
+    others = _unique(d.backend for d in devices if d.backend != "CPU")
+    return {
+        "cpu_info": described(("CPU", "ACCEL")),
+        "gpu_info": described(GPU_KINDS),
+        "backends": ",".join(others) or "CPU",
+    }
+
+
+def build_info() -> dict[str, Any]:
+    """What this llama.cpp build says of itself. llama-cpp-python's library exports neither
+    llama_commit nor llama_build_number (llama-bench's build_commit/build_number), but the ggml
+    built inside llama.cpp takes llama.cpp's commit as its own (llama.cpp's CMakeLists passes
+    it down): that is build_commit, as llama-bench prints it (without git's "-dirty", which
+    the sdist's build adds). The build number stays None: ggml carries none."""
+    import llama_cpp
+
+    info: dict[str, Any] = {
+        "build_commit": "unknown",
+        "build_number": None,
+        "llama_cpp_python": llama_cpp.__version__,
+        "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(),
+    }
+    try:
+        lib = _ggml()
+        for name in ("ggml_version", "ggml_commit"):
+            function = getattr(lib, name)
+            function.argtypes, function.restype = [], ctypes.c_char_p
+            info[name] = (function() or b"").decode(errors="replace")
+    except (AttributeError, OSError):
+        pass
+    commit = info.get("ggml_commit", "").removesuffix("-dirty")
+    if commit and commit != "unknown":
+        info["build_commit"] = commit
+    return info
+
+
+def ggml_type_name(kind: int) -> str:
+    try:
+        return (_ggml().ggml_type_name(kind) or b"").decode() or str(kind)
+    except (AttributeError, OSError):
+        return str(kind)
 
 
 def compute_backend_of_build() -> str:
@@ -260,6 +315,35 @@ def offload_account(
     return Offload(None, "unknown", "none", has_gpu)
 
 
+# ------------------------------------------------------------------------------------- threads
+
+_CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
+
+
+def physical_core_count(topology: Path = _CPU_TOPOLOGY) -> int:
+    """Physical cores this process may run on: llama-bench's default thread count.
+
+    As llama.cpp's ``cpu_get_num_math`` does on Linux: distinct (package, core) pairs among the
+    CPUs in this process's affinity mask, so hyper-threads sharing a core count once (they share
+    its vector units, which is what the matrix kernels use). Elsewhere, or when the topology
+    cannot be read: ``os.cpu_count()``.
+    """
+    try:
+        allowed = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+    cores = set()
+    for cpu in allowed:
+        folder = topology / f"cpu{cpu}" / "topology"
+        try:
+            package = (folder / "physical_package_id").read_text().strip()
+            core = (folder / "core_id").read_text().strip()
+        except OSError:
+            return len(allowed) or os.cpu_count() or 1
+        cores.add((package, core))
+    return len(cores) or os.cpu_count() or 1
+
+
 # --------------------------------------------------------------------------- llama.cpp backend
 
 
@@ -280,6 +364,7 @@ class LlamaCppBackend(LlmBackend):
         n_gpu_layers: int = 0,
         n_ctx: int = 2048,
         n_threads: int | None = None,
+        n_threads_batch: int | None = None,
         n_batch: int = 512,
         flash_attn: bool = False,
         use_mmap: bool = True,
@@ -295,6 +380,10 @@ class LlamaCppBackend(LlmBackend):
         self.n_gpu_layers_requested = n_gpu_layers
         self.ignore_eos = ignore_eos
         self.use_chat_template = chat_template
+        # llama-bench's defaults, not llama-cpp-python's (half the logical cores)
+        n_threads = n_threads or physical_core_count()
+        n_threads_batch = n_threads_batch or n_threads
+        self.flash_attn, self.use_mmap = bool(flash_attn), bool(use_mmap)
         started = time.perf_counter()
         _LOG_TAIL.clear()
         _loading.lines = []
@@ -306,7 +395,7 @@ class LlamaCppBackend(LlmBackend):
                 n_batch=n_batch,
                 n_ubatch=n_batch,
                 n_threads=n_threads,
-                n_threads_batch=n_threads,
+                n_threads_batch=n_threads_batch,
                 flash_attn=flash_attn,
                 use_mmap=use_mmap,
                 verbose=verbose,
@@ -324,7 +413,9 @@ class LlamaCppBackend(LlmBackend):
         self.n_ctx_requested = n_ctx
         self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
         self.n_batch = int(n_batch)
-        self.n_threads = int(self._llama.context_params.n_threads)
+        # what the context got, from llama.cpp itself
+        self.n_threads = int(llama_cpp.llama_n_threads(self._ctx))
+        self.n_threads_batch = int(llama_cpp.llama_n_threads_batch(self._ctx))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._piece_buffer = ctypes.create_string_buffer(256)
@@ -359,6 +450,7 @@ class LlamaCppBackend(LlmBackend):
             "n_ctx": self.n_ctx,
             "n_batch": self.n_batch,
             "n_threads": self.n_threads,
+            "n_threads_batch": self.n_threads_batch,
             "n_gpu_layers_requested": self.n_gpu_layers_requested,
             # from llama.cpp's own account (load log, device registry), never from the request
             "n_gpu_layers_effective": offload.layers,
@@ -374,6 +466,15 @@ class LlamaCppBackend(LlmBackend):
             "chat_template_used": self._template is not None,
             "add_bos": self.add_bos,
             "load_s": self.load_s,
+            # llama-bench's fields (llm/llama_bench_format.py)
+            "model_size": int(lib.llama_model_size(self._model)),
+            "n_ubatch": int(lib.llama_n_ubatch(self._ctx)),
+            "type_k": ggml_type_name(self._llama.context_params.type_k),
+            "type_v": ggml_type_name(self._llama.context_params.type_v),
+            "flash_attn": self.flash_attn,
+            "use_mmap": self.use_mmap,
+            **llama_bench_devices(llama_devices()),
+            **build_info(),
         }
 
     # ---- tokens
@@ -478,15 +579,19 @@ class LlamaCppBackend(LlmBackend):
 
     def _penalties(self, repeat_penalty: float):
         init = self._lib.llama_sampler_init_penalties
-        args = (64, repeat_penalty, 0.0, 0.0)
+        args = (PENALTY_LAST_N, repeat_penalty, 0.0, 0.0)
         # Some llama-cpp-python versions still take the vocabulary size first.
         if len(getattr(init, "argtypes", None) or args) == 5:
             args = (self.n_vocab, *args)
         return init(*args)
 
     def _sampler(self, sampling: Sampling):
+        """llama.cpp's chain: penalties → top_k → top_p → temp → dist (greedy: penalties →
+        greedy, what ``_greedy_picker`` reproduces without the chain). Its own timing is on."""
         lib = self._lib
-        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        params = lib.llama_sampler_chain_default_params()
+        params.no_perf = False  # the default is off: the chain's t_sample_ms is compared with
+        chain = lib.llama_sampler_chain_init(params)
         if sampling.repeat_penalty != 1.0:
             lib.llama_sampler_chain_add(chain, self._penalties(sampling.repeat_penalty))
         if sampling.temperature <= 0:
@@ -500,6 +605,32 @@ class LlamaCppBackend(LlmBackend):
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
         return chain
 
+    def _greedy_picker(self, repeat_penalty: float) -> Callable[[], int]:
+        """Greedy without llama.cpp's sampler chain, whose per-call work (a candidate array of
+        the whole vocabulary built and walked by each sampler) would be the largest share of a
+        small model's token besides llama_decode: the last logits as a numpy view, the repeat
+        penalty as llama.cpp's penalties sampler applies it (each distinct token among the last
+        ``PENALTY_LAST_N`` generated: logit / p when > 0, else logit × p, in float32), argmax
+        (first maximum, as llama.cpp's greedy sampler). Prompt tokens are not in the window:
+        the chain only ever accepts sampled tokens either."""
+        lib, ctx, n_vocab = self._lib, self._ctx, self.n_vocab
+        get_logits, as_array = lib.llama_get_logits_ith, np.ctypeslib.as_array
+        penalty = np.float32(repeat_penalty)
+        window: deque[int] = deque(maxlen=PENALTY_LAST_N)
+
+        def pick() -> int:
+            logits = as_array(get_logits(ctx, -1), shape=(n_vocab,))
+            if penalty != 1 and window:
+                logits = logits.copy()
+                seen = np.fromiter(set(window), dtype=np.intp, count=-1)
+                values = logits[seen]
+                logits[seen] = np.where(values > 0, values / penalty, values * penalty)
+            token = int(logits.argmax())
+            window.append(token)
+            return token
+
+        return pick
+
     def _token_loop(
         self, prompt_ids: list[int], sampling: Sampling, record: Generation
     ) -> Iterator[int]:
@@ -507,7 +638,12 @@ class LlamaCppBackend(LlmBackend):
         lib, ctx = self._lib, self._ctx
         clock = time.perf_counter
         limit = min(sampling.max_tokens, self.n_ctx - len(prompt_ids))
-        sampler = self._sampler(sampling)
+        greedy = sampling.temperature <= 0
+        sampler = None if greedy else self._sampler(sampling)
+        if greedy:
+            next_token = self._greedy_picker(sampling.repeat_penalty)
+        else:
+            next_token = functools.partial(lib.llama_sampler_sample, sampler, ctx, -1)
         batch = self._batch
         try:
             self._clear_kv_cache()
@@ -517,14 +653,14 @@ class LlamaCppBackend(LlmBackend):
             self._decode_prompt(prompt_ids)
             lib.llama_synchronize(ctx)
             t_prompt = clock()
-            token = lib.llama_sampler_sample(sampler, ctx, -1)
+            token = next_token()
             t_first = clock()
             record.prompt_eval_s, record.ttft_s = t_prompt - t_start, t_first - t_start
             # Single-token batches from here on: only the token and its position change.
             batch.n_tokens, batch.n_seq_id[0], batch.seq_id[0][0], batch.logits[0] = 1, 1, 0, 1
             position, produced, decoded = len(prompt_ids), 0, 0
             ignore_eos, is_eog = self.ignore_eos, lib.llama_vocab_is_eog
-            decode, sample, vocab = lib.llama_decode, lib.llama_sampler_sample, self._vocab
+            decode, vocab = lib.llama_decode, self._vocab
             record.finish_reason = "length"
             while limit > 0:
                 if not ignore_eos and is_eog(vocab, token):
@@ -539,13 +675,22 @@ class LlamaCppBackend(LlmBackend):
                     raise RuntimeError(f"llama_decode failed: {last_llama_error()}")
                 position += 1
                 decoded += 1
-                token = sample(sampler, ctx, -1)
+                token = next_token()
             lib.llama_synchronize(ctx)
             record.gen_s = clock() - t_first
             record.n_decoded = decoded
             record.counters = self.perf_counters()
+            record.counters.update(self._sampler_counters(sampler))
         finally:
-            lib.llama_sampler_free(sampler)
+            if sampler is not None:
+                lib.llama_sampler_free(sampler)
+
+    def _sampler_counters(self, sampler: Any) -> dict[str, float]:
+        """llama.cpp's own timing of its sampler chain (none for greedy, which skips it)."""
+        if sampler is None:
+            return {"sample_ms": 0.0, "n_sample": 0}
+        data = self._lib.llama_perf_sampler(sampler)
+        return {"sample_ms": float(data.t_sample_ms), "n_sample": int(data.n_sample)}
 
     def perf_counters(self) -> dict[str, float]:
         """llama.cpp's own prompt/decode counters since the last reset (after synchronizing)."""
@@ -561,6 +706,33 @@ class LlamaCppBackend(LlmBackend):
             if data.t_eval_ms
             else float("nan"),
         }
+
+    # ---- llama-bench's tests (timed by the caller, llm/bench.py)
+
+    def reset_for_bench(self) -> None:
+        """An empty KV cache and zeroed counters: the state every llama-bench repetition
+        starts from."""
+        self._clear_kv_cache()
+        self._lib.llama_perf_context_reset(self._ctx)
+
+    def bench_prompt(self, tokens: Sequence[int]) -> None:
+        """llama-bench's pp test: ``tokens`` decoded in n_batch-sized batches, outputs for each
+        batch's last position only, then one synchronize."""
+        for start in range(0, len(tokens), self.n_batch):
+            self._decode(list(tokens[start : start + self.n_batch]), start, all_logits=False)
+        self._lib.llama_synchronize(self._ctx)
+
+    def bench_gen(self, tokens: Sequence[int]) -> None:
+        """llama-bench's tg test: one single-token decode per token, each synchronized; no
+        sampling (the next token is the given one, whatever the logits say)."""
+        lib, ctx, batch = self._lib, self._ctx, self._batch
+        decode, synchronize = lib.llama_decode, lib.llama_synchronize
+        batch.n_tokens, batch.n_seq_id[0], batch.seq_id[0][0], batch.logits[0] = 1, 1, 0, 1
+        for position, token in enumerate(tokens):
+            batch.token[0], batch.pos[0] = token, position
+            if decode(ctx, batch) != 0:
+                raise RuntimeError(f"llama_decode failed: {last_llama_error()}")
+            synchronize(ctx)
 
     def generate(self, prompt: str, sampling: Sampling) -> Generation:
         record = Generation(load_s=self.load_s)
