@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from ml_engine.run.files import (
     JOB_RECORD,
@@ -199,5 +199,35 @@ class SweepSummary(Callback):
         """Hook for sweep kinds that add more views of the same records (plots)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        path = self.write(Path(config.hydra.sweep.dir))
+        sweep_dir = Path(config.hydra.sweep.dir)
+        path = self.write(sweep_dir)
+        storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
+        if storage:  # a study other sweeps may share: list all of it, not only this sweep's
+            study = write_study_table(sweep_dir, str(storage), str(config.hydra.sweeper.study_name))
+            print(f"study: {study}", flush=True)
         print(f"summary: {path}", flush=True)
+
+
+def write_study_table(sweep_dir: Path, storage: str, study_name: str) -> Path:
+    """``study.md`` and ``study.csv``: every trial of the shared study, by trial number."""
+    from ml_engine.run.optuna_study import STUDY_TABLE, study_rows
+
+    rows = study_rows(storage, study_name)
+    columns = sorted({key for row in rows for key in row}, key=_study_column_order)
+    rows = [{column: row.get(column) for column in columns} for row in rows]
+    write_csv(rows, sweep_dir / "study.csv")
+    done = sum(1 for row in rows if row["state"] == "COMPLETE")
+    title = (
+        f"# Study `{study_name}`: {len(rows)} trials ({done} complete)\n\n"
+        f"Every trial in `{storage}`, whichever sweep ran it; this sweep's own jobs are in "
+        "`summary.md`.\n\n"
+    )
+    write_text_atomic(sweep_dir / STUDY_TABLE, title + markdown_table(rows))
+    return sweep_dir / STUDY_TABLE
+
+
+def _study_column_order(column: str) -> tuple[int, str]:
+    fixed = ("trial", "state", "value")
+    return (
+        (fixed.index(column), "") if column in fixed else (4 if column == "started" else 3, column)
+    )

@@ -1,0 +1,89 @@
+"""One Optuna study shared by several sweeps (``hydra.sweeper.storage``): its storage opened
+safely by concurrent workers, and the whole study listed beside a sweep's own summary.
+
+Optuna's RDB storage creates its tables on first use; two sweeps started at once against a new
+SQLite file both try, and one fails ("table studies already exists"). The first open is
+therefore serialized by a lock file beside the database. Other URLs (PostgreSQL, MySQL) are
+opened as they are: their servers serialize schema creation themselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ml_engine.errors import UserError
+
+STUDY_TABLE = "study.md"
+_URL_HELP = (
+    "expected an RDB URL every worker can reach, e.g. sqlite:///outputs/optuna/mnist.db or "
+    "postgresql://user:password@host/db"
+)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///…`` URL (None for other databases, or in memory)."""
+    if not url.startswith("sqlite:///"):
+        return None
+    path = url.removeprefix("sqlite:///")
+    return None if path in ("", ":memory:") else Path(path)
+
+
+@contextlib.contextmanager
+def _first_open_lock(url: str) -> Iterator[None]:
+    database = sqlite_file(url)
+    if database is None:
+        yield
+        return
+    if not database.parent.is_dir():
+        raise UserError(
+            f"hydra.sweeper.storage={url}: the folder {database.parent} does not exist; {_URL_HELP}"
+        )
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def open_storage(url: str) -> Any:
+    """Optuna's storage for ``url``, its tables created once whoever comes first; a URL that
+    cannot be opened is one line naming it and the reason."""
+    import optuna
+
+    try:
+        with _first_open_lock(url):
+            return optuna.storages.RDBStorage(url)
+    except UserError:
+        raise
+    except Exception as error:  # sqlalchemy's errors: no driver, no server, bad credentials
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(
+            f"hydra.sweeper.storage={url}: cannot open the study storage "
+            f"({type(error).__name__}: {reason[:200]}); {_URL_HELP}"
+        ) from None
+
+
+def study_rows(url: str, study_name: str) -> list[dict[str, Any]]:
+    """Every trial of the study, whichever sweep ran it: number, state, value, params."""
+    import optuna
+
+    study = optuna.load_study(study_name=study_name, storage=open_storage(url))
+    rows = []
+    for trial in study.trials:
+        rows.append(
+            {
+                "trial": trial.number,
+                "state": trial.state.name,
+                "value": trial.value,
+                **{f"params.{k}": v for k, v in sorted(trial.params.items())},
+                "started": trial.datetime_start.isoformat(timespec="seconds")
+                if trial.datetime_start
+                else None,
+            }
+        )
+    return rows
