@@ -226,3 +226,49 @@ def test_torchvision_errors_are_one_line(make_cfg, tmp_path: Path) -> None:
     assert "CIFAR10" in error(name="CIFAR11")  # the accepted names are listed
     missing = error(name="CIFAR10", download=False)
     assert str(tmp_path / "data" / "cifar-10-batches-py") in missing
+
+
+def test_torchvision_architecture_trains_on_small_rgb_images(make_cfg, tmp_path: Path, digits):
+    root = write_digit_folder(tmp_path / "tinted", digits, per_class=20, rgb=True)
+    cfg = make_cfg(
+        "train",
+        [
+            "datamodule=image_folder",
+            f"datamodule.root={root}",
+            "datamodule.image_size=32",
+            "model=mobilenet_v3_small",
+            "trainer.max_epochs=1",
+            "callbacks.early_stopping=null",
+        ],
+    )
+    metrics = train(cfg)
+    model = load_classifier(metrics["best_ckpt"])
+    assert model.hparams.net["arch"] == "mobilenet_v3_small"
+    assert model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 10)
+    assert 0.0 <= metrics["test/acc"] <= 1.0
+
+
+def test_pretrained_weights_come_from_the_hub_cache(tmp_path: Path, monkeypatch) -> None:
+    from torchvision.models import get_model, get_model_weights
+
+    from ml_engine.training.registry import build_network
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    supplied = {"num_classes": 5, "in_channels": 1, "image_size": [28, 28]}
+    with pytest.raises(UserError, match=r"put the file https://download\.pytorch\.org/models/"):
+        build_network("torchvision", supplied, arch="mobilenet_v3_small", pretrained=True)
+
+    # a stand-in for the downloaded file: the same architecture's state dict, at the cache path
+    reference = get_model("mobilenet_v3_small", weights=None)
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    url = get_model_weights("mobilenet_v3_small").DEFAULT.url
+    torch.save(reference.state_dict(), cache / Path(url).name)
+    net = build_network("torchvision", supplied, arch="mobilenet_v3_small", pretrained=True)
+    inner = "features.1.block.0.0.weight"  # neither the first convolution nor the head
+    assert torch.equal(net.state_dict()[inner], reference.state_dict()[inner])
+    first = net.features[0][0]
+    assert first.in_channels == 1  # RGB filters summed into the one gray channel
+    summed = reference.features[0][0].weight.sum(dim=1, keepdim=True)
+    assert torch.allclose(first.weight, summed)
+    assert net.classifier[-1].out_features == 5

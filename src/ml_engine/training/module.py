@@ -86,11 +86,9 @@ class ClassifierModule(ConfiguredOptimizers):
             # must not look for the pretrained file again
             self.hparams.net["pretrained"] = False
         # not persistent: the statistics are hyperparameters, and older state_dicts lack them
-        shape = (1, data["channels"], 1, 1)
-        mean = torch.tensor(data["mean"]).expand(shape).clone()
-        std = torch.tensor(data["std"]).expand(shape).clone()
-        self.register_buffer("input_mean", mean, persistent=False)
-        self.register_buffer("input_std", std, persistent=False)
+        mean, std = torch.tensor(data["mean"]), torch.tensor(data["std"])
+        self.register_buffer("input_mean", mean.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("input_std", std.view(1, -1, 1, 1), persistent=False)
 
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
