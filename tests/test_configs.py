@@ -23,9 +23,17 @@ def options(group: str) -> list[str]:
 
 
 def test_every_group_has_its_documented_options() -> None:
-    assert options("model") == ["cnn_mnist", "llama_char", "mlp_mnist"]
-    assert options("model/net") == ["cnn_mnist", "llama", "mlp_mnist"]
-    assert options("datamodule") == ["mnist", "text"]
+    assert options("model") == [
+        "cnn_mnist",
+        "efficientnet_b0",
+        "llama_char",
+        "mlp_mnist",
+        "mobilenet_v3_small",
+        "resnet18",
+        "torchvision",
+    ]
+    assert options("model/net") == ["cnn_mnist", "llama", "mlp_mnist", "torchvision"]
+    assert options("datamodule") == ["image_folder", "mnist", "text", "torchvision"]
     assert options("trainer") == ["cpu", "ddp", "ddp_cpu", "default", "gpu", "mps"]
     assert {"default", "none", "model_checkpoint", "early_stopping"} <= set(options("callbacks"))
     assert options("logger") == ["csv", "mlflow", "none", "tensorboard", "wandb"]
@@ -38,7 +46,12 @@ def test_model_options_build_a_lightning_module(model: str, tmp_path: Path) -> N
     cfg = shrink(compose_config("train", [f"model={model}"]), tmp_path)
     module = instantiate(cfg.model)
     assert isinstance(module, L.LightningModule)
-    assert module.hparams.net["name"] == {"llama_char": "llama"}.get(model, model)
+    # the torchvision architectures are one network, "torchvision", with an ``arch``
+    name = module.hparams.net["name"]
+    assert name == {"llama_char": "llama"}.get(model, model) or module.hparams.net["arch"] in (
+        model,
+        "resnet18",
+    )
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))

@@ -60,6 +60,7 @@ def test_job_lifecycle_then_predict_then_cancel(make_client, digit_pngs) -> None
     correct = sum(p["digit"] == t for p, t in zip(predictions, truth, strict=True))
     assert len(predictions) == len(expected) and correct >= 0.6 * len(truth), predictions
     for p in predictions:
+        assert p["label"] == str(p["digit"])  # a digit model's class names are "0".."9"
         assert abs(sum(p["probabilities"]) - 1) < 1e-3 and p["digit"] == int(
             np.argmax(p["probabilities"])
         )

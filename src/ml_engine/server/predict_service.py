@@ -77,6 +77,8 @@ def arrays_to_digits(images: list[list[list[float]]]) -> np.ndarray:
 class Prediction:
     run: RunInfo
     probabilities: np.ndarray
+    # the checkpoint's class names ("0".."9" for digit models and older checkpoints)
+    class_names: list[str]
 
     def to_dict(self, names: list[str]) -> dict[str, Any]:
         rows = []
@@ -86,6 +88,7 @@ class Prediction:
                     "index": index,
                     "name": name,
                     "digit": int(probs.argmax()),
+                    "label": self.class_names[int(probs.argmax())],
                     "confidence": round(float(probs.max()), 6),
                     "probabilities": [round(float(p), 6) for p in probs],
                 }
@@ -154,4 +157,4 @@ class PredictService:
         except FileNotFoundError:
             raise NotFound(f"checkpoint of run '{info.run}' is gone") from None
         probabilities = predict_digits(model, digits, batch_size=256).numpy()
-        return Prediction(info, probabilities)
+        return Prediction(info, probabilities, model.class_names)

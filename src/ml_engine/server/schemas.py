@@ -147,6 +147,8 @@ class DigitPrediction(BaseModel):
     index: int
     name: str
     digit: int
+    # the predicted class's name from the checkpoint ("0".."9" for digit models)
+    label: str
     confidence: float
     probabilities: list[float]
 

@@ -25,6 +25,8 @@ LATEST = "last"
 # (batch size, workers, data dir) may differ between training and evaluation
 SPLIT_KEYS = ("source", "val_fraction", "test_fraction", "split_seed")
 TEXT_SPLIT_KEYS = ("path", "max_chars", "block_size")
+# datamodule=image_folder / torchvision: which images, decoded at which size and channels
+IMAGE_KEYS = ("root", "name", "image_size", "channels")
 DATAMODULE_HPARAMS = "datamodule_hyper_parameters"
 DATAMODULE_GROUP = "datamodule"
 # the LightningModules a checkpoint may name (checkpoints from before the name: classifiers)
@@ -212,12 +214,13 @@ def adopt_data_settings(cfg: DictConfig, checkpoint: dict[str, Any], path: Path)
     given = _command_line_keys()
     adopted = []
     with open_dict(cfg):
-        for key in SPLIT_KEYS + TEXT_SPLIT_KEYS:
-            if key not in cfg.datamodule:  # another datamodule's key
+        for key in SPLIT_KEYS + TEXT_SPLIT_KEYS + IMAGE_KEYS:
+            # another datamodule's key; keys() lists a missing (???) root too, `in` does not
+            if key not in cfg.datamodule.keys():  # noqa: SIM118
                 continue
             if key not in saved or f"datamodule.{key}" in given:
                 continue
-            if cfg.datamodule.get(key) != saved[key]:
+            if OmegaConf.is_missing(cfg.datamodule, key) or cfg.datamodule.get(key) != saved[key]:
                 adopted.append(f"datamodule.{key}={saved[key]}")
             cfg.datamodule[key] = saved[key]
     if digits and trained_on == "torchvision":

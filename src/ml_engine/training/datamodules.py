@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ml_engine.training.data_sources import DigitSplits, load_digits
+from ml_engine.training.image_data import mnist_spec
 from ml_engine.training.module import plain_container
 
 
@@ -208,3 +209,7 @@ class MNISTDataModule(L.LightningDataModule):
                 scale=tuple(self.augment.get("scale", (0.9, 1.1))),
             )
         return images, labels
+
+    def data_spec(self) -> dict[str, Any]:
+        """28×28 grayscale digits "0".."9" with MNIST's statistics, for the model's checkpoint."""
+        return mnist_spec()

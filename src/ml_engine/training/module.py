@@ -11,12 +11,9 @@ from torch import Tensor
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from ml_engine.training.image_data import MNIST_MEAN, MNIST_STD, mnist_spec
 from ml_engine.training.optimizers import ConfiguredOptimizers
 from ml_engine.training.registry import build_network
-
-# MNIST's pixel statistics; inputs are raw intensities in [0, 1] (or uint8) so that a checkpoint
-# alone is enough to predict on new images.
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def plain_container(node: Any) -> Any:
@@ -26,13 +23,19 @@ def plain_container(node: Any) -> Any:
     return node
 
 
-def to_model_input(images: Tensor) -> Tensor:
-    """uint8 or [0, 1] float images shaped {N,28,28} or {N,1,28,28} → normalized {N,1,28,28}."""
+def to_model_input(
+    images: Tensor, mean: Tensor | float = MNIST_MEAN, std: Tensor | float = MNIST_STD
+) -> Tensor:
+    """uint8 or [0, 1] float images {N,C,H,W} (or channel-less {N,H,W}) → normalized floats.
+
+    Inputs are raw intensities so that a checkpoint alone (which holds ``mean`` and ``std``, per
+    channel as {1,C,1,1}) is enough to predict on new images.
+    """
     if images.dtype == torch.uint8:
         images = images.float().div_(255)
     if images.dim() == 3:  # the original engine's safety net for channel-less batches
         images = images.unsqueeze(1)
-    return (images - MNIST_MEAN) / MNIST_STD
+    return (images - mean) / std
 
 
 class ClassifierModule(ConfiguredOptimizers):
@@ -50,8 +53,13 @@ class ClassifierModule(ConfiguredOptimizers):
         scheduler_interval: str = "step",
         label_smoothing: float = 0.0,
         num_classes: int = 10,
+        data: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        # the datamodule's data spec (image_data.data_spec); checkpoints from before it
+        # were MNIST digit models
+        data = plain_container(data) or mnist_spec(num_classes)
+        num_classes = len(data["class_names"])
         self.save_hyperparameters(
             {
                 "net": plain_container(net),
@@ -60,19 +68,43 @@ class ClassifierModule(ConfiguredOptimizers):
                 "scheduler_interval": scheduler_interval,
                 "label_smoothing": label_smoothing,
                 "num_classes": num_classes,
+                "data": data,
             }
         )
         net_kwargs = dict(self.hparams.net)
-        self.net = build_network(net_kwargs.pop("name"), num_classes=num_classes, **net_kwargs)
+        self.net = build_network(
+            net_kwargs.pop("name"),
+            supplied={
+                "num_classes": num_classes,
+                "in_channels": data["channels"],
+                "image_size": data["image_size"],
+            },
+            **net_kwargs,
+        )
+        if net_kwargs.get("pretrained"):
+            # the weights now live in this module's state_dict: rebuilding it from a checkpoint
+            # must not look for the pretrained file again
+            self.hparams.net["pretrained"] = False
+        # not persistent: the statistics are hyperparameters, and older state_dicts lack them
+        mean, std = torch.tensor(data["mean"]), torch.tensor(data["std"])
+        self.register_buffer("input_mean", mean.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("input_std", std.view(1, -1, 1, 1), persistent=False)
 
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # no per-batch input validation: preds are our own argmax, targets the datamodule's
+        # labels; checking them costs more per step than the small networks' update
+        accuracy = {"average": "micro", "validate_args": False}
+        self.train_acc = MulticlassAccuracy(num_classes, **accuracy)
+        self.val_acc = MulticlassAccuracy(num_classes, **accuracy)
+        self.test_acc = MulticlassAccuracy(num_classes, **accuracy)
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
 
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.hparams.data["class_names"])
+
     def forward(self, images: Tensor) -> Tensor:
-        return self.net(to_model_input(images))
+        return self.net(to_model_input(images, self.input_mean, self.input_std))
 
     def _shared_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         images, targets = batch

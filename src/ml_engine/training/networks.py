@@ -1,4 +1,8 @@
-"""Built-in classification networks for 28×28 grayscale digits."""
+"""Built-in classification networks, sized for small images such as 28×28 digits.
+
+``in_channels`` (and the MLP's ``image_size``) come from the datamodule through the module, like
+``num_classes``; the defaults are MNIST's.
+"""
 
 from __future__ import annotations
 
@@ -30,11 +34,12 @@ class CnnMnist(nn.Module):
         widths: Sequence[int] = (16, 32, 64),
         dropout: float = 0.1,
         num_classes: int = 10,
+        in_channels: int = 1,
     ) -> None:
         super().__init__()
         first, second, third = widths
         self.features = nn.Sequential(
-            *_conv_bn_relu(1, first),
+            *_conv_bn_relu(in_channels, first),
             *_conv_bn_relu(first, first),
             nn.MaxPool2d(2),
             *_conv_bn_relu(first, second),
@@ -59,10 +64,12 @@ class MlpMnist(nn.Module):
         hidden_sizes: Sequence[int] = (256, 128),
         dropout: float = 0.2,
         num_classes: int = 10,
+        in_channels: int = 1,
+        image_size: Sequence[int] = (28, 28),
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
-        in_features = 28 * 28
+        in_features = in_channels * image_size[0] * image_size[1]
         for size in hidden_sizes:
             layers += [nn.Linear(in_features, size), nn.ReLU(inplace=True), nn.Dropout(dropout)]
             in_features = size

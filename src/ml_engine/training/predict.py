@@ -13,18 +13,30 @@ from omegaconf import DictConfig
 
 from ml_engine.run.files import atomic_write
 from ml_engine.training.checkpoints import load_classifier
+from ml_engine.training.image_data import read_image
 from ml_engine.training.images import IMAGE_SUFFIXES, list_images, load_digit
+from ml_engine.training.module import ClassifierModule
 
 
 @torch.inference_mode()
 def predict_digits(model: torch.nn.Module, digits: np.ndarray, batch_size: int) -> torch.Tensor:
-    """Class probabilities {N,10} for uint8 digits {N,28,28}."""
+    """Class probabilities {N,classes} for uint8 images {N,C,H,W} (or digits {N,28,28})."""
     device = next(model.parameters()).device
     chunks = [
         torch.softmax(model(torch.from_numpy(digits[i : i + batch_size]).to(device)), dim=1).cpu()
         for i in range(0, len(digits), batch_size)
     ]
     return torch.cat(chunks)
+
+
+def load_inputs(model: ClassifierModule, paths: list[Path], invert: str | bool) -> np.ndarray:
+    """The images as the model was trained on them: digit models get MNIST's centring and
+    inversion (as the bundled digits were made); others the checkpoint's channels and size."""
+    spec = model.hparams.data
+    if spec["digits"]:
+        return np.stack([load_digit(path, invert) for path in paths])
+    size = tuple(spec["image_size"])
+    return np.stack([read_image(path, spec["channels"], size) for path in paths])
 
 
 def write_predictions(rows: list[dict[str, Any]], output: Path) -> None:
@@ -60,18 +72,20 @@ def report_skipped(folder: Path) -> int:
 
 
 def predict(cfg: DictConfig) -> dict[str, Any]:
-    """Predict every image under ``cfg.input`` and write ``path,prediction,confidence`` rows.
+    """Predict every image under ``cfg.input`` and write ``path,prediction,confidence`` rows;
+    the prediction is the class name stored in the checkpoint ("0".."9" for digit models).
 
     ``cfg`` is checked against PREDICT_RULES by the job wrapper (run/launch.run_job)."""
     model = load_classifier(to_absolute_path(cfg.ckpt_path), map_location=cfg.device)
     source = Path(to_absolute_path(str(cfg.input)))
     paths = list_images(source)
     skipped = report_skipped(source)
-    digits = np.stack([load_digit(path, cfg.invert) for path in paths])
-    probabilities = predict_digits(model, digits, cfg.batch_size)
+    images = load_inputs(model, paths, cfg.invert)
+    probabilities = predict_digits(model, images, cfg.batch_size)
     confidence, prediction = probabilities.max(dim=1)
+    names = model.class_names
     rows = [
-        {"path": str(path), "prediction": int(p), "confidence": round(float(c), 6)}
+        {"path": str(path), "prediction": names[int(p)], "confidence": round(float(c), 6)}
         for path, p, c in zip(paths, prediction, confidence, strict=True)
     ]
     output = Path(to_absolute_path(str(cfg.output)))

@@ -27,7 +27,7 @@ ENTRY_POINT_GROUP = "ml_engine.networks"
 NET_CONFIG_GROUP = "model/net"
 # set by the LightningModule itself (ClassifierModule, CausalLMModule), never part of a
 # network's config
-_MODULE_SUPPLIED_ARGS = ("num_classes", "vocab_size")
+_MODULE_SUPPLIED_ARGS = ("num_classes", "in_channels", "image_size", "vocab_size")
 
 # what a network does, i.e. which LightningModule trains it: digit classifiers (images → class
 # logits, the kind of every plugin network) or causal language models (ids → next-id logits)
@@ -62,7 +62,8 @@ def _plugin_entry_points() -> list[EntryPoint]:
 def _load_builtin_and_plugins() -> None:
     # the built-in networks register themselves on import
     import ml_engine.training.llama
-    import ml_engine.training.networks  # noqa: F401
+    import ml_engine.training.networks
+    import ml_engine.training.torchvision_nets  # noqa: F401
 
     for entry in _plugin_entry_points():
         if entry.name not in _NETWORKS:
@@ -86,13 +87,24 @@ def _accepted_arguments(builder: NetworkBuilder) -> list[str] | None:
     return [p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL]
 
 
-def build_network(name: str, **kwargs: object) -> nn.Module:
-    """Build the network registered as ``name`` with its keyword arguments."""
+def build_network(
+    name: str, supplied: dict[str, object] | None = None, **kwargs: object
+) -> nn.Module:
+    """Build the network registered as ``name`` with its keyword arguments.
+
+    ``supplied``: what the module knows of the data (``num_classes``, ``in_channels``,
+    ``image_size``); each is passed only to builders that take it, so a plugin network written
+    for MNIST needs no ``in_channels`` argument.
+    """
     _load_builtin_and_plugins()
     if name not in _NETWORKS:
         raise UnknownNameError("network", name, list(_NETWORKS))
     builder = _NETWORKS[name]
     accepted = _accepted_arguments(builder)
+    for key, value in (supplied or {}).items():
+        # num_classes always, as before; the rest only where named (not through **kwargs)
+        if key == "num_classes" or (accepted is not None and key in accepted):
+            kwargs.setdefault(key, value)
     unexpected = [key for key in kwargs if accepted is not None and key not in accepted]
     if unexpected:
         own = [a for a in accepted or [] if a not in _MODULE_SUPPLIED_ARGS]

@@ -38,7 +38,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"test=true needs a test split, and {type(datamodule).__name__} has none (its "
             "held-out text is the validation split, reported as val/loss); set test=false"
         )
-    model: L.LightningModule = instantiate(cfg.model)
+    model: L.LightningModule = instantiate(cfg.model, **data_arguments(datamodule))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -61,6 +61,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     log_hyperparameters(cfg, model, trainer, metrics)
     finish_run(cfg, trainer, metrics)
     return metrics
+
+
+def data_arguments(datamodule: L.LightningDataModule) -> dict[str, Any]:
+    """What the model takes from an image datamodule: input shape, normalization and class
+    names (its ``data_spec``), so that they come from the data and end in the checkpoint."""
+    spec = getattr(datamodule, "data_spec", None)
+    return {"data": spec()} if spec is not None else {}
 
 
 def _checkpoint_to_resume(cfg: DictConfig) -> Path | None:
