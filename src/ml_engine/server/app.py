@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from ml_engine import __version__
 from ml_engine.server import routes_llm, routes_ml
-from ml_engine.server.errors import install_error_handlers
+from ml_engine.server.errors import SafeJSONResponse, install_error_handlers
 from ml_engine.server.guards import BodySizeLimit, bearer_guard
 from ml_engine.server.schemas import Health
 from ml_engine.server.settings import Settings, load_settings
@@ -46,6 +46,7 @@ def create_app(cfg: DictConfig | Settings) -> FastAPI:
         version=__version__,
         description="Train MNIST classifiers, predict digits, generate text with llama.cpp.",
         lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
     )
     app.state.server = state
     install_error_handlers(app)

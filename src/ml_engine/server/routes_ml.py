@@ -207,11 +207,18 @@ PREDICT_OPENAPI = {
 }
 
 
+def _text_field(value: Any, field: str) -> str | None:
+    """A form field that must be text; a file sent in its place is named, never shown (its
+    repr would leak the server's objects into the reply)."""
+    if value is None or isinstance(value, str):
+        return value
+    raise ApiError(422, f"{field} must be a text field, not a file")
+
+
 def _optional_name(value: Any, field: str) -> str | None:
+    value = _text_field(value, field)
     if value is None or value == "":
         return None
-    if not isinstance(value, str):
-        raise ApiError(422, f"{field} must be a text field")
     try:
         return _check_name(value)
     except ValueError as exc:
@@ -236,10 +243,10 @@ async def _read_multipart(request: Request, state: ServerState) -> tuple[list, d
         # the client's filename is only echoed back, never used as a path
         name = (upload.filename or f"image[{index}]")[:128]
         images.append((name, await upload.read()))
-    invert = form.get("invert") or "auto"
+    invert = _text_field(form.get("invert"), "invert") or "auto"
     if invert not in INVERT_CHOICES:
         raise ApiError(
-            422, f"invert={invert!r} is not valid; accepted: {', '.join(INVERT_CHOICES)}"
+            422, f"invert={invert[:64]!r} is not valid; accepted: {', '.join(INVERT_CHOICES)}"
         )
     options = {
         "model": _optional_name(form.get("model"), "model"),
