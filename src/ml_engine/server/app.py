@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from ml_engine import __version__
 from ml_engine.server import routes_llm, routes_ml
 from ml_engine.server.errors import SafeJSONResponse, install_error_handlers
-from ml_engine.server.guards import BodySizeLimit, bearer_guard
+from ml_engine.server.guards import BodySizeLimit, HostOriginGuard, bearer_guard
 from ml_engine.server.schemas import Health
 from ml_engine.server.settings import Settings, load_settings
 from ml_engine.server.state import ServerState
@@ -51,6 +51,14 @@ def create_app(cfg: DictConfig | Settings) -> FastAPI:
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.limits.max_body_bytes)
+    # added last, so it runs first: a request not meant for this server reads no body
+    app.add_middleware(
+        HostOriginGuard,
+        api_key=settings.api_key,
+        bound_host=settings.host,
+        allowed_hosts=settings.allowed_hosts,
+        allowed_origins=settings.allowed_origins,
+    )
 
     # HTTPBearer documents the scheme in /docs; bearer_guard does the checking and the 401
     protected = [Depends(HTTPBearer(auto_error=False)), Depends(bearer_guard(settings.api_key))]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -14,7 +14,7 @@ from starlette.datastructures import UploadFile
 from ml_engine.errors import UnknownNameError
 from ml_engine.run.rules import rules_by_key
 from ml_engine.server.errors import ApiError, NotFound
-from ml_engine.server.guards import check_range
+from ml_engine.server.guards import check_range, require_json
 from ml_engine.server.job_runner import REQUEST_TO_OVERRIDE
 from ml_engine.server.jobs_store import FINAL_STATUSES, JOB_STATUSES, Job
 from ml_engine.server.predict_service import arrays_to_digits, decode_image
@@ -131,7 +131,13 @@ def _submit(state: ServerState, model: str, options: TrainOptions) -> dict[str, 
     return job_view(state.jobs.submit(model, {"model": model, **values}))
 
 
-@router.post("/train", status_code=202, response_model=JobView, summary="Queue a training job")
+@router.post(
+    "/train",
+    status_code=202,
+    response_model=JobView,
+    summary="Queue a training job",
+    dependencies=[Depends(require_json)],
+)
 def train(request: Request, body: TrainRequest) -> dict[str, Any]:
     return _submit(_state(request), body.model, body)
 
@@ -141,6 +147,7 @@ def train(request: Request, body: TrainRequest) -> dict[str, Any]:
     status_code=202,
     response_model=TrainAllResponse,
     summary="Queue one training job per trainable network",
+    dependencies=[Depends(require_json)],
 )
 def train_all(request: Request, body: Annotated[TrainOptions | None, Body()] = None) -> dict:
     state = _state(request)

@@ -63,6 +63,8 @@ class Settings:
     llm_exports_dir: Path | None = None
     llm_files: tuple[Path, ...] = ()
     log_level: str = "info"
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
 
 
 def _limits(node: dict[str, Any]) -> Limits:
@@ -84,7 +86,7 @@ def _names(value: Any) -> tuple[str, ...] | None:
 
 
 _KEYS = ("host", "port", "api_key", "runs_dir", "jobs_db", "jobs", "train", "predict", "llm")
-_KEYS += ("limits", "log_level")
+_KEYS += ("limits", "log_level", "allowed_hosts", "allowed_origins")
 
 
 def _plain(cfg: DictConfig, key: str) -> Any:
@@ -138,4 +140,6 @@ def load_settings(cfg: DictConfig) -> Settings:
         ),
         llm_files=tuple(Path(str(f)) for f in llm.get("files") or ()),
         log_level=str(data.get("log_level") or "info"),
+        allowed_hosts=_names(data.get("allowed_hosts")) or (),
+        allowed_origins=_names(data.get("allowed_origins")) or (),
     )
