@@ -74,3 +74,62 @@ def test_a_foreign_origin_is_refused_without_a_key(make_client, tmp_path) -> Non
     )
     ok = allowed.get("/ml/models", headers={"origin": "http://dash.lan:8000"})
     assert ok.status_code == 200
+
+
+def _idle_client(tmp_path, name: str, address: str = "10.0.0.1", **values):
+    """A client of an app whose job runner is not started: every job it queues stays queued."""
+    from fastapi.testclient import TestClient
+
+    from ml_engine.server import create_app
+    from tests.serve.conftest import serve_config
+
+    cfg = serve_config(tmp_path / name, **values)
+    return TestClient(create_app(cfg), client=(address, 50000))
+
+
+def test_queued_jobs_are_capped_per_client_and_per_server(tmp_path) -> None:
+    caps = {"jobs.max_queued": 5, "jobs.max_queued_per_key": 3, "jobs.retry_after_s": 7}
+    first = _idle_client(tmp_path, "a", "10.0.0.1", **caps)
+    body = {"model": "mlp_mnist", "epochs": 1}
+    try:
+        for _ in range(3):
+            assert first.post("/ml/train", json=body).status_code == 202
+        refused = first.post("/ml/train", json=body)
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "7"
+        assert refused.json() == {
+            "error": "3 training jobs are queued for this client address and 1 more would pass "
+            "the limit of 3 (jobs.max_queued_per_key); retry when some have started"
+        }
+        # train-all queues all of its jobs or none
+        assert first.post("/ml/train-all", json={"epochs": 1}).status_code == 429
+        # another address has its own share, until the server's cap
+        second = _from_address(first, "10.0.0.2")
+        assert second.post("/ml/train-all", json={"epochs": 1}).status_code == 202
+        full = second.post("/ml/train", json=body)
+        assert full.status_code == 429 and "(jobs.max_queued)" in full.json()["error"]
+        queued = first.get("/ml/jobs", params={"status": "queued"}).json()["jobs"]
+        assert len(queued) == 5
+        # a cancelled job frees its place
+        first.delete(f"/ml/jobs/{queued[-1]['id']}")
+        assert first.post("/ml/train", json=body).status_code == 202
+    finally:
+        first.app.state.server.store.close()
+
+
+def test_with_a_key_the_cap_is_per_key(tmp_path) -> None:
+    client = _idle_client(tmp_path, "k", **{"api_key": "s3cret", "jobs.max_queued_per_key": 1})
+    auth = {"Authorization": "Bearer s3cret"}
+    try:
+        body = {"model": "mlp_mnist", "epochs": 1}
+        assert client.post("/ml/train", json=body, headers=auth).status_code == 202
+        again = _from_address(client, "10.9.9.9").post("/ml/train", json=body, headers=auth)
+        assert again.status_code == 429 and "for this API key" in again.json()["error"]
+    finally:
+        client.app.state.server.store.close()
+
+
+def _from_address(client, address: str):
+    """A second client of the same app, from another address."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(client.app, client=(address, 50000))

@@ -119,8 +119,11 @@ class JobRunner:
         max_running: int = 1,
         poll_interval_s: float = 0.5,
         kill_grace_s: float = 5.0,
+        max_queued: int | None = None,
+        max_queued_per_owner: int | None = None,
     ) -> None:
         self.store, self.runs_dir = store, runs_dir
+        self.max_queued, self.max_queued_per_owner = max_queued, max_queued_per_owner
         self.extra_overrides = list(extra_overrides)
         self.max_running, self.poll_interval_s, self.kill_grace_s = (
             max_running,
@@ -162,14 +165,22 @@ class JobRunner:
 
     # requests --------------------------------------------------------------------------------
 
-    def submit(self, model: str, request: dict[str, Any]) -> Job:
-        job_id = new_job_id()
+    def submit(self, model: str, request: dict[str, Any], owner: str = "") -> Job:
+        return self.submit_many([(model, request)], owner)[0]
+
+    def submit_many(self, jobs: list[tuple[str, dict[str, Any]]], owner: str = "") -> list[Job]:
+        """Queue one job per (model, request), all or none within the queue caps (the
+        store raises QueueFull beyond them)."""
         stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        run_dir = self.runs_dir / f"{stamp}_job-{job_id}"
-        overrides = training_overrides(model, request, run_dir) + self.extra_overrides
-        job = self.store.create(job_id, model, request, overrides, str(run_dir))
+        rows = []
+        for model, request in jobs:
+            job_id = new_job_id()
+            run_dir = self.runs_dir / f"{stamp}_job-{job_id}"
+            overrides = training_overrides(model, request, run_dir) + self.extra_overrides
+            rows.append((job_id, model, request, overrides, str(run_dir)))
+        created = self.store.create_many(rows, owner, self.max_queued, self.max_queued_per_owner)
         self._wake.set()
-        return job
+        return created
 
     def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued job at once; a running one is signalled and ends as ``cancelled``."""

@@ -45,12 +45,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress TEXT NOT NULL DEFAULT '{}',
     metrics TEXT NOT NULL DEFAULT '{}',
     error TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
 
 _JSON_COLUMNS = ("request", "overrides", "progress", "metrics")
+# columns added after the first release, with their definitions: added to older databases
+_ADDED_COLUMNS = {"owner": "TEXT NOT NULL DEFAULT ''"}
 
 
 @dataclass
@@ -70,6 +73,15 @@ class Job:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     cancel_requested: bool = False
+    owner: str = ""
+
+
+class QueueFull(Exception):
+    """More queued jobs than a cap allows: ``scope`` is "server" or "owner"."""
+
+    def __init__(self, scope: str, queued: int, limit: int) -> None:
+        super().__init__(f"{queued} jobs queued ({scope}); allowed: {limit}")
+        self.scope, self.queued, self.limit = scope, queued, limit
 
 
 def _claim(path: Path) -> IO[str]:
@@ -118,6 +130,13 @@ class JobStore:
         # WAL: readers (GET /ml/jobs) never wait on the runner's progress writes
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -138,23 +157,43 @@ class JobStore:
     def create(
         self, job_id: str, model: str, request: dict[str, Any], overrides: list[str], run_dir: str
     ) -> Job:
+        return self.create_many([(job_id, model, request, overrides, run_dir)])[0]
+
+    def create_many(
+        self,
+        jobs: list[tuple[str, str, dict[str, Any], list[str], str]],
+        owner: str = "",
+        max_queued: int | None = None,
+        max_queued_per_owner: int | None = None,
+    ) -> list[Job]:
+        """Queue ``jobs`` (id, model, request, overrides, run dir) all or none; counted and
+        inserted in one transaction, so concurrent requests cannot overshoot the caps."""
         with self._transaction() as db:
-            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
-            db.execute(
-                "INSERT INTO jobs (id, seq, model, status, request, overrides, run_dir, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job_id,
-                    seq,
-                    model,
-                    QUEUED,
-                    json.dumps(request),
-                    json.dumps(overrides),
-                    run_dir,
-                    time.time(),
-                ),
-            )
-        return self.get(job_id)
+            count = "SELECT COUNT(*) FROM jobs WHERE status = ?"
+            queued = db.execute(count, (QUEUED,)).fetchone()[0]
+            if max_queued is not None and queued + len(jobs) > max_queued:
+                raise QueueFull("server", queued, max_queued)
+            mine = db.execute(count + " AND owner = ?", (QUEUED, owner)).fetchone()[0]
+            if max_queued_per_owner is not None and mine + len(jobs) > max_queued_per_owner:
+                raise QueueFull("owner", mine, max_queued_per_owner)
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
+            for offset, (job_id, model, request, overrides, run_dir) in enumerate(jobs, 1):
+                db.execute(
+                    "INSERT INTO jobs (id, seq, model, status, request, overrides, run_dir,"
+                    " created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job_id,
+                        seq + offset,
+                        model,
+                        QUEUED,
+                        json.dumps(request),
+                        json.dumps(overrides),
+                        run_dir,
+                        time.time(),
+                        owner,
+                    ),
+                )
+        return [job for job_id, *_ in jobs if (job := self.get(job_id)) is not None]
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:

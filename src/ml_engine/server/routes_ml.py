@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +17,7 @@ from ml_engine.run.rules import rules_by_key
 from ml_engine.server.errors import ApiError, NotFound
 from ml_engine.server.guards import check_range, require_json
 from ml_engine.server.job_runner import REQUEST_TO_OVERRIDE
-from ml_engine.server.jobs_store import FINAL_STATUSES, JOB_STATUSES, Job
+from ml_engine.server.jobs_store import FINAL_STATUSES, JOB_STATUSES, Job, QueueFull
 from ml_engine.server.predict_service import arrays_to_digits, decode_image
 from ml_engine.server.schemas import (
     JobList,
@@ -124,11 +125,43 @@ def _training_request(state: ServerState, options: TrainOptions) -> dict[str, An
     return values
 
 
-def _submit(state: ServerState, model: str, options: TrainOptions) -> dict[str, Any]:
-    if model not in state.trainable:
-        raise UnknownNameError("model", model, state.trainable)
+def _owner(request: Request, state: ServerState) -> str:
+    """Whose queued jobs a request's jobs count against: its API key (a digest, never the key
+    itself) or, with no key configured, its client address."""
+    if state.settings.api_key is not None:
+        token = request.headers.get("authorization", "").partition(" ")[2].strip()
+        return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    return "addr:" + (request.client.host if request.client else "?")
+
+
+def _submit_all(
+    request: Request, state: ServerState, models: list[str], options: TrainOptions
+) -> list[dict[str, Any]]:
+    for model in models:
+        if model not in state.trainable:
+            raise UnknownNameError("model", model, state.trainable)
     values = _training_request(state, options)
-    return job_view(state.jobs.submit(model, {"model": model, **values}))
+    jobs = [(model, {"model": model, **values}) for model in models]
+    try:
+        created = state.jobs.submit_many(jobs, _owner(request, state))
+    except QueueFull as full:
+        raise _queue_full(state, full, len(jobs)) from None
+    return [job_view(job) for job in created]
+
+
+def _queue_full(state: ServerState, full: QueueFull, asked: int) -> ApiError:
+    settings = state.settings
+    if full.scope == "server":
+        where, key = "on this server", "jobs.max_queued"
+    else:
+        who = "API key" if settings.api_key is not None else "client address"
+        where, key = f"for this {who}", "jobs.max_queued_per_key"
+    return ApiError(
+        429,
+        f"{full.queued} training jobs are queued {where} and {asked} more would pass the "
+        f"limit of {full.limit} ({key}); retry when some have started",
+        headers={"Retry-After": str(settings.queue_retry_after_s)},
+    )
 
 
 @router.post(
@@ -139,7 +172,7 @@ def _submit(state: ServerState, model: str, options: TrainOptions) -> dict[str, 
     dependencies=[Depends(require_json)],
 )
 def train(request: Request, body: TrainRequest) -> dict[str, Any]:
-    return _submit(_state(request), body.model, body)
+    return _submit_all(request, _state(request), [body.model], body)[0]
 
 
 @router.post(
@@ -151,9 +184,7 @@ def train(request: Request, body: TrainRequest) -> dict[str, Any]:
 )
 def train_all(request: Request, body: Annotated[TrainOptions | None, Body()] = None) -> dict:
     state = _state(request)
-    options = body or TrainOptions()
-    _training_request(state, options)  # refuse bad values before any job is queued
-    return {"jobs": [_submit(state, name, options) for name in state.trainable]}
+    return {"jobs": _submit_all(request, state, state.trainable, body or TrainOptions())}
 
 
 @router.get("/jobs", response_model=JobList, summary="Training jobs, newest first")

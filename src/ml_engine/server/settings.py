@@ -49,6 +49,9 @@ class Settings:
     models_dir: Path
     limits: Limits = field(default_factory=Limits)
     max_running_jobs: int = 1
+    max_queued_jobs: int = 16
+    max_queued_per_key: int = 8
+    queue_retry_after_s: int = 30
     poll_interval_s: float = 0.5
     kill_grace_s: float = 5.0
     extra_overrides: tuple[str, ...] = ()
@@ -94,6 +97,10 @@ def _plain(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
+# queued-job caps (per server, per API key or client address) and the Retry-After beyond them
+_QUEUE_CAPS = {"max_queued": 16, "max_queued_per_key": 8, "retry_after_s": 30}
+
+
 def load_settings(cfg: DictConfig) -> Settings:
     """Resolve the config into plain values; a bad value is a one-line UserError."""
     # Only the keys the server reads are resolved: others (hydra's runtime dirs) may not be
@@ -109,6 +116,10 @@ def load_settings(cfg: DictConfig) -> Settings:
     max_running = jobs.get("max_running", 1)
     if not isinstance(max_running, int) or max_running < 1:
         raise UserError(f"jobs.max_running={max_running!r} is not valid; expected an integer ≥ 1")
+    caps = {key: jobs.get(key, default) for key, default in _QUEUE_CAPS.items()}
+    for key, value in caps.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"jobs.{key}={value!r} is not valid; expected an integer ≥ 1")
     train = data.get("train") or {}
     predict = data.get("predict") or {}
     llm = data.get("llm") or {}
@@ -124,6 +135,9 @@ def load_settings(cfg: DictConfig) -> Settings:
         models_dir=Path(data["paths"]["models_dir"]).expanduser().resolve(),
         limits=_limits(data.get("limits") or {}),
         max_running_jobs=max_running,
+        max_queued_jobs=caps["max_queued"],
+        max_queued_per_key=caps["max_queued_per_key"],
+        queue_retry_after_s=caps["retry_after_s"],
         poll_interval_s=float(jobs.get("poll_interval_s", 0.5)),
         kill_grace_s=float(jobs.get("kill_grace_s", 5.0)),
         extra_overrides=tuple(str(o) for o in jobs.get("extra_overrides") or ()),

@@ -47,6 +47,8 @@ class ServerState:
                 max_running=settings.max_running_jobs,
                 poll_interval_s=settings.poll_interval_s,
                 kill_grace_s=settings.kill_grace_s,
+                max_queued=settings.max_queued_jobs,
+                max_queued_per_owner=settings.max_queued_per_key,
             ),
             runs=runs,
             predictor=PredictService(runs, networks, settings.predict_cache_size),
