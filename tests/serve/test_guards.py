@@ -133,3 +133,46 @@ def _from_address(client, address: str):
     from fastapi.testclient import TestClient
 
     return TestClient(client.app, client=(address, 50000))
+
+
+def _encoded(side: int, fmt: str) -> bytes:
+    import io
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("L", (side, side), 255)
+    ImageDraw.Draw(image).line([(side // 2, side // 5), (side // 2, 4 * side // 5)], 0, side // 12)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def test_predict_has_a_total_pixel_budget(make_client) -> None:
+    client = make_client(**{"limits.max_total_pixels": 3_000_000})
+    big = _encoded(1000, "PNG")  # 1 MP each, every one within the side limit
+    files = [("image", (f"{i}.png", big, "image/png")) for i in range(4)]
+    response = client.post("/ml/predict", files=files)
+    assert response.status_code == 413, response.text
+    assert response.json() == {
+        "error": "4 image(s) hold 4000000 pixels; allowed: at most 3000000 pixels per request "
+        "(limits.max_total_pixels)"
+    }
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_large_images_are_decoded_reduced(fmt) -> None:
+    import io
+
+    from PIL import Image
+
+    from ml_engine.training.images import REDUCED_SIDE, load_reduced, to_mnist_digit
+
+    data = _encoded(4096, fmt)
+    with Image.open(io.BytesIO(data)) as image:
+        reduced = load_reduced(image)
+        assert REDUCED_SIDE <= max(reduced.size) < 2 * REDUCED_SIDE, reduced.size
+        digit = to_mnist_digit(reduced)
+    with Image.open(io.BytesIO(_encoded(256, fmt))) as small:
+        expected = to_mnist_digit(load_reduced(small))
+    # the same stroke read from 4096 px or from 256 px is the same digit
+    assert abs(digit.astype(int) - expected.astype(int)).mean() < 8

@@ -18,7 +18,7 @@ from ml_engine.server.errors import ApiError, NotFound
 from ml_engine.server.guards import check_range, require_json
 from ml_engine.server.job_runner import REQUEST_TO_OVERRIDE
 from ml_engine.server.jobs_store import FINAL_STATUSES, JOB_STATUSES, Job, QueueFull
-from ml_engine.server.predict_service import arrays_to_digits, decode_image
+from ml_engine.server.predict_service import arrays_to_digits, check_pixel_budget, decode_image
 from ml_engine.server.schemas import (
     JobList,
     JobView,
@@ -328,6 +328,7 @@ async def predict(request: Request) -> dict[str, Any]:
     elif content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         images, options = await _read_multipart(request, state)
         _count_check(len(images), state)
+        check_pixel_budget(images, state.settings.limits)
         names = [name for name, _ in images]
         run = _resolve_run(state, options["model"], options["run"])
         limits, invert = state.settings.limits, options["invert"]

@@ -28,6 +28,7 @@ class Limits:
     max_images: int = 64
     max_image_side: int = 4096
     max_image_bytes: int = 4 * 1024 * 1024
+    max_total_pixels: int = 16 * 1024 * 1024
     max_prompt_chars: int = 8192
     max_tokens: Range = Range(1, 2048)
     n_ctx: Range = Range(128, 8192)
