@@ -3,6 +3,7 @@ it, and the restarted server records each job as it really ended."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -109,6 +110,7 @@ def test_kill_9_of_the_server_ends_its_trainings_and_a_restart_tells_the_truth(t
     url = f"http://127.0.0.1:{port}"
     # the server looks at its jobs only every 10 minutes: the short job finishes unrecorded
     server = _start_server(tmp_path, port, poll_interval_s=600)
+    trainings: list[int] = []
     try:
         _wait_healthy(server, url)
         body = {"model": "mlp_mnist", "device": "cpu", "data_source": "bundled"}
@@ -132,6 +134,9 @@ def test_kill_9_of_the_server_ends_its_trainings_and_a_restart_tells_the_truth(t
         if server.poll() is None:
             server.kill()
             server.wait()
+        for pid in trainings:  # an orphan of a failed run of this test must not train on
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     assert read_job_record(Path(long["run_dir"])) is None  # it never finished
 
     restarted = _start_server(tmp_path, port, poll_interval_s=0.2)
