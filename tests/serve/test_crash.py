@@ -79,15 +79,16 @@ def _children(pid: int) -> list[int]:
 
 def _trainings_of(server_pid: int, run_dir: str) -> list[int]:
     """Live child processes of the server training into ``run_dir``."""
-    found = []
-    for pid in _children(server_pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if run_dir in cmdline and _alive(pid):
-            found.append(pid)
-    return found
+    return [pid for pid in _children(server_pid) if _runs_into(pid, run_dir)]
+
+
+def _runs_into(pid: int, run_dir: str) -> bool:
+    """Whether ``pid`` is alive and a training into ``run_dir`` (not a reused pid)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+    return run_dir in cmdline and _alive(pid)
 
 
 def _alive(pid: int) -> bool:
@@ -135,8 +136,9 @@ def test_kill_9_of_the_server_ends_its_trainings_and_a_restart_tells_the_truth(t
             server.kill()
             server.wait()
         for pid in trainings:  # an orphan of a failed run of this test must not train on
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            if _runs_into(pid, long["run_dir"]):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
     assert read_job_record(Path(long["run_dir"])) is None  # it never finished
 
     restarted = _start_server(tmp_path, port, poll_interval_s=0.2)
