@@ -176,3 +176,16 @@ def test_large_images_are_decoded_reduced(fmt) -> None:
         expected = to_mnist_digit(load_reduced(small))
     # the same stroke read from 4096 px or from 256 px is the same digit
     assert abs(digit.astype(int) - expected.astype(int)).mean() < 8
+
+
+def test_the_server_removes_partial_files_of_dead_writers_under_models_dir(
+    make_client, tmp_path
+) -> None:
+    models = tmp_path / "models"
+    left = models / "tiny" / f".tiny-q4_k_m.gguf.{2**22 + 7}.partial"  # no process has that pid
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"\0" * 4096)
+    kept = models / "tiny" / "tiny-q4_k_m.gguf"
+    kept.write_bytes(b"GGUF")
+    make_client(**{"paths.models_dir": str(models)})
+    assert not left.exists() and kept.read_bytes() == b"GGUF"
