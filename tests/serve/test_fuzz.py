@@ -187,3 +187,15 @@ def test_multipart_fields_of_the_wrong_kind_are_named_not_shown(fuzz_client) -> 
     )
     assert response.status_code == 422
     assert response.json()["error"] == "invert must be a text field, not a file"
+
+
+def test_undecodable_images_are_named_not_shown() -> None:
+    from ml_engine.errors import UserError
+    from ml_engine.server.predict_service import decode_image
+    from ml_engine.server.settings import Limits
+
+    for data in (b"data", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff" + b"\0" * 64, b""):
+        with pytest.raises(UserError) as refused:
+            decode_image(data, "upload.png", Limits())
+        message = str(refused.value)
+        assert message.startswith("cannot read image 'upload.png'") and not REPR.search(message)

@@ -50,8 +50,11 @@ def decode_image(data: bytes, name: str, limits: Limits, invert: str = "auto") -
                 return to_mnist_digit(load_reduced(image), invert)
     except UserError:
         raise
+    except UnidentifiedImageError:  # PIL's message names the BytesIO object: say it plainly
+        raise UserError(
+            f"cannot read image '{name}': not a PNG or JPEG image (accepted: PNG or JPEG)"
+        ) from None
     except (
-        UnidentifiedImageError,
         OSError,
         ValueError,
         SyntaxError,
