@@ -123,3 +123,53 @@ def test_mnist_style_conversion_of_a_photo(bundled_digits) -> None:
     ys, xs = np.nonzero(converted > 50)
     assert 9 <= ys.mean() <= 18 and 9 <= xs.mean() <= 18  # centred like MNIST
     assert np.array_equal(to_mnist_digit(Image.fromarray(digit), invert=False), digit)
+
+
+DEAD_PID = 2**22 + 7  # above Linux's largest pid: no process has it
+
+
+@pytest.mark.slow
+def test_predict_refuses_outputs_that_are_no_regular_file(
+    trained_checkpoint: Path, digit_pngs, tmp_path: Path
+) -> None:
+    import os
+
+    folder, _ = digit_pngs
+    target = tmp_path / "kept.csv"
+    target.write_text("mine\n")
+    os.symlink(target, tmp_path / "link.csv")
+    os.mkfifo(tmp_path / "fifo.csv")
+    (tmp_path / "folder.csv").mkdir()
+    for name, kind in (
+        ("folder.csv", "a directory"),
+        ("link.csv", "a symlink"),
+        ("fifo.csv", "a FIFO"),
+    ):
+        result = run_entrypoint(
+            "predict.py",
+            f"ckpt_path={trained_checkpoint}",
+            f"input={folder}",
+            f"output={tmp_path / name}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+        )
+        assert_one_line_error(result, f"output={tmp_path / name} is {kind}")
+    assert (tmp_path / "link.csv").is_symlink() and target.read_text() == "mine\n"
+    assert (tmp_path / "folder.csv").is_dir() and not list(tmp_path.glob(".*.partial"))
+
+
+@pytest.mark.slow
+def test_predict_removes_what_a_killed_predict_left(
+    trained_checkpoint: Path, digit_pngs, tmp_path: Path
+) -> None:
+    folder, _ = digit_pngs
+    left = tmp_path / f".old.csv.{DEAD_PID}.partial"
+    left.write_text("half a csv")
+    result = run_entrypoint(
+        "predict.py",
+        f"ckpt_path={trained_checkpoint}",
+        f"input={folder}",
+        f"output={tmp_path / 'new.csv'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not left.exists() and (tmp_path / "new.csv").is_file()

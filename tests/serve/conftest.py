@@ -42,6 +42,7 @@ def serve_config(tmp_path: Path, runs_dir: Path | None = None, **values: Any) ->
         cfg.jobs.extra_overrides = list(JOB_OVERRIDES)
         cfg.jobs.poll_interval_s = 0.2
         cfg.jobs.kill_grace_s = 3.0
+        cfg.allowed_hosts = ["testserver"]  # the Host that Starlette's TestClient sends
         for key, value in values.items():
             OmegaConf.update(cfg, key, value, merge=False)
     return cfg

@@ -4,6 +4,7 @@ mock generation; the layout at common window sizes, with screenshots kept as art
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import time
 from collections.abc import Iterator
@@ -420,3 +421,19 @@ def test_a_given_gguf_is_preselected_and_generates(browser, tmp_path: Path, trai
         _wait(browser, lambda d: _text(d, "#generation-status").startswith("done"), 60)
         assert _text(browser, "#error") == ""
         assert "pieces" in _text(browser, "#generation-status")
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("fastapi_offline") is None,
+    reason="needs the fastapi-offline package (a dependency: pip install -e .)",
+)
+def test_docs_render_from_the_servers_own_files(browser, tmp_path: Path) -> None:
+    cfg = serve_config(tmp_path, **{"paths.models_dir": str(tmp_path / "models")})
+    with live_server(create_app(cfg)) as url:
+        browser.get(url + "/docs")
+        _wait(browser, lambda d: "ml-engine" in _text(d, ".swagger-ui .info .title"), 60)
+        assert browser.find_elements("css selector", ".opblock-tag")  # the endpoint groups
+        loaded = browser.execute_script(
+            "return performance.getEntriesByType('resource').map(e => e.name);"
+        )
+        assert loaded and all(name.startswith(url) for name in loaded), loaded

@@ -204,3 +204,59 @@ def test_one_server_per_jobs_database(tmp_path) -> None:
         create_app(cfg)
     with TestClient(create_app(cfg)) as client:  # free again once the first one stopped
         assert client.get("/ml/jobs").status_code == 200
+
+
+def _filled_store(path: Path, jobs: int = 400) -> None:
+    """A jobs database of many pages, closed (checkpointed into the main file)."""
+    store = JobStore(path)
+    for index in range(jobs):
+        store.create(f"job{index:09d}", "mlp_mnist", {"pad": "x" * 400}, [], "/tmp/x")
+    store.close()
+
+
+@pytest.mark.parametrize("damage", ["garbage-middle", "zero-length"])
+def test_a_damaged_jobs_database_is_moved_aside(tmp_path, caplog, damage: str) -> None:
+    import os
+
+    from fastapi.testclient import TestClient
+
+    cfg = serve_config(tmp_path)
+    db = Path(cfg.jobs_db)
+    db.parent.mkdir(parents=True)
+    if damage == "zero-length":
+        db.write_bytes(b"")
+    else:
+        _filled_store(db)
+        data = bytearray(db.read_bytes())
+        middle = len(data) // 2
+        data[middle : middle + 16384] = os.urandom(16384)
+        db.write_bytes(bytes(data))
+    before = db.read_bytes()
+    with caplog.at_level("WARNING"), TestClient(create_app(cfg)) as client:
+        assert client.get("/ml/jobs").json() == {"jobs": []}
+        job = client.post("/ml/train", json={"model": "mlp_mnist", "epochs": 1}).json()
+        client.delete(f"/ml/jobs/{job['id']}")
+        assert client.get("/ml/jobs").status_code == 200
+    moved = sorted(db.parent.glob("jobs.sqlite.corrupt-*"))
+    assert [p.name for p in moved if not p.name.endswith(("-wal", "-shm"))] == [moved[0].name]
+    assert moved[0].read_bytes() == before  # kept as it was, for inspection
+    reason = "is empty (0 bytes)" if damage == "zero-length" else "is damaged"
+    warnings = [r.getMessage() for r in caplog.records if "jobs database" in r.getMessage()]
+    assert len(warnings) == 1 and reason in warnings[0] and moved[0].name in warnings[0]
+
+
+def test_the_jobs_database_lock_follows_the_file_not_its_path(tmp_path) -> None:
+    import os
+
+    from fastapi.testclient import TestClient
+
+    from ml_engine.errors import UserError
+
+    cfg = serve_config(tmp_path)
+    with TestClient(create_app(cfg)):
+        link = tmp_path / "elsewhere" / "same.sqlite"
+        link.parent.mkdir()
+        os.link(cfg.jobs_db, link)  # a second name for the same file
+        other = serve_config(tmp_path / "second", jobs_db=str(link))
+        with pytest.raises(UserError, match=rf"is in use by another server \(pid {os.getpid()}\)"):
+            create_app(other)

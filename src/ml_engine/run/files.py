@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -65,6 +66,31 @@ def clean_stale_partials(folder: Path, name: str | None = None) -> list[Path]:
             entry.unlink()
             removed.append(entry)
     return removed
+
+
+def clean_stale_partials_under(root: Path) -> list[Path]:
+    """:func:`clean_stale_partials` in ``root`` and every folder below it: what writers killed
+    mid-write left anywhere there (a quantization's GGUF, a checkpoint)."""
+    if not root.is_dir():
+        return []
+    folders = {path.parent for path in root.rglob(f".*{PARTIAL_SUFFIX}")}
+    return [path for folder in sorted(folders) for path in clean_stale_partials(folder)]
+
+
+def check_output_file(target: Path, key: str = "output") -> None:
+    """Refuse an output path that is not a regular file or a new name: renaming the finished
+    file over it would replace a directory's name, a FIFO or a symlink (not its target)."""
+    try:
+        mode = os.lstat(target).st_mode
+    except FileNotFoundError:
+        return
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISLNK: "a symlink", stat.S_ISFIFO: "a FIFO"}
+    kinds |= {stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a device", stat.S_ISBLK: "a device"}
+    kind = next((name for test, name in kinds.items() if test(mode)), None)
+    if kind is not None:
+        from ml_engine.errors import UserError
+
+        raise UserError(f"{key}={target} is {kind}; give the path of a regular file to write")
 
 
 @contextlib.contextmanager

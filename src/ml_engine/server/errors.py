@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -13,6 +14,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ml_engine.errors import UnknownNameError, UserError
 
 log = logging.getLogger(__name__)
+
+
+class SafeJSONResponse(JSONResponse):
+    """JSON that any Python string can be rendered into: a lone surrogate a client sent
+    (``"\\ud800"``, echoed in an error) becomes its JSON escape instead of a 500."""
+
+    def render(self, content: Any) -> bytes:
+        text = json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+        # backslashreplace writes a surrogate as \uXXXX: the very JSON escape it came in as
+        return text.encode("utf-8", errors="backslashreplace")
 
 
 class ApiError(Exception):
@@ -47,7 +58,9 @@ def describe_validation(errors: list[dict[str, Any]]) -> str:
         where = _location(tuple(error.get("loc", ())))
         if error.get("type") == "missing":
             messages.append(f"missing field '{where}'")
-        elif message.startswith("unknown field"):  # schemas.StrictBody names the accepted ones
+        elif message.startswith("unknown field") or (
+            where == "body" and error.get("type") == "value_error"
+        ):  # schemas.StrictBody's own checks of the whole body name the field themselves
             messages.append(message)
         elif error.get("type") == "json_invalid":
             messages.append(
@@ -76,24 +89,24 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
-        return JSONResponse(
+        return SafeJSONResponse(
             error_body(describe_validation(errors), detail=_json_safe(errors)), status_code=422
         )
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(
+        return SafeJSONResponse(
             error_body(exc.message, **exc.extra), status_code=exc.status, headers=exc.headers
         )
 
     @app.exception_handler(UnknownNameError)
     async def on_unknown_name(request: Request, exc: UnknownNameError) -> JSONResponse:
         body = error_body(str(exc), accepted=exc.accepted)
-        return JSONResponse(body, status_code=422)
+        return SafeJSONResponse(body, status_code=422)
 
     @app.exception_handler(UserError)
     async def on_user_error(request: Request, exc: UserError) -> JSONResponse:
-        return JSONResponse(error_body(str(exc)), status_code=422)
+        return SafeJSONResponse(error_body(str(exc)), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -102,10 +115,14 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no such endpoint: {request.method} {request.url.path} (see /docs)"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
-        return JSONResponse(error_body(message), status_code=exc.status_code, headers=exc.headers)
+        return SafeJSONResponse(
+            error_body(message), status_code=exc.status_code, headers=exc.headers
+        )
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         # a bug, not a user error: logged in full, answered without internals
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}"), status_code=500)
+        return SafeJSONResponse(
+            error_body(f"internal error: {type(exc).__name__}"), status_code=500
+        )

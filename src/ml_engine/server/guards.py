@@ -1,10 +1,13 @@
-"""Safety checks shared by the routes: bearer token, body size, value ranges."""
+"""Safety checks shared by the routes: bearer token, Host/Origin, JSON content type, body
+size, value ranges."""
 
 from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from urllib.parse import urlsplit
 
 from fastapi import Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -35,6 +38,99 @@ def bearer_guard(api_key: str | None) -> Callable[[Request], Awaitable[None]]:
             )
 
     return require_token
+
+
+async def require_json(request: Request) -> None:
+    """A dependency of the JSON routes: only ``application/json`` bodies.
+
+    A browser sends ``text/plain`` (or form) bodies cross-origin without asking the server
+    first (a CORS "simple" request): a page on any site could queue trainings through them."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise ApiError(
+            415,
+            f"content type '{content_type[:64] or 'none'}' is not accepted here; "
+            "send a JSON body with 'Content-Type: application/json'",
+        )
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+_ANY_ADDRESS = ("0.0.0.0", "::", "")
+
+
+def default_host_names(bound: str) -> set[str]:
+    """The names a client may call this server by when it listens on ``bound``."""
+    bound = bound.lower().strip("[]")
+    if bound in LOOPBACK_NAMES or bound.startswith("127."):
+        return {*LOOPBACK_NAMES, bound}
+    if bound in _ANY_ADDRESS:  # every interface: loopback and this machine's own names
+        return {*LOOPBACK_NAMES, socket.gethostname().lower(), socket.getfqdn().lower()}
+    return {bound}
+
+
+def _host_name(host_header: str) -> str:
+    """``Host`` header → its name without the port (``[::1]:80`` → ``::1``)."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    name, colon, port = host.rpartition(":")
+    return name if colon and port.isdigit() and ":" not in name else host
+
+
+class HostOriginGuard:
+    """Without an api_key, serve only requests addressed to this server by one of its own
+    names (``Host``) and, when a browser says where the request comes from (``Origin``), only
+    from a page of this server.
+
+    The Host check stops DNS rebinding (a site that points its own name at 127.0.0.1 would
+    otherwise read and drive the API from the victim's browser); the Origin check stops any
+    other page from sending requests the browser lets through without a preflight. With a
+    key set neither is needed: browsers never add the bearer token by themselves."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_key: str | None,
+        bound_host: str,
+        allowed_hosts: Iterable[str] = (),
+        allowed_origins: Iterable[str] = (),
+    ) -> None:
+        self.app, self.active = app, api_key is None
+        extra = {h.lower() for h in allowed_hosts}
+        self.any_host = "*" in extra
+        self.host_names = default_host_names(bound_host) | {_host_name(h) for h in extra}
+        self.origins = {o.lower().rstrip("/") for o in allowed_origins}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.active:
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = self._refusal(headers.get("host", ""), headers.get("origin"))
+        if refusal is None:
+            await self.app(scope, receive, send)
+        else:
+            await BodySizeLimit._refuse(send, *refusal)
+
+    def _refusal(self, host: str, origin: str | None) -> tuple[int, str] | None:
+        if not self.any_host and _host_name(host) not in self.host_names:
+            return 421, (
+                f"Host '{host[:100]}' is not a name of this server; call it by "
+                f"{', '.join(sorted(self.host_names))} (or add the name to allowed_hosts)"
+            )
+        if origin is None:
+            return None  # not sent by a browser page (curl, scripts)
+        origin = origin.strip().lower().rstrip("/")
+        if origin in self.origins:
+            return None
+        parts = urlsplit(origin)
+        same_origin = parts.scheme in ("http", "https") and parts.netloc == host.strip().lower()
+        if same_origin:
+            return None
+        return 403, (
+            f"requests from pages of origin '{origin[:100]}' are refused; use this server's "
+            "own UI, add the origin to allowed_origins, or set api_key"
+        )
 
 
 def check_range(name: str, value: float | None, allowed: Range) -> None:

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -53,7 +54,34 @@ REQUEST_TO_OVERRIDE = {
     "seed": "seed",
     "data_source": "datamodule.source",
 }
-RESTART_ERROR = "the server stopped while this job was running"
+RESTART_ERROR = (
+    "the server stopped while this job was running (it died or was killed); "
+    "the training was stopped with it"
+)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_server(server_pid: int) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the training process die with the server (Linux).
+
+    The kernel sends SIGTERM to the child the moment the server thread that started it ends,
+    even on ``kill -9`` of the server: a job no server watches would otherwise train on,
+    orphaned, and finish after its record was failed. The training process leads its own
+    process group; processes it starts itself (DDP workers) are ended by Lightning when it
+    exits, and any that linger are killed with the group at the next start (``_recover``).
+    None where prctl is missing (not Linux): there the next start cleans up alone."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != server_pid:  # the server died between fork and prctl
+            os._exit(1)
+
+    return preexec
 
 
 def _quoted(value: str) -> str:
@@ -119,8 +147,11 @@ class JobRunner:
         max_running: int = 1,
         poll_interval_s: float = 0.5,
         kill_grace_s: float = 5.0,
+        max_queued: int | None = None,
+        max_queued_per_owner: int | None = None,
     ) -> None:
         self.store, self.runs_dir = store, runs_dir
+        self.max_queued, self.max_queued_per_owner = max_queued, max_queued_per_owner
         self.extra_overrides = list(extra_overrides)
         self.max_running, self.poll_interval_s, self.kill_grace_s = (
             max_running,
@@ -151,25 +182,45 @@ class JobRunner:
             self._finish(running, error_override="the server shut down while this job was running")
 
     def _recover(self) -> None:
-        """Jobs left ``running`` by a previous server life are failed, never left running."""
+        """Jobs left ``running`` by a previous server life are settled, never left running:
+        the run's own ``job.json`` says whether it finished while no server watched (its
+        metrics are then kept); otherwise it failed with the server."""
         for job in self.store.with_status(RUNNING):
             if job.pid and _pid_runs(job.pid, job.run_dir):
                 self._kill_group(job.pid, signal.SIGKILL)
-            self.store.transition(
-                job.id, (RUNNING,), status=FAILED, error=RESTART_ERROR, finished_at=time.time()
+            values = self._recovered_outcome(job)
+            self.store.transition(job.id, (RUNNING,), finished_at=time.time(), **values)
+            log.warning(
+                "job %s was running when the server stopped; recorded %s", job.id, values["status"]
             )
-            log.warning("job %s was running when the server stopped; marked failed", job.id)
+
+    @staticmethod
+    def _recovered_outcome(job: Job) -> dict[str, Any]:
+        record = read_job_record(Path(job.run_dir)) or {}
+        if record.get("status") == "ok":
+            return {"status": SUCCEEDED, "metrics": record.get("metrics") or {}, "error": None}
+        if record.get("status") == "failed" and record.get("error"):
+            return {"status": FAILED, "error": str(record["error"])}
+        return {"status": FAILED, "error": RESTART_ERROR}
 
     # requests --------------------------------------------------------------------------------
 
-    def submit(self, model: str, request: dict[str, Any]) -> Job:
-        job_id = new_job_id()
+    def submit(self, model: str, request: dict[str, Any], owner: str = "") -> Job:
+        return self.submit_many([(model, request)], owner)[0]
+
+    def submit_many(self, jobs: list[tuple[str, dict[str, Any]]], owner: str = "") -> list[Job]:
+        """Queue one job per (model, request), all or none within the queue caps (the
+        store raises QueueFull beyond them)."""
         stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        run_dir = self.runs_dir / f"{stamp}_job-{job_id}"
-        overrides = training_overrides(model, request, run_dir) + self.extra_overrides
-        job = self.store.create(job_id, model, request, overrides, str(run_dir))
+        rows = []
+        for model, request in jobs:
+            job_id = new_job_id()
+            run_dir = self.runs_dir / f"{stamp}_job-{job_id}"
+            overrides = training_overrides(model, request, run_dir) + self.extra_overrides
+            rows.append((job_id, model, request, overrides, str(run_dir)))
+        created = self.store.create_many(rows, owner, self.max_queued, self.max_queued_per_owner)
         self._wake.set()
-        return job
+        return created
 
     def cancel(self, job_id: str) -> Job | None:
         """Cancel a queued job at once; a running one is signalled and ends as ``cancelled``."""
@@ -224,6 +275,7 @@ class JobRunner:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # its own process group: cancel kills all of it
+                preexec_fn=_die_with_server(os.getpid()),
             )
         except OSError as exc:
             log_handle.close()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from ml_engine.errors import UserError
+
+log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "queued",
@@ -45,12 +49,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress TEXT NOT NULL DEFAULT '{}',
     metrics TEXT NOT NULL DEFAULT '{}',
     error TEXT,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    owner TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
 
 _JSON_COLUMNS = ("request", "overrides", "progress", "metrics")
+# columns added after the first release, with their definitions: added to older databases
+_ADDED_COLUMNS = {"owner": "TEXT NOT NULL DEFAULT ''"}
 
 
 @dataclass
@@ -70,27 +77,76 @@ class Job:
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     cancel_requested: bool = False
+    owner: str = ""
 
 
-def _claim(path: Path) -> IO[str]:
+class QueueFull(Exception):
+    """More queued jobs than a cap allows: ``scope`` is "server" or "owner"."""
+
+    def __init__(self, scope: str, queued: int, limit: int) -> None:
+        super().__init__(f"{queued} jobs queued ({scope}); allowed: {limit}")
+        self.scope, self.queued, self.limit = scope, queued, limit
+
+
+def _lock_owner(path: Path) -> str:
+    """The pid holding a flock on ``path``'s inode, from /proc/locks (Linux); "?" elsewhere."""
+    info = path.stat()
+    inode = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "?"
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode:
+            return fields[4]
+    return "?"
+
+
+def _claim(path: Path) -> IO[bytes]:
     """One server per jobs database: a second one would fail the first one's running jobs as
-    leftovers of a crash (and kill their processes)."""
-    handle = open(f"{path}.lock", "a+")  # noqa: SIM115 (held open for the server's life)
+    leftovers of a crash (and kill their processes), or launch its queued jobs again.
+
+    The lock is taken on the database file itself (flock: its inode), so a second path to the
+    same file (a hard link, a bind mount, another spelling) finds it taken. SQLite's own locks
+    are POSIX locks, which flock does not touch; this handle stays open until the connection
+    has closed (closing any handle of a file drops a process's POSIX locks on it)."""
+    handle = open(path, "ab")  # noqa: SIM115 (held open for the server's life)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        handle.seek(0)
-        owner = handle.read().strip() or "?"
+        owner = _lock_owner(path)
         handle.close()
         raise UserError(
             f"jobs database {path} is in use by another server (pid {owner}); "
             "stop it or give this one another with jobs_db=<path>"
         ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(str(os.getpid()))
-    handle.flush()
     return handle
+
+
+def _damage(path: Path, was_empty: bool) -> str | None:
+    """Why the database at ``path`` cannot be used as it is; None when it is sound."""
+    if was_empty:
+        return "is empty (0 bytes): its records are lost"
+    try:
+        with contextlib.closing(sqlite3.connect(str(path))) as db:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.DatabaseError as exc:
+        return f"is damaged ({exc})"
+    problems = [str(row[0]) for row in rows if row[0] != "ok"]
+    return f"is damaged ({problems[0]})" if problems else None
+
+
+def _move_aside(path: Path) -> Path:
+    """``jobs.sqlite`` → ``jobs.sqlite.corrupt-<UTC time>``, its WAL and shared-memory files
+    with it (a stale WAL must not meet the fresh database)."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(f"{path}{suffix}")
+        if source.exists():
+            os.replace(source, f"{target}{suffix}")
+    return target
 
 
 def new_job_id() -> str:
@@ -111,13 +167,35 @@ class JobStore:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        was_empty = path.exists() and path.stat().st_size == 0
         self._owner = _claim(path)
+        damage = _damage(path, was_empty)
+        if damage is not None:
+            # the jobs list is a convenience (each run keeps its own job.json): keep the bad
+            # file for inspection and serve on with a fresh one, rather than refuse to start
+            # or answer 500 on every request
+            moved = _move_aside(path)
+            self._owner.close()
+            self._owner = _claim(path)
+            log.warning(
+                "jobs database %s %s; moved it to %s and started an empty one",
+                path,
+                damage,
+                moved.name,
+            )
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         # WAL: readers (GET /ml/jobs) never wait on the runner's progress writes
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in present:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -133,28 +211,48 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
-        self._owner.close()  # releases the claim
+        self._owner.close()  # releases the claim, after SQLite's own locks are gone
 
     def create(
         self, job_id: str, model: str, request: dict[str, Any], overrides: list[str], run_dir: str
     ) -> Job:
+        return self.create_many([(job_id, model, request, overrides, run_dir)])[0]
+
+    def create_many(
+        self,
+        jobs: list[tuple[str, str, dict[str, Any], list[str], str]],
+        owner: str = "",
+        max_queued: int | None = None,
+        max_queued_per_owner: int | None = None,
+    ) -> list[Job]:
+        """Queue ``jobs`` (id, model, request, overrides, run dir) all or none; counted and
+        inserted in one transaction, so concurrent requests cannot overshoot the caps."""
         with self._transaction() as db:
-            seq = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()[0]
-            db.execute(
-                "INSERT INTO jobs (id, seq, model, status, request, overrides, run_dir, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job_id,
-                    seq,
-                    model,
-                    QUEUED,
-                    json.dumps(request),
-                    json.dumps(overrides),
-                    run_dir,
-                    time.time(),
-                ),
-            )
-        return self.get(job_id)
+            count = "SELECT COUNT(*) FROM jobs WHERE status = ?"
+            queued = db.execute(count, (QUEUED,)).fetchone()[0]
+            if max_queued is not None and queued + len(jobs) > max_queued:
+                raise QueueFull("server", queued, max_queued)
+            mine = db.execute(count + " AND owner = ?", (QUEUED, owner)).fetchone()[0]
+            if max_queued_per_owner is not None and mine + len(jobs) > max_queued_per_owner:
+                raise QueueFull("owner", mine, max_queued_per_owner)
+            seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM jobs").fetchone()[0]
+            for offset, (job_id, model, request, overrides, run_dir) in enumerate(jobs, 1):
+                db.execute(
+                    "INSERT INTO jobs (id, seq, model, status, request, overrides, run_dir,"
+                    " created_at, owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        job_id,
+                        seq + offset,
+                        model,
+                        QUEUED,
+                        json.dumps(request),
+                        json.dumps(overrides),
+                        run_dir,
+                        time.time(),
+                        owner,
+                    ),
+                )
+        return [job for job_id, *_ in jobs if (job := self.get(job_id)) is not None]
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:

@@ -10,7 +10,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
@@ -18,7 +18,7 @@ from ml_engine.errors import UserError
 from ml_engine.llm.backends import BACKENDS
 from ml_engine.run.helpers import first_line
 from ml_engine.server.errors import ApiError
-from ml_engine.server.guards import check_range
+from ml_engine.server.guards import check_range, require_json
 from ml_engine.server.llm_service import SAMPLING_FIELDS, LlmKey
 from ml_engine.server.schemas import GenerateRequest, GenerateResponse, LlmModelList
 from ml_engine.server.state import ServerState
@@ -136,7 +136,11 @@ def _first_event(events: Iterator[dict[str, Any]]) -> dict[str, Any]:
 
 
 @router.post(
-    "/generate", response_model=GenerateResponse, summary="Generate text", openapi_extra=STREAM_DOC
+    "/generate",
+    response_model=GenerateResponse,
+    summary="Generate text",
+    openapi_extra=STREAM_DOC,
+    dependencies=[Depends(require_json)],
 )
 async def generate(request: Request, body: GenerateRequest) -> Any:
     state = _state(request)

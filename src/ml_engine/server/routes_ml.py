@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Request
+from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -14,10 +15,10 @@ from starlette.datastructures import UploadFile
 from ml_engine.errors import UnknownNameError
 from ml_engine.run.rules import rules_by_key
 from ml_engine.server.errors import ApiError, NotFound
-from ml_engine.server.guards import check_range
+from ml_engine.server.guards import check_range, require_json
 from ml_engine.server.job_runner import REQUEST_TO_OVERRIDE
-from ml_engine.server.jobs_store import FINAL_STATUSES, JOB_STATUSES, Job
-from ml_engine.server.predict_service import arrays_to_digits, decode_image
+from ml_engine.server.jobs_store import FINAL_STATUSES, JOB_STATUSES, Job, QueueFull
+from ml_engine.server.predict_service import arrays_to_digits, check_pixel_budget, decode_image
 from ml_engine.server.schemas import (
     JobList,
     JobView,
@@ -124,16 +125,54 @@ def _training_request(state: ServerState, options: TrainOptions) -> dict[str, An
     return values
 
 
-def _submit(state: ServerState, model: str, options: TrainOptions) -> dict[str, Any]:
-    if model not in state.trainable:
-        raise UnknownNameError("model", model, state.trainable)
+def _owner(request: Request, state: ServerState) -> str:
+    """Whose queued jobs a request's jobs count against: its API key (a digest, never the key
+    itself) or, with no key configured, its client address."""
+    if state.settings.api_key is not None:
+        token = request.headers.get("authorization", "").partition(" ")[2].strip()
+        return "key:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    return "addr:" + (request.client.host if request.client else "?")
+
+
+def _submit_all(
+    request: Request, state: ServerState, models: list[str], options: TrainOptions
+) -> list[dict[str, Any]]:
+    for model in models:
+        if model not in state.trainable:
+            raise UnknownNameError("model", model, state.trainable)
     values = _training_request(state, options)
-    return job_view(state.jobs.submit(model, {"model": model, **values}))
+    jobs = [(model, {"model": model, **values}) for model in models]
+    try:
+        created = state.jobs.submit_many(jobs, _owner(request, state))
+    except QueueFull as full:
+        raise _queue_full(state, full, len(jobs)) from None
+    return [job_view(job) for job in created]
 
 
-@router.post("/train", status_code=202, response_model=JobView, summary="Queue a training job")
+def _queue_full(state: ServerState, full: QueueFull, asked: int) -> ApiError:
+    settings = state.settings
+    if full.scope == "server":
+        where, key = "on this server", "jobs.max_queued"
+    else:
+        who = "API key" if settings.api_key is not None else "client address"
+        where, key = f"for this {who}", "jobs.max_queued_per_key"
+    return ApiError(
+        429,
+        f"{full.queued} training jobs are queued {where} and {asked} more would pass the "
+        f"limit of {full.limit} ({key}); retry when some have started",
+        headers={"Retry-After": str(settings.queue_retry_after_s)},
+    )
+
+
+@router.post(
+    "/train",
+    status_code=202,
+    response_model=JobView,
+    summary="Queue a training job",
+    dependencies=[Depends(require_json)],
+)
 def train(request: Request, body: TrainRequest) -> dict[str, Any]:
-    return _submit(_state(request), body.model, body)
+    return _submit_all(request, _state(request), [body.model], body)[0]
 
 
 @router.post(
@@ -141,12 +180,11 @@ def train(request: Request, body: TrainRequest) -> dict[str, Any]:
     status_code=202,
     response_model=TrainAllResponse,
     summary="Queue one training job per trainable network",
+    dependencies=[Depends(require_json)],
 )
 def train_all(request: Request, body: Annotated[TrainOptions | None, Body()] = None) -> dict:
     state = _state(request)
-    options = body or TrainOptions()
-    _training_request(state, options)  # refuse bad values before any job is queued
-    return {"jobs": [_submit(state, name, options) for name in state.trainable]}
+    return {"jobs": _submit_all(request, state, state.trainable, body or TrainOptions())}
 
 
 @router.get("/jobs", response_model=JobList, summary="Training jobs, newest first")
@@ -207,11 +245,18 @@ PREDICT_OPENAPI = {
 }
 
 
+def _text_field(value: Any, field: str) -> str | None:
+    """A form field that must be text; a file sent in its place is named, never shown (its
+    repr would leak the server's objects into the reply)."""
+    if value is None or isinstance(value, str):
+        return value
+    raise ApiError(422, f"{field} must be a text field, not a file")
+
+
 def _optional_name(value: Any, field: str) -> str | None:
+    value = _text_field(value, field)
     if value is None or value == "":
         return None
-    if not isinstance(value, str):
-        raise ApiError(422, f"{field} must be a text field")
     try:
         return _check_name(value)
     except ValueError as exc:
@@ -236,10 +281,10 @@ async def _read_multipart(request: Request, state: ServerState) -> tuple[list, d
         # the client's filename is only echoed back, never used as a path
         name = (upload.filename or f"image[{index}]")[:128]
         images.append((name, await upload.read()))
-    invert = form.get("invert") or "auto"
+    invert = _text_field(form.get("invert"), "invert") or "auto"
     if invert not in INVERT_CHOICES:
         raise ApiError(
-            422, f"invert={invert!r} is not valid; accepted: {', '.join(INVERT_CHOICES)}"
+            422, f"invert={invert[:64]!r} is not valid; accepted: {', '.join(INVERT_CHOICES)}"
         )
     options = {
         "model": _optional_name(form.get("model"), "model"),
@@ -283,6 +328,7 @@ async def predict(request: Request) -> dict[str, Any]:
     elif content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         images, options = await _read_multipart(request, state)
         _count_check(len(images), state)
+        check_pixel_budget(images, state.settings.limits)
         names = [name for name, _ in images]
         run = _resolve_run(state, options["model"], options["run"])
         limits, invert = state.settings.limits, options["invert"]

@@ -32,6 +32,22 @@ def _check_name(value: str) -> str:
     return value
 
 
+def _lone_surrogate(value: Any) -> str | None:
+    """The first lone surrogate (U+D800..U+DFFF) in the strings of ``value``, if any.
+
+    JSON may escape one (``"\\ud800"``) though no UTF-8 text can hold it: passed on, it breaks
+    whatever encodes the string next (a response, a log line, a tokenizer)."""
+    if isinstance(value, str):
+        return next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    return next((found for item in items if (found := _lone_surrogate(item))), None)
+
+
 Name = Annotated[
     str, AfterValidator(_check_name), Field(json_schema_extra={"pattern": NAME_PATTERN})
 ]
@@ -47,6 +63,15 @@ class StrictBody(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _refuse_unknown_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                found = _lone_surrogate(key) or _lone_surrogate(value)
+                if found is not None:
+                    where = "a field name" if _lone_surrogate(key) else str(key)[:64]
+                    raise ValueError(
+                        f"{where} holds a lone surrogate (U+{ord(found):04X}), which is not "
+                        "text; send valid Unicode"
+                    )
         if isinstance(data, dict):
             unknown = [str(key)[:64] for key in data if key not in cls.model_fields]
             if unknown:

@@ -28,6 +28,7 @@ class Limits:
     max_images: int = 64
     max_image_side: int = 4096
     max_image_bytes: int = 4 * 1024 * 1024
+    max_total_pixels: int = 16 * 1024 * 1024
     max_prompt_chars: int = 8192
     max_tokens: Range = Range(1, 2048)
     n_ctx: Range = Range(128, 8192)
@@ -49,6 +50,9 @@ class Settings:
     models_dir: Path
     limits: Limits = field(default_factory=Limits)
     max_running_jobs: int = 1
+    max_queued_jobs: int = 16
+    max_queued_per_key: int = 8
+    queue_retry_after_s: int = 30
     poll_interval_s: float = 0.5
     kill_grace_s: float = 5.0
     extra_overrides: tuple[str, ...] = ()
@@ -63,6 +67,8 @@ class Settings:
     llm_exports_dir: Path | None = None
     llm_files: tuple[Path, ...] = ()
     log_level: str = "info"
+    allowed_hosts: tuple[str, ...] = ()
+    allowed_origins: tuple[str, ...] = ()
 
 
 def _limits(node: dict[str, Any]) -> Limits:
@@ -84,12 +90,16 @@ def _names(value: Any) -> tuple[str, ...] | None:
 
 
 _KEYS = ("host", "port", "api_key", "runs_dir", "jobs_db", "jobs", "train", "predict", "llm")
-_KEYS += ("limits", "log_level")
+_KEYS += ("limits", "log_level", "allowed_hosts", "allowed_origins")
 
 
 def _plain(cfg: DictConfig, key: str) -> Any:
     value = OmegaConf.select(cfg, key, default=None)
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+# queued-job caps (per server, per API key or client address) and the Retry-After beyond them
+_QUEUE_CAPS = {"max_queued": 16, "max_queued_per_key": 8, "retry_after_s": 30}
 
 
 def load_settings(cfg: DictConfig) -> Settings:
@@ -107,6 +117,10 @@ def load_settings(cfg: DictConfig) -> Settings:
     max_running = jobs.get("max_running", 1)
     if not isinstance(max_running, int) or max_running < 1:
         raise UserError(f"jobs.max_running={max_running!r} is not valid; expected an integer ≥ 1")
+    caps = {key: jobs.get(key, default) for key, default in _QUEUE_CAPS.items()}
+    for key, value in caps.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"jobs.{key}={value!r} is not valid; expected an integer ≥ 1")
     train = data.get("train") or {}
     predict = data.get("predict") or {}
     llm = data.get("llm") or {}
@@ -122,6 +136,9 @@ def load_settings(cfg: DictConfig) -> Settings:
         models_dir=Path(data["paths"]["models_dir"]).expanduser().resolve(),
         limits=_limits(data.get("limits") or {}),
         max_running_jobs=max_running,
+        max_queued_jobs=caps["max_queued"],
+        max_queued_per_key=caps["max_queued_per_key"],
+        queue_retry_after_s=caps["retry_after_s"],
         poll_interval_s=float(jobs.get("poll_interval_s", 0.5)),
         kill_grace_s=float(jobs.get("kill_grace_s", 5.0)),
         extra_overrides=tuple(str(o) for o in jobs.get("extra_overrides") or ()),
@@ -138,4 +155,6 @@ def load_settings(cfg: DictConfig) -> Settings:
         ),
         llm_files=tuple(Path(str(f)) for f in llm.get("files") or ()),
         log_level=str(data.get("log_level") or "info"),
+        allowed_hosts=_names(data.get("allowed_hosts")) or (),
+        allowed_origins=_names(data.get("allowed_origins")) or (),
     )

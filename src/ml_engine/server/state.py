@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+from ml_engine.run.files import clean_stale_partials_under
 from ml_engine.server.job_runner import JobRunner
 from ml_engine.server.jobs_store import JobStore
 from ml_engine.server.llm_service import LlmService
@@ -12,6 +14,8 @@ from ml_engine.server.runs import RunIndex
 from ml_engine.server.settings import Settings
 from ml_engine.training.accelerators import usable_accelerators
 from ml_engine.training.registry import CLASSIFIER, network_names
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -28,6 +32,10 @@ class ServerState:
 
     @classmethod
     def build(cls, settings: Settings) -> ServerState:
+        # a quantization or export killed mid-write (a server killed with it) left a partial
+        # file of up to gigabytes that no later write of the same name would ever meet
+        for path in clean_stale_partials_under(settings.models_dir):
+            log.warning("removed %s, left half-written by a process that died", path)
         networks = network_names(CLASSIFIER)  # the digit classifiers it trains and serves
         allowed = settings.train_models
         trainable = [n for n in networks if allowed is None or n in allowed]
@@ -47,6 +55,8 @@ class ServerState:
                 max_running=settings.max_running_jobs,
                 poll_interval_s=settings.poll_interval_s,
                 kill_grace_s=settings.kill_grace_s,
+                max_queued=settings.max_queued_jobs,
+                max_queued_per_owner=settings.max_queued_per_key,
             ),
             runs=runs,
             predictor=PredictService(runs, networks, settings.predict_cache_size),

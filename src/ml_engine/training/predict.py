@@ -11,7 +11,7 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
-from ml_engine.run.files import atomic_write
+from ml_engine.run.files import atomic_write, check_output_file, clean_stale_partials
 from ml_engine.training.checkpoints import load_classifier
 from ml_engine.training.image_data import read_image
 from ml_engine.training.images import IMAGE_SUFFIXES, list_images, load_digit
@@ -76,6 +76,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     the prediction is the class name stored in the checkpoint ("0".."9" for digit models).
 
     ``cfg`` is checked against PREDICT_RULES by the job wrapper (run/launch.run_job)."""
+    output = Path(to_absolute_path(str(cfg.output)))
+    check_output_file(output)  # before any work: a bad output must not cost the predictions
+    clean_stale_partials(output.parent)  # what an earlier, killed predict left half-written
     model = load_classifier(to_absolute_path(cfg.ckpt_path), map_location=cfg.device)
     source = Path(to_absolute_path(str(cfg.input)))
     paths = list_images(source)
@@ -88,7 +91,6 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         {"path": str(path), "prediction": names[int(p)], "confidence": round(float(c), 6)}
         for path, p, c in zip(paths, prediction, confidence, strict=True)
     ]
-    output = Path(to_absolute_path(str(cfg.output)))
     write_predictions(rows, output)
     print(f"predicted {len(rows)} image(s) → {output}")
     print(f"run_dir: {cfg.paths.output_dir}", flush=True)
