@@ -89,6 +89,7 @@ def _idle_client(tmp_path, name: str, address: str = "10.0.0.1", **values):
 
 def test_queued_jobs_are_capped_per_client_and_per_server(tmp_path) -> None:
     caps = {"jobs.max_queued": 5, "jobs.max_queued_per_key": 3, "jobs.retry_after_s": 7}
+    caps["train.models"] = ["cnn_mnist", "mlp_mnist"]  # train-all: two jobs
     first = _idle_client(tmp_path, "a", "10.0.0.1", **caps)
     body = {"model": "mlp_mnist", "epochs": 1}
     try:
