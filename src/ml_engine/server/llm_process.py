@@ -164,6 +164,8 @@ class LlmProcess:
         for pipe in (self._child.stdin, self._child.stdout):
             with contextlib.suppress(OSError):
                 pipe.close()
+        if self._child.returncode == 0:  # a crashed worker's log stays, for its reason
+            self.log_path.unlink(missing_ok=True)
 
 
 _SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "repeat_penalty", "seed")

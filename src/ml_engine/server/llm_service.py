@@ -341,7 +341,9 @@ class LlmService:
             raise
         self.load_count += 1
         self._tried[tried] = (True, None)
-        log_path.unlink(missing_ok=True)  # a crash later appends to a fresh log
+        # the worker appends to its log: emptied, the log holds what follows the load, so that
+        # a crash's reason is llama.cpp's last words about it
+        log_path.open("wb").close()
         return _Loaded(process, quantization, key)
 
     def _worker_gone(self) -> None:
