@@ -24,7 +24,7 @@ import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from ml_engine.errors import UserError
 from ml_engine.run.helpers import error_summary, finite_or_none
@@ -56,13 +56,15 @@ class Requests:
 
 
 class Worker:
-    def __init__(self, out: TextIO, requests: Requests) -> None:
-        self.out, self.requests = out, requests
+    def __init__(self, out_fd: int, requests: Requests) -> None:
+        self.out_fd, self.requests = out_fd, requests
         self.backend: Any = None
 
     def send(self, message: dict[str, Any]) -> None:
-        self.out.write(json.dumps(message) + "\n")
-        self.out.flush()
+        # one unbuffered write per message: a piece reaches the server as soon as it exists
+        data = (json.dumps(message) + "\n").encode()
+        while data:
+            data = data[os.write(self.out_fd, data) :]
 
     def load(self, request: dict[str, Any]) -> None:
         from ml_engine.llm.backends import open_backend
@@ -159,7 +161,7 @@ class Worker:
 
 def main() -> None:
     # the protocol keeps the original stdout; everything printed from here on goes to the log
-    protocol = os.fdopen(os.dup(1), "w", encoding="utf-8")
+    protocol = os.dup(1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     Worker(protocol, Requests()).serve()
