@@ -127,3 +127,54 @@ def wait_for_job(
             return job
         assert time.monotonic() < deadline, f"job {job_id} stuck in {job['status']}: {seen}"
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def chat_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A llama GGUF with a name and a ChatML template, as a downloaded instruct model has."""
+    from ml_engine.llm.gguf_writer import (
+        LlamaShape,
+        byte_fallback_vocabulary,
+        random_llama_tensors,
+        write_llama_gguf,
+    )
+
+    shape = LlamaShape(
+        n_vocab=512, n_embd=256, n_ff=512, n_layer=2, n_head=4, n_head_kv=4, n_ctx=512
+    )
+    chatml = (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
+        "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    return write_llama_gguf(
+        tmp_path_factory.mktemp("given") / "some-download.Q8.gguf",
+        shape,
+        byte_fallback_vocabulary(shape.n_vocab),
+        random_llama_tensors(shape, seed=5),
+        name="Chat Model 0.1 (test)",
+        chat_template=chatml,
+    )
+
+
+def corrupt_gguf(path: Path, fault: str) -> Path:
+    """A small llama GGUF whose metadata llama.cpp asserts on (it aborts the process):
+    ``block_count=0``/``1000`` while loading, ``rms_eps=nan`` on the first decode."""
+    from unittest import mock
+
+    import gguf
+
+    from ml_engine.llm.gguf_writer import LlamaShape, write_random_llama
+
+    shape = LlamaShape(
+        n_vocab=512, n_embd=256, n_ff=512, n_layer=2, n_head=4, n_head_kv=4, n_ctx=512
+    )
+    block_count, rms_eps = gguf.GGUFWriter.add_block_count, gguf.GGUFWriter.add_layer_norm_rms_eps
+    faults = {
+        "block_count=0": ("add_block_count", lambda self, n: block_count(self, 0)),
+        "block_count=1000": ("add_block_count", lambda self, n: block_count(self, 1000)),
+        "rms_eps=nan": ("add_layer_norm_rms_eps", lambda self, v: rms_eps(self, float("nan"))),
+    }
+    name, replacement = faults[fault]
+    with mock.patch.object(gguf.GGUFWriter, name, replacement):
+        return write_random_llama(path, shape, name=path.stem)

@@ -207,34 +207,6 @@ def test_a_prompt_longer_than_the_context_is_a_422(client, stream: bool) -> None
 # ---- any GGUF: llm.files
 
 
-@pytest.fixture(scope="module")
-def chat_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A llama GGUF with a name and a ChatML template, as a downloaded instruct model has."""
-    from ml_engine.llm.gguf_writer import (
-        LlamaShape,
-        byte_fallback_vocabulary,
-        random_llama_tensors,
-        write_llama_gguf,
-    )
-
-    shape = LlamaShape(
-        n_vocab=512, n_embd=256, n_ff=512, n_layer=2, n_head=4, n_head_kv=4, n_ctx=512
-    )
-    chatml = (
-        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + "
-        "message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-    )
-    return write_llama_gguf(
-        tmp_path_factory.mktemp("given") / "some-download.Q8.gguf",
-        shape,
-        byte_fallback_vocabulary(shape.n_vocab),
-        random_llama_tensors(shape, seed=5),
-        name="Chat Model 0.1 (test)",
-        chat_template=chatml,
-    )
-
-
 def test_a_given_gguf_is_a_model_named_by_its_metadata(make_client, chat_gguf, tmp_path) -> None:
     client = make_client(
         **{"paths.models_dir": str(tmp_path / "models"), "llm.files": [str(chat_gguf)]}

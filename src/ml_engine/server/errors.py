@@ -1,4 +1,9 @@
-"""Every failure a request can cause becomes a 4xx JSON body ``{"error": one line, ...}``."""
+"""Every failure a request can cause becomes a 4xx JSON body ``{"error": one line, ...}``.
+
+A model worker that dies (llama.cpp aborting on a corrupt file) is a 502: the server is fine,
+the process it relies on for that model failed. Under ``/v1`` (the OpenAI-compatible API) the
+body is OpenAI's ``{"error": {"message", "type", "code"}}`` and a malformed request is a 400.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ml_engine.errors import UnknownNameError, UserError
+from ml_engine.run.helpers import first_line
+from ml_engine.server.llm_process import WorkerCrashed, WorkerFailed
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +50,31 @@ class NotFound(ApiError):
 
 def error_body(message: str, **extra: Any) -> dict[str, Any]:
     return {"error": message, **extra}
+
+
+OPENAI_PREFIX = "/v1/"
+
+
+def openai_error(message: str, status: int, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body, which its clients turn into their exceptions."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    if status == 401:
+        kind, code = "authentication_error", code or "invalid_api_key"
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _answer(
+    request: Request,
+    status: int,
+    message: str,
+    headers: dict[str, str] | None = None,
+    code: str | None = None,
+    **extra: Any,
+) -> JSONResponse:
+    if request.url.path.startswith(OPENAI_PREFIX):
+        status = 400 if status == 422 else status  # OpenAI's status for a bad request
+        return SafeJSONResponse(openai_error(message, status, code), status, headers=headers)
+    return SafeJSONResponse(error_body(message, **extra), status_code=status, headers=headers)
 
 
 def _location(loc: tuple[Any, ...]) -> str:
@@ -89,24 +121,32 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = list(exc.errors())
-        return SafeJSONResponse(
-            error_body(describe_validation(errors), detail=_json_safe(errors)), status_code=422
-        )
+        message = describe_validation(errors)
+        return _answer(request, 422, message, detail=_json_safe(errors))
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return SafeJSONResponse(
-            error_body(exc.message, **exc.extra), status_code=exc.status, headers=exc.headers
-        )
+        extra = dict(exc.extra)
+        code = extra.pop("code", None)
+        return _answer(request, exc.status, exc.message, exc.headers, code, **extra)
 
     @app.exception_handler(UnknownNameError)
     async def on_unknown_name(request: Request, exc: UnknownNameError) -> JSONResponse:
-        body = error_body(str(exc), accepted=exc.accepted)
-        return SafeJSONResponse(body, status_code=422)
+        return _answer(request, 422, str(exc), accepted=exc.accepted)
 
     @app.exception_handler(UserError)
     async def on_user_error(request: Request, exc: UserError) -> JSONResponse:
-        return SafeJSONResponse(error_body(str(exc)), status_code=422)
+        return _answer(request, 422, str(exc))
+
+    @app.exception_handler(WorkerCrashed)
+    async def on_worker_crash(request: Request, exc: WorkerCrashed) -> JSONResponse:
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return _answer(request, 502, str(exc), code="worker_crashed")
+
+    @app.exception_handler(WorkerFailed)
+    async def on_worker_failure(request: Request, exc: WorkerFailed) -> JSONResponse:
+        log.error("%s %s: model worker error: %s", request.method, request.url.path, exc)
+        return _answer(request, 500, f"model worker failed: {first_line(exc)}")
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -115,14 +155,10 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no such endpoint: {request.method} {request.url.path} (see /docs)"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
-        return SafeJSONResponse(
-            error_body(message), status_code=exc.status_code, headers=exc.headers
-        )
+        return _answer(request, exc.status_code, message, exc.headers)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         # a bug, not a user error: logged in full, answered without internals
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return SafeJSONResponse(
-            error_body(f"internal error: {type(exc).__name__}"), status_code=500
-        )
+        return _answer(request, 500, f"internal error: {type(exc).__name__}")

@@ -5,11 +5,18 @@ Models are the configured ones (``conf/llm/model/*.yaml``), the GGUF files the o
 (``llm.files``: any GGUF llama.cpp supports, named by its ``general.name``, else its file stem) and
 the GGUF files exported into training runs (``<exports_dir>/*/*.gguf``, where ``export.py`` writes
 them), named by their file stem. A request names a model; the server alone maps a name to a file.
+
+llama.cpp models load and generate in worker processes (``llm_process``): a file that makes
+llama.cpp abort ends its worker, not the server. The mock backend stays in-process. The cache
+of loaded models is an LRU bounded by count (``llm.cache_size``) and by the workers' resident
+memory (``llm.cache_mb``); a loaded context serves any request for the same model,
+quantization and n_gpu_layers whose n_ctx it holds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import re
 import threading
@@ -23,8 +30,9 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ml_engine.errors import UnknownNameError, UserError
-from ml_engine.run.helpers import finite_or_none
+from ml_engine.run.helpers import finite_or_none, first_line
 from ml_engine.run.locations import CONFIG_DIR
+from ml_engine.server.llm_process import LlmProcess, WorkerCrashed
 from ml_engine.server.schemas import NAME_PATTERN
 
 log = logging.getLogger(__name__)
@@ -74,13 +82,27 @@ class LlmKey:
             values.append(f"llm.n_gpu_layers={self.n_gpu_layers}")
         return values
 
+    def family(self) -> tuple[str, str, str | None, int | None]:
+        """What a loaded context must match to serve a request (its n_ctx may be larger)."""
+        return self.backend, self.model, self.quantization, self.n_gpu_layers
+
 
 @dataclass
 class _Loaded:
     backend: Any
     quantization: str | None
+    key: LlmKey | None = None  # resolved: every setting filled in
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
+
+    def serves(self, key: LlmKey) -> bool:
+        if self.key is None or self.key.family() != key.family():
+            return False
+        return key.n_ctx is None or (self.key.n_ctx or 0) >= key.n_ctx
+
+    def rss_bytes(self) -> int:
+        rss = getattr(self.backend, "rss_bytes", None)
+        return rss() if rss is not None else 0
 
 
 def _api_name(path: Path) -> str:
@@ -126,6 +148,8 @@ class LlmService:
         produce_missing: bool = False,
         exports_dir: Path | None = None,
         files: Sequence[Path] = (),
+        cache_mb: float | None = None,
+        log_dir: Path | None = None,
     ) -> None:
         self.models_dir, self.config_name = models_dir, config_name
         self.exports_dir = exports_dir
@@ -135,7 +159,17 @@ class LlmService:
         self.produce_missing = produce_missing
         self._loaded: OrderedDict[LlmKey, _Loaded] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._load_locks: dict[LlmKey, threading.Lock] = {}
+        self._load_locks: dict[tuple[Any, ...], threading.Lock] = {}
+        self.cache_bytes = None if cache_mb is None else int(cache_mb * 1024 * 1024)
+        self.log_dir = log_dir or models_dir / "llm_workers"
+        self._defaults: dict[str, tuple[str | None, int | None, int | None]] = {}
+        # (model, quantization) → (loaded, error): what the last load of that file did
+        self._tried: dict[tuple[str, str | None], tuple[bool, str | None]] = {}
+        self._loading = 0  # workers being started, counted against cache_size
+        self._worker_ids = itertools.count(1)
+        self.load_count = 0  # loads since start, for tests and benchmarks
+        self.peak_workers = 0  # most worker processes alive at once
+        self._live_workers = 0
 
     def _configured_names(self) -> list[str]:
         from ml_engine.llm.models import model_names
@@ -199,6 +233,7 @@ class LlmService:
             llm = self.llm_config(name)
             on_disk = available_quantizations(llm.model, self.models_dir)
             default = OmegaConf.select(llm, "quantization", default=None)
+            usable, error = self._tried.get((name, default), (None, None))
             models.append(
                 {
                     "name": name,
@@ -208,18 +243,34 @@ class LlmService:
                     "embedded": llm.model.get("source") == EMBEDDED,
                     "exported": name in exported,
                     "file": str(given[name]) if name in given else None,
+                    "usable": usable,
+                    "error": error,
                 }
             )
         return models
 
     @staticmethod
     def default_model(models: list[dict[str, Any]]) -> str | None:
-        """The model a client should preselect: one whose file is on disk, real models before
-        the embedded one (random weights), else the embedded one (written on first use); None
-        when every model would be refused as missing."""
-        ranked = [m for m in models if m["file_on_disk"] and not m["embedded"]]
-        ranked += [m for m in models if m["embedded"]]
+        """The model a client should preselect: one known to load (real models before the
+        embedded one's random weights), then one whose file is on disk and has not been tried,
+        then the embedded one (written on first use); never one whose file failed to load.
+        None when every model would be refused."""
+        usable = [m for m in models if m.get("usable")]
+        untried = [m for m in models if m.get("usable") is None]
+        ranked = [m for m in usable if not m["embedded"]] + [m for m in usable if m["embedded"]]
+        ranked += [m for m in untried if m["file_on_disk"] and not m["embedded"]]
+        ranked += [m for m in untried if m["embedded"]]
         return ranked[0]["name"] if ranked else None
+
+    def usable_models(self) -> list[str]:
+        """Models a request may generate with as is (a file on disk or the embedded one) and
+        whose file has not failed to load: what ``/v1/models`` lists."""
+        models = self.describe_models()
+        return [
+            m["name"]
+            for m in models
+            if (m["file_on_disk"] or m["embedded"]) and m["usable"] is not False
+        ]
 
     # loading ---------------------------------------------------------------------------------
 
@@ -240,20 +291,69 @@ class LlmService:
                 f"on disk: {', '.join(on_disk) or '(none)'}"
             )
 
+    def resolve(self, key: LlmKey) -> LlmKey:
+        """``key`` with the config's values for what the request left out (the mock's as
+        given: it loads nothing). Composed once per model."""
+        if key.backend == "mock":
+            return key
+        if key.model not in self._defaults:
+            llm = self.llm_config(key.model, [f"llm/backend={key.backend}"])
+            self._defaults[key.model] = (
+                OmegaConf.select(llm, "quantization", default=None),
+                OmegaConf.select(llm, "n_ctx", default=None),
+                OmegaConf.select(llm, "n_gpu_layers", default=None),
+            )
+        quantization, n_ctx, n_gpu_layers = self._defaults[key.model]
+        return LlmKey(
+            key.backend,
+            key.model,
+            key.quantization if key.quantization is not None else quantization,
+            key.n_ctx if key.n_ctx is not None else n_ctx,
+            key.n_gpu_layers if key.n_gpu_layers is not None else n_gpu_layers,
+        )
+
+    def _label(self, model: str, llm: DictConfig) -> str:
+        path = self.file_models().get(model)
+        return str(path) if path else f"model '{model}' ({llm.get('quantization')})"
+
     def _open(self, key: LlmKey) -> _Loaded:
         from ml_engine.llm.backends import open_backend
 
         llm = self.llm_config(key.model, key.overrides())
-        if key.backend != "mock":
-            self._check_file(key.model, llm)
-        backend = open_backend(llm, self.models_dir)
-        # the mock loads no file, so it has no quantization to report
-        quantization = None if key.backend == "mock" else llm.get("quantization")
-        return _Loaded(backend, quantization)
+        if key.backend == "mock":  # cannot crash: stays in this process, fast
+            return _Loaded(open_backend(llm, self.models_dir), None, key)
+        self._check_file(key.model, llm)
+        quantization = llm.get("quantization")
+        log_path = self.log_dir / f"worker-{next(self._worker_ids)}-{key.model}.log"
+        tried = (key.model, quantization)
+        with self._cache_lock:
+            self._live_workers += 1
+            self.peak_workers = max(self.peak_workers, self._live_workers)
+        try:
+            node = OmegaConf.to_container(llm, resolve=True)
+            process = LlmProcess(node, self.models_dir, log_path, self._label(key.model, llm))
+        except (UserError, WorkerCrashed) as exc:
+            self._worker_gone()
+            self._tried[tried] = (False, first_line(exc))
+            raise
+        except BaseException:
+            self._worker_gone()
+            raise
+        self.load_count += 1
+        self._tried[tried] = (True, None)
+        # the worker appends to its log: emptied, the log holds what follows the load, so that
+        # a crash's reason is llama.cpp's last words about it
+        log_path.open("wb").close()
+        return _Loaded(process, quantization, key)
+
+    def _worker_gone(self) -> None:
+        with self._cache_lock:
+            self._live_workers -= 1
 
     def acquire(self, key: LlmKey) -> _Loaded:
         """The loaded backend for ``key``, its lock held; release with ``release``."""
         self.check_model(key.model)
+        key = self.resolve(key)
         while True:
             loaded = self._get_or_load(key)
             loaded.lock.acquire()
@@ -261,35 +361,84 @@ class LlmService:
                 return loaded
             loaded.lock.release()
 
-    @staticmethod
-    def release(loaded: _Loaded) -> None:
+    def release(self, loaded: _Loaded) -> None:
+        """Give the model back; a worker that died during the request is dropped (the next
+        request starts a fresh one)."""
+        alive = getattr(loaded.backend, "alive", None)
+        if alive is not None and not alive() and not loaded.closed:
+            with self._cache_lock:
+                if self._loaded.get(loaded.key) is loaded:
+                    del self._loaded[loaded.key]
+            loaded.closed = True
+            loaded.backend.close()
+            self._worker_gone()
+            log.warning("model worker for %s died; dropped", loaded.key)
         loaded.lock.release()
+
+    def _find(self, key: LlmKey) -> _Loaded | None:
+        """The loaded entry that serves ``key``, the smallest context that fits first."""
+        fits = [e for e in self._loaded.values() if e.serves(key)]
+        return min(fits, key=lambda e: e.key.n_ctx or 0) if fits else None
 
     def _get_or_load(self, key: LlmKey) -> _Loaded:
         with self._cache_lock:
-            if key in self._loaded:
-                self._loaded.move_to_end(key)
-                return self._loaded[key]
-            load_lock = self._load_locks.setdefault(key, threading.Lock())
-        with load_lock:  # one load per key, other keys load in parallel
+            found = self._find(key)
+            if found is not None:
+                self._loaded.move_to_end(found.key)
+                return found
+            load_lock = self._load_locks.setdefault(key.family(), threading.Lock())
+        with load_lock:  # one load per model at a time, other models load in parallel
             with self._cache_lock:
-                if key in self._loaded:
-                    return self._loaded[key]
-            loaded = self._open(key)
+                found = self._find(key)
+                if found is not None:
+                    return found
+                # room for one more before it starts: the count never exceeds cache_size
+                evicted = []
+                while self._loaded and len(self._loaded) + self._loading >= self.cache_size:
+                    evicted.append(self._loaded.popitem(last=False)[1])
+                self._loading += 1
+            try:
+                for old in evicted:
+                    self._close(old)
+                loaded = self._open(key)
+            finally:
+                with self._cache_lock:
+                    self._loading -= 1
             with self._cache_lock:
                 self._loaded[key] = loaded
-                evicted = []
-                while len(self._loaded) > self.cache_size:
-                    evicted.append(self._loaded.popitem(last=False)[1])
+                evicted = self._over_budget(loaded)
         for old in evicted:
             self._close(old)
         return loaded
 
-    @staticmethod
-    def _close(loaded: _Loaded) -> None:
+    def _over_budget(self, keep: _Loaded) -> list[_Loaded]:
+        """Least recently used entries to drop until the workers' resident memory fits
+        ``llm.cache_mb``; ``keep`` (just loaded) stays even when alone over the budget."""
+        if self.cache_bytes is None:
+            return []
+        sizes = {id(e): e.rss_bytes() for e in self._loaded.values()}
+        total, evicted = sum(sizes.values()), []
+        for entry in list(self._loaded.values()):
+            if total <= self.cache_bytes:
+                break
+            if entry is not keep:
+                del self._loaded[entry.key]
+                evicted.append(entry)
+                total -= sizes[id(entry)]
+        return evicted
+
+    def _close(self, loaded: _Loaded) -> None:
         with loaded.lock:  # waits for the request using it
+            if loaded.closed:
+                return
             loaded.closed = True
             loaded.backend.close()
+        if isinstance(loaded.backend, LlmProcess):
+            self._worker_gone()
+
+    def worker_count(self) -> int:
+        """Worker processes alive now (loading ones included)."""
+        return self._live_workers
 
     def close(self) -> None:
         with self._cache_lock:
@@ -299,18 +448,29 @@ class LlmService:
 
     # generation ------------------------------------------------------------------------------
 
+    def request_options(self, loaded: _Loaded, key: LlmKey) -> dict[str, Any]:
+        """What a worker needs beyond the sampling: the context the request asked for (a
+        larger loaded one serves it as if it were that size)."""
+        if not isinstance(loaded.backend, LlmProcess):
+            return {}
+        return {"n_ctx": self.resolve(key).n_ctx}
+
     def complete(self, key: LlmKey, prompt: str, sampling: dict[str, Any]) -> dict[str, Any]:
         loaded = self.acquire(key)
         try:
-            result = loaded.backend.complete(prompt, **sampling)
+            options = self.request_options(loaded, key)
+            result = loaded.backend.complete(prompt, **sampling, **options)
             result["timings"] = finite_values(result.get("timings") or {})
             return {**result, "engine": loaded.backend.name, "quantization": loaded.quantization}
         finally:
             self.release(loaded)
 
-    def stream_loaded(self, loaded: _Loaded, prompt: str, sampling: dict[str, Any]) -> TokenStream:
+    def stream_loaded(
+        self, loaded: _Loaded, prompt: str, sampling: dict[str, Any], key: LlmKey | None = None
+    ) -> TokenStream:
         """Stream from a backend taken with ``acquire``; the stream releases it when done."""
-        return TokenStream(self, loaded, prompt, sampling)
+        options = self.request_options(loaded, key or loaded.key)
+        return TokenStream(self, loaded, prompt, {**sampling, **options})
 
 
 class TokenStream:
@@ -325,6 +485,7 @@ class TokenStream:
     ) -> None:
         self._service, self._loaded = service, loaded
         self._events = self._generate(prompt, sampling)
+        self.stats: dict[str, Any] | None = None  # a worker's counts once finished
         self._released = False
         self._release_lock = threading.Lock()
 
@@ -351,10 +512,12 @@ class TokenStream:
                 pieces.append(piece)
                 yield {"token": piece}
         finally:
-            # the backend's own generator ends before the next request may use the model
+            # the backend's own generator ends before the next request may use the model (a
+            # worker's generation is cancelled between two tokens)
             close = getattr(tokens, "close", None)
             if close is not None:
                 close()
+            self.stats = getattr(tokens, "stats", None)
         elapsed = time.perf_counter() - started
         self.close()
         yield {

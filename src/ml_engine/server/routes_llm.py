@@ -19,6 +19,7 @@ from ml_engine.llm.backends import BACKENDS
 from ml_engine.run.helpers import first_line
 from ml_engine.server.errors import ApiError
 from ml_engine.server.guards import check_range, require_json
+from ml_engine.server.llm_process import WorkerCrashed, WorkerFailed
 from ml_engine.server.llm_service import SAMPLING_FIELDS, LlmKey
 from ml_engine.server.schemas import GenerateRequest, GenerateResponse, LlmModelList
 from ml_engine.server.state import ServerState
@@ -76,8 +77,10 @@ def _sse(event: str, data: dict[str, Any]) -> bytes:
 
 
 def _generation_error(exc: Exception) -> str:
-    if isinstance(exc, (UserError, ValueError)):
+    if isinstance(exc, (UserError, ValueError, WorkerCrashed)):
         return first_line(exc) or type(exc).__name__
+    if isinstance(exc, WorkerFailed):
+        return f"model worker failed: {first_line(exc)}"
     return f"generation failed: {type(exc).__name__}"
 
 
@@ -106,7 +109,9 @@ async def _relay(
                 if stop.is_set():
                     break
         except Exception as exc:
-            if not isinstance(exc, (UserError, ValueError)):
+            if isinstance(exc, WorkerCrashed):
+                log.error("streamed generation: %s", exc)
+            elif not isinstance(exc, (UserError, ValueError)):
                 log.exception("streamed generation failed")
             put(("error", {"error": _generation_error(exc)}))
         finally:
@@ -151,7 +156,7 @@ async def generate(request: Request, body: GenerateRequest) -> Any:
     if body.stream:
         # load (and report load errors as plain 4xx JSON) before the stream starts
         loaded = await run_in_threadpool(state.llm.acquire, key)
-        events = state.llm.stream_loaded(loaded, body.prompt, sampling)
+        events = state.llm.stream_loaded(loaded, body.prompt, sampling, key)
         # the first event is taken before answering, so that a prompt the model cannot take
         # (longer than its context, say) is a plain 422 rather than an error event after a 200
         first = await run_in_threadpool(_first_event, events)

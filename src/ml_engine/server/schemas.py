@@ -237,14 +237,20 @@ class LlmModelView(BaseModel):
     file: str | None = Field(
         None, description="the GGUF named in the server's llm.files (this model is that file)"
     )
+    usable: bool | None = Field(
+        None,
+        description="null: not loaded yet; true: loaded once; false: its file failed to load "
+        "(see error)",
+    )
+    error: str | None = Field(None, description="why the file failed to load, when it did")
 
 
 class LlmModelList(BaseModel):
     backends: list[str]
     models: list[LlmModelView]
     default_model: str | None = Field(
-        description="a model that generates as is: a file on disk, else the embedded one; "
-        "null when neither"
+        description="a model that generates as is: one known to load, else a file on disk, "
+        "else the embedded one; never one that failed to load; null when none"
     )
 
 

@@ -63,6 +63,7 @@ class Settings:
     llm_config_name: str = "generate"
     llm_models: tuple[str, ...] | None = None
     llm_cache_size: int = 2
+    llm_cache_mb: float | None = None
     llm_produce_missing: bool = False
     llm_exports_dir: Path | None = None
     llm_files: tuple[Path, ...] = ()
@@ -87,6 +88,14 @@ def _limits(node: dict[str, Any]) -> Limits:
 
 def _names(value: Any) -> tuple[str, ...] | None:
     return None if value is None else tuple(str(v) for v in value)
+
+
+def _megabytes(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise UserError(f"llm.cache_mb={value!r} is not valid; expected megabytes > 0 or null")
+    return float(value)
 
 
 _KEYS = ("host", "port", "api_key", "runs_dir", "jobs_db", "jobs", "train", "predict", "llm")
@@ -149,6 +158,7 @@ def load_settings(cfg: DictConfig) -> Settings:
         llm_config_name=str(llm.get("config_name", "generate")),
         llm_models=_names(llm.get("models")),
         llm_cache_size=int(llm.get("cache_size", 2)),
+        llm_cache_mb=_megabytes(llm.get("cache_mb")),
         llm_produce_missing=bool(llm.get("produce_missing", False)),
         llm_exports_dir=(
             Path(llm["exports_dir"]).expanduser().resolve() if llm.get("exports_dir") else None

@@ -68,6 +68,9 @@ class ServerState:
                 settings.llm_produce_missing,
                 settings.llm_exports_dir,
                 settings.llm_files,
+                cache_mb=settings.llm_cache_mb,
+                # a crashed worker's log stays here, next to the jobs database
+                log_dir=settings.jobs_db.parent / "llm_workers",
             ),
         )
 

@@ -495,6 +495,42 @@ class LlamaCppBackend(LlmBackend):
             size = n + 1
         return None
 
+    def apply_chat_template(self, messages: list[tuple[str, str]]) -> tuple[str, str]:
+        """``(role, content)`` messages as one prompt with the assistant's turn opened, through
+        llama.cpp's llama_chat_apply_template: in the file's own template when llama.cpp
+        recognises it, else in llama.cpp's built-in "chatml". Returns the text and what was
+        used: "model", or "chatml" with why (the file has none, or llama.cpp cannot apply it)."""
+        template = self._lib.llama_model_chat_template(self._model, None)
+        if template:
+            text = self._apply_messages(template, messages)
+            if text is not None:
+                return text, "model"
+            fallback = f"chatml ({CHAT_TEMPLATE_UNKNOWN}: the file's template)"
+        else:
+            fallback = f"chatml ({CHAT_TEMPLATE_MISSING})"
+        text = self._apply_messages(b"chatml", messages)
+        if text is None:  # cannot happen: chatml is built into llama.cpp
+            raise UserError("llama.cpp could not apply its built-in chatml template")
+        return text, fallback
+
+    def _apply_messages(self, template: bytes, messages: list[tuple[str, str]]) -> str | None:
+        encoded = [(role.encode(), content.encode()) for role, content in messages]
+        array = (self._lib.llama_chat_message * len(encoded))(
+            *(self._lib.llama_chat_message(role, content) for role, content in encoded)
+        )
+        size = max(1024, 2 * sum(len(c) + 32 for _, c in encoded))
+        for _ in range(2):
+            buffer = ctypes.create_string_buffer(size)
+            n = self._lib.llama_chat_apply_template(
+                template, array, len(encoded), True, buffer, size
+            )
+            if n < 0:
+                return None
+            if n <= size:
+                return buffer.raw[:n].decode("utf-8", errors="replace")
+            size = n + 1
+        return None
+
     def format_prompt(self, prompt: str) -> str:
         """The prompt in the model's chat template, when configured and applicable."""
         if not self._template:
@@ -733,6 +769,13 @@ class LlamaCppBackend(LlmBackend):
             if decode(ctx, batch) != 0:
                 raise RuntimeError(f"llama_decode failed: {last_llama_error()}")
             synchronize(ctx)
+
+    def generate_ids(
+        self, prompt_ids: list[int], sampling: Sampling, record: Generation
+    ) -> Iterator[int]:
+        """The measured token loop on a prompt already tokenized (a chat formatted by
+        ``apply_chat_template``, a raw completion prompt); closing it stops the generation."""
+        return self._token_loop(prompt_ids, sampling, record)
 
     def generate(self, prompt: str, sampling: Sampling) -> Generation:
         record = Generation(load_s=self.load_s)

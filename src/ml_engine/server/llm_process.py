@@ -1,0 +1,231 @@
+"""The server's side of a model worker (``llm_worker``): spawn it, load, generate, cancel.
+
+A worker that dies (llama.cpp aborting on a corrupt file, the kernel's OOM killer) raises
+``WorkerCrashed`` naming the file, the signal and llama.cpp's last log line; the server answers
+that request with a 502 and drops the worker, the next request starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ml_engine.errors import UserError
+from ml_engine.llm.isolation import _describe_exit, _python_path
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+# lines that say why llama.cpp gave up, in order of preference over the last line of the log
+_REASONS = (re.compile(r"GGML_ASSERT\(.*"), re.compile(r"terminate called.*"))
+_REASONS += (re.compile(r"what\(\):.*"), re.compile(r".*error.*", re.IGNORECASE))
+
+
+class WorkerCrashed(Exception):
+    """The worker process died: an upstream failure (502), not the client's mistake."""
+
+
+class WorkerFailed(Exception):
+    """The worker answered with an unexpected error (a bug, not the client's mistake)."""
+
+
+def crash_reason(log_path: Path) -> str:
+    """llama.cpp's last words: a GGML_ASSERT or C++ exception line when there is one, else
+    the log's last line; a source path is cut to its file name."""
+    try:
+        with log_path.open("rb") as log:
+            log.seek(max(0, log_path.stat().st_size - 65536))
+            lines = [ln.strip() for ln in log.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [line for line in lines if line]
+    for pattern in _REASONS:
+        for line in reversed(lines):
+            if pattern.search(line):
+                return re.sub(r"\S*/(?=[^/\s]+:\d+:)", "", line)[:300]
+    return lines[-1][:300] if lines else ""
+
+
+class LlmProcess:
+    """One worker process holding one loaded model; callers serialize requests to it."""
+
+    name = "llama_cpp"
+
+    def __init__(self, llm: dict[str, Any], models_dir: Path, log_path: Path, label: str) -> None:
+        self.label, self.log_path = label, log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _python_path()}
+        env["GGML_NO_BACKTRACE"] = "1"  # ggml would attach gdb to print a backtrace on abort
+        with log_path.open("ab") as log:
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", "ml_engine.server.llm_worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                env=env,
+            )
+        self.pid = self._child.pid
+        self._write_lock = threading.Lock()
+        # llama.cpp's own log lines go to the log (verbose), never to the protocol
+        llm = {**llm, "backend": {**llm["backend"], "verbose": True}}
+        try:
+            reply = self.call({"op": "load", "llm": llm, "models_dir": str(models_dir)})
+        except BaseException:
+            self.close()
+            raise
+        self.n_ctx: int = reply["n_ctx"]
+        self.facts: dict[str, Any] = reply["describe"]
+        self.load_s = float(self.facts.get("load_s") or 0.0)
+
+    # ---- the pipes
+
+    def send(self, message: dict[str, Any]) -> None:
+        with self._write_lock:  # a cancel may come from another thread than the request
+            try:
+                self._child.stdin.write(json.dumps(message).encode() + b"\n")
+                self._child.stdin.flush()
+            except (BrokenPipeError, ValueError, OSError):
+                pass  # dead: the next read says how it died
+
+    def receive(self) -> dict[str, Any]:
+        line = self._child.stdout.readline()
+        if not line:
+            raise self._crashed()
+        message = json.loads(line)
+        if "error" in message:
+            error = message["error"]
+            raise UserError(error) if message.get("user") else WorkerFailed(error)
+        return message
+
+    def call(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.send(message)
+        return self.receive()
+
+    def _crashed(self) -> WorkerCrashed:
+        try:
+            code = self._child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._child.kill()
+            code = self._child.wait()
+        how = _describe_exit(code)
+        reason = crash_reason(self.log_path)
+        detail = f": {reason}" if reason else ""
+        return WorkerCrashed(f"the model worker for {self.label} {how}{detail}")
+
+    def alive(self) -> bool:
+        return self._child.poll() is None
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the worker (its model's pages included), 0 when unknown."""
+        try:
+            return int(Path(f"/proc/{self.pid}/statm").read_text().split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    # ---- generation
+
+    def stream(self, prompt: str | None = None, **options: Any) -> ProcessStream:
+        """Pieces of text as the worker produces them; ``close()`` cancels the generation.
+
+        ``options``: the sampling fields, and ``mode`` ("engine": the model's chat_template
+        setting; "raw"; "chat" with ``messages``) and ``n_ctx`` (the context the request
+        asked for: a larger loaded one serves it as if it were that size)."""
+        return ProcessStream(self, prompt, options, stream=True)
+
+    def complete(self, prompt: str, **options: Any) -> dict[str, Any]:
+        generation = ProcessStream(self, prompt, options, stream=False)
+        done = generation.finish()
+        return {
+            "text": done["text"],
+            "prompt_tokens": done["prompt_tokens"],
+            "completion_tokens": done["completion_tokens"],
+            "finish_reason": done["finish_reason"],
+            "timings": {**done["timings"], "load_s": self.load_s},
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.facts)
+
+    def close(self) -> None:
+        """Ask the worker to exit; kill it when it does not."""
+        if self._child.poll() is None:
+            self.send({"op": "exit"})
+            try:
+                self._child.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._child.kill()
+                self._child.wait()
+        for pipe in (self._child.stdin, self._child.stdout):
+            with contextlib.suppress(OSError):
+                pipe.close()
+        if self._child.returncode == 0:  # a crashed worker's log stays, for its reason
+            self.log_path.unlink(missing_ok=True)
+
+
+_SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "repeat_penalty", "seed")
+
+
+class ProcessStream:
+    """One generation in a worker. Creating it sends the request and reads the worker's
+    ``start`` (so a prompt the model cannot take fails before any answer is sent);
+    ``start`` then holds the prompt's token count and the chat template used, ``stats`` the
+    counts once finished."""
+
+    def __init__(
+        self, process: LlmProcess, prompt: str | None, options: dict[str, Any], stream: bool
+    ) -> None:
+        self._process, self._finished = process, False
+        self.stats: dict[str, Any] | None = None
+        request = {
+            "op": "generate",
+            "mode": options.get("mode", "engine"),
+            "prompt": prompt,
+            "messages": options.get("messages"),
+            "n_ctx": options.get("n_ctx"),
+            "sampling": {name: options[name] for name in _SAMPLING if name in options},
+            "stream": stream,
+        }
+        try:
+            self.start = process.call(request)
+        except BaseException:
+            self._finished = True
+            raise
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self._finished:
+            raise StopIteration
+        try:
+            message = self._process.receive()
+        except BaseException:
+            self._finished = True
+            raise
+        if "t" in message:
+            return message["t"]
+        self._finished, self.stats = True, message
+        raise StopIteration
+
+    def finish(self) -> dict[str, Any]:
+        """Read to the end; the ``done`` message."""
+        for _ in self:
+            pass
+        assert self.stats is not None
+        return self.stats
+
+    def close(self) -> None:
+        """Stop the generation between two tokens and wait for the worker to be free again."""
+        if self._finished:
+            return
+        self._process.send({"op": "cancel"})
+        # the request is over either way; a crash is seen by the server when the model is
+        # given back (the worker is dropped)
+        with contextlib.suppress(UserError, WorkerFailed, WorkerCrashed):
+            self.finish()
