@@ -167,6 +167,7 @@ def test_job_writes_llama_bench_files_with_its_field_names(gen_cfg, capsys) -> N
         assert list(row)[-len(EXTRA_FIELDS) :] == list(EXTRA_FIELDS)
         assert len(row["samples_ns"]) == len(row["samples_ts"]) == 2
     assert rows[1]["avg_ts"] == metrics["tg/avg_ts"] and rows[0]["n_threads"] == 1
+    assert rows[0]["flash_attn"] == -1  # llama-bench's enum for the requested auto
     lines = (run_dir / "llama-bench.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == rows
     table = list(csv.DictReader(io.StringIO((run_dir / "llama-bench.csv").read_text())))
@@ -214,3 +215,17 @@ def test_defaults_are_llama_bench_s() -> None:
     assert (cfg.bench.n_prompt, cfg.bench.n_gen, cfg.bench.repetitions) == (512, 128, 5)
     assert cfg.llm.n_threads is None and cfg.llm.n_threads_batch is None
     assert list(cfg.bench.formats) == ["md", "jsonl"]
+    assert cfg.llm.flash_attn == "auto"  # llama.cpp's and llama-bench's default (-fa auto)
+
+
+@pytest.mark.parametrize(("asked", "on"), [("auto", True), (False, False), (True, True)])
+def test_flash_attention_is_what_llama_cpp_chose(tiny_f32, asked, on: bool) -> None:
+    """auto: llama.cpp decides (on, where the CPU backend implements it), and the facts say
+    what it chose, read off its own log, beside what was asked."""
+    with LlamaCppBackend(tiny_f32, n_ctx=64, flash_attn=asked) as backend:
+        facts = backend.describe()
+        assert facts["flash_attn"] is on
+        assert facts["flash_attn_requested"] == {"auto": "auto", False: "off", True: "on"}[asked]
+        # and it generates
+        tokens = backend.generate("Hello", Sampling(8, 0.0, 1, 1.0, 1.0)).tokens
+        assert len(tokens) == 8

@@ -93,11 +93,14 @@ def rows_of(result: Mapping[str, Any]) -> list[dict[str, Any]]:
                 values[field] = metrics.get(_FROM_METRICS[field])
             else:
                 values[field] = result.get(_FROM_FACTS.get(field, field))
-        # llama-bench writes flash_attn as an int (its enum: 0 off, 1 on)
-        if isinstance(values["flash_attn"], bool):
-            values["flash_attn"] = int(values["flash_attn"])
+        # llama-bench writes the requested flash_attn as its enum: -1 auto, 0 off, 1 on
+        requested = result.get("flash_attn_requested", values["flash_attn"])
+        values["flash_attn"] = _FLASH_ATTN_ENUM.get(requested, requested)
         rows.append(values)
     return rows
+
+
+_FLASH_ATTN_ENUM = {"auto": -1, "off": 0, "on": 1, False: 0, True: 1}
 
 
 def render(rows: Sequence[Mapping[str, Any]], fmt: str) -> str:

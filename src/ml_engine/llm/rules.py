@@ -68,7 +68,7 @@ GENERATE_RULES: tuple[Rule, ...] = (
     optional(int_at_least("llm.n_threads", 1)),
     optional(int_at_least("llm.n_threads_batch", 1)),
     int_at_least("llm.n_batch", 1),
-    one_of("llm.flash_attn", (True, False)),
+    one_of("llm.flash_attn", ("auto", True, False)),
     int_at_least("llm.max_tokens", 1),
     non_negative_number("llm.temperature"),
     int_at_least("llm.top_k", 0),

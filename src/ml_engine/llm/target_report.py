@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ml_engine.llm.backends.llama_cpp import flash_attn_choice
 from ml_engine.llm.target_search import (
     CPU_ONLY_NOTE,
     Probe,
@@ -102,7 +103,7 @@ def llama_cpp_flags(probe: Probe, llm: Mapping[str, Any]) -> list[str]:
     batch = str(llm.get("n_batch", 512))
     # our backend runs n_ubatch = n_batch (llama_cpp.Llama's default)
     flags += ["-c", str(llm.get("n_ctx")), "-b", batch, "-ub", batch]
-    flags += ["-fa", "on" if llm.get("flash_attn") else "off"]
+    flags += ["-fa", flash_attn_choice(llm.get("flash_attn"))]
     return flags
 
 

@@ -74,7 +74,7 @@ def open_backend(llm_cfg: Mapping[str, Any], models_dir: Path) -> LlmBackend:
         n_threads=n_threads,
         n_threads_batch=llm_cfg.get("n_threads_batch"),
         n_batch=int(llm_cfg.get("n_batch", 512)),
-        flash_attn=bool(llm_cfg.get("flash_attn", False)),
+        flash_attn=llm_cfg.get("flash_attn", "auto"),
         use_mmap=bool(backend_cfg.get("use_mmap", True)),
         chat_template=bool(model_cfg.get("chat_template", False)),
         ignore_eos=bool(model_cfg.get("ignore_eos", False)),
