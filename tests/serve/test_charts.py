@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.serve.conftest import wait_for_job, write_sweeps
+from tests.serve.conftest import write_sweeps
 
 
 def test_a_job_records_its_curves_per_step_and_per_epoch(make_client) -> None:
