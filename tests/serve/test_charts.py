@@ -82,3 +82,38 @@ def test_sweeps_are_listed_sorted_by_their_metric_with_their_plot(
         response = client.get(path)
         assert response.status_code == 404, path
         assert "\n" not in response.json()["error"]
+
+
+# the CSV logger's file from a real 2-epoch run (logger=csv), cut to the columns that matter
+CSV_LOG = """\
+epoch,hp/train/loss_step,lr-AdamW,step,test/acc,train/acc,train/loss,train/loss_step,val/acc,val/acc_best
+,,8e-05,0,,,,,,
+0,,,19,,,,1.4695,,
+0,,,24,,,,,0.68,0.68
+0,,,24,,0.333,1.9468,,,
+1,,,39,,,,1.3282,,
+1,,,49,,,,,0.7639,0.7639
+1,,,49,,0.5774,1.4334,,,
+2,,,50,0.796,,,,,
+,1.2435,,50,,,,,,
+"""
+
+
+def test_a_run_logged_by_the_csv_logger_has_curves_too(tmp_path: Path) -> None:
+    from ml_engine.server.charts import read_curves
+
+    log = tmp_path / "csv" / "version_0" / "metrics.csv"
+    log.parent.mkdir(parents=True)
+    log.write_text(CSV_LOG)
+    curves = read_curves(tmp_path)
+    assert curves["source"] == "csv"
+    assert curves["step"] == {"x": [19, 39], "series": {"train/loss_step": [1.4695, 1.3282]}}
+    # epochs counted from 1 as everywhere else in the UI; no test/*, hp/* nor *_best series
+    assert curves["epoch"] == {
+        "x": [1, 2],
+        "series": {
+            "train/acc": [0.333, 0.5774],
+            "train/loss": [1.9468, 1.4334],
+            "val/acc": [0.68, 0.7639],
+        },
+    }

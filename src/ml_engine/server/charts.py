@@ -78,19 +78,15 @@ def _from_csv(run_dir: Path) -> dict[str, dict[int, dict[str, float]]] | None:
     points: dict[str, dict[int, dict[str, float]]] = {"step": {}, "epoch": {}}
     with files[-1].open(newline="") as handle:
         for row in csv.DictReader(handle):
+            # hp/* repeat the final metrics for TensorBoard's HParams view: not a curve
             values = {
                 k: float(v)
                 for k, v in row.items()
-                if k not in ("epoch", "step") and v not in ("", None)
+                if k not in ("epoch", "step") and not k.startswith("hp/") and v not in ("", None)
             }
             values = {k: v for k, v in values.items() if finite_or_none(v) is not None}
             step = {k: v for k, v in values.items() if k.endswith(STEP_SUFFIX)}
-            # hp/* repeat the final metrics for TensorBoard's HParams view: not a curve
-            epoch = {
-                k: v
-                for k, v in values.items()
-                if k not in step and not k.endswith("_best") and not k.startswith("hp/")
-            }
+            epoch = {k: v for k, v in values.items() if k not in step and not k.endswith("_best")}
             if step and row.get("step"):
                 points["step"].setdefault(int(float(row["step"])), {}).update(step)
             if epoch and row.get("epoch") and not any(k.startswith("test/") for k in epoch):
