@@ -165,41 +165,44 @@ def test_a_training_jobs_curves_grow_while_it_runs(browser, server_url: str) -> 
     from selenium.webdriver.common.by import By
 
     browser.get(server_url + "/")
-    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".train-btn[data-model=mlp_mnist]"))
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".train-btn[data-model=cnn_mnist]"))
     epochs = browser.find_element(By.ID, "epochs")
     epochs.clear()
-    epochs.send_keys("2")
-    browser.find_element(By.CSS_SELECTOR, ".train-btn[data-model=mlp_mnist]").click()
-    # the card draws the new job's step loss as it trains: the count grows, then stops at 50
+    # the CNN over 3 epochs: slow enough (75 steps) on any CPU for the page to see it mid-way
+    epochs.send_keys("3")
+    browser.find_element(By.CSS_SELECTOR, ".train-btn[data-model=cnn_mnist]").click()
+    # the card draws the new job's step loss as it trains: the count grows, then stops at 75
     seen: list[int] = []
 
     def finished(driver) -> bool:
         count = driver.execute_script(POINTS, "chart-step-loss")
         if count and (not seen or seen[-1] != count):
             seen.append(count)
-        return _text(driver, "#jobs-table tr.job .status") == "succeeded" and count == 50
+        return _text(driver, "#jobs-table tr.job .status") == "succeeded" and count == 75
 
     _wait(browser, finished, 240)
     assert len(seen) >= 2 and seen == sorted(seen), seen
     job_id = browser.execute_script("return document.querySelector('#jobs-table tr.job').id")[4:]
     curves = httpx.get(f"{server_url}/ml/jobs/{job_id}/curves").json()
-    _wait(browser, lambda d: d.execute_script(POINTS, "chart-epoch-acc") == 2, 30)
+    _wait(browser, lambda d: d.execute_script(POINTS, "chart-epoch-acc") == 3, 30)
     for chart, kind in (("step-loss", "step"), ("epoch-loss", "epoch"), ("epoch-acc", "epoch")):
         assert browser.execute_script(POINTS, f"chart-{chart}") == len(curves[kind]["x"])
         assert browser.execute_script(CHART_DRAWN, f"chart-{chart}"), chart
     # the uPlot instance's own data: x values are the steps the API returned
     xs = browser.execute_script("return Array.from(curves.charts.get('step-loss').data[0]);")
-    assert xs == curves["step"]["x"] == list(range(1, 51))
+    assert xs == curves["step"]["x"] == list(range(1, 76))
     labels = browser.execute_script(
         "return curves.charts.get('epoch-acc').series.slice(1).map(s => s.label);"
     )
     assert sorted(labels) == ["train/acc", "val/acc"]
-    assert "2 epochs" in _text(browser, "#curves-title")
+    assert "3 epochs" in _text(browser, "#curves-title")
     # the chart library came from this server, as every other request did
     loaded = _resources(browser)
     assert any(name == f"{server_url}/static/uPlot.iife.min.js" for name in loaded), loaded
     assert all(name.startswith(server_url) for name in loaded), loaded
     assert _text(browser, "#error") == ""
+    browser.execute_script("document.getElementById('curves-section').scrollIntoView()")
+    _save_screenshots(browser, "ui-curves", [ARTIFACTS_DIR])  # a look at the charts
 
 
 @pytest.fixture
@@ -249,6 +252,8 @@ def test_a_sweeps_table_is_sorted_by_its_metric_and_its_plot_loads(
     _wait(browser, lambda d: d.execute_script(PLOT_WIDTH) > 0, 30)
     assert all(name.startswith(sweeps_server) for name in _resources(browser))
     assert _text(browser, "#error") == ""
+    browser.execute_script("document.getElementById('sweeps-section').scrollIntoView()")
+    _save_screenshots(browser, "ui-sweeps", [ARTIFACTS_DIR])
 
 
 # ---- layout ---------------------------------------------------------------------------------

@@ -189,11 +189,11 @@ function drawChart(spec, block) {
     box.className = "chart";
     box.innerHTML = `<h3>${escapeHtml(spec.title)}</h3>`;
     $("#curves-charts").append(box);
-    const width = Math.max(240, $("#curves-charts").clientWidth - 8);
     const opts = {
-      width, height: 180,
+      width: chartWidth(), height: 180,
       scales: { x: { time: false } },
-      axes: [{ label: spec.kind }, {}],
+      // epochs are whole numbers: no 1.5 tick between them
+      axes: [{ label: spec.kind, ...(spec.kind === "epoch" ? { incrs: [1, 2, 5, 10, 20, 50, 100] } : {}) }, {}],
       series: [{ label: spec.kind }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], spanGaps: true }))],
     };
     chart = new uPlot(opts, data, box);
@@ -202,6 +202,12 @@ function drawChart(spec, block) {
   // the point count in the DOM: what a test (or a curious user) can read back
   document.getElementById(`chart-${key}`).dataset.points = String(data[0].length);
 }
+
+// uPlot draws at a fixed pixel size: follow the card's width when the window changes
+const chartWidth = () => Math.max(240, $("#curves-charts").clientWidth - 8);
+window.addEventListener("resize", () => {
+  curves.charts.forEach((chart) => chart.setSize({ width: chartWidth(), height: 180 }));
+});
 
 async function drawCurves(id) {
   const result = await getJson(`/ml/jobs/${encodeURIComponent(id)}/curves`);
