@@ -22,7 +22,15 @@ from tests.venvs import make_child_venv
 
 BUILD_INPUTS = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE", "conf", "src")
 PIP_WHEEL = (sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q")
-STATIC_FILES = ("index.html", "app.js", "style.css")
+# the page, and the chart library it loads from the server (uPlot, vendored with its license)
+STATIC_FILES = (
+    "index.html",
+    "app.js",
+    "style.css",
+    "uPlot.iife.min.js",
+    "uPlot.min.css",
+    "uPlot.LICENSE",
+)
 TRAIN_FAST = (
     "datamodule.source=bundled",
     "trainer.accelerator=cpu",

@@ -83,6 +83,52 @@ def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return runs
 
 
+# a finished two-job training sweep and a generation sweep with its plot, as summary.json holds
+# them: written by the real SweepSummary (the worse job first on disk, so sorting shows)
+SWEEP_JOBS = {
+    "train": [
+        ("0", ["model.optimizer.lr=0.1"], {"val/acc_best": 0.61}),
+        ("1", ["model.optimizer.lr=0.001"], {"val/acc_best": 0.93}),
+        ("2", ["model.optimizer.lr=9"], None),  # failed: ranked last
+    ],
+    "generate": [
+        ("0", ["llm.backend.threads=1"], {"tokens_per_s": 12.5}),
+        ("1", ["llm.backend.threads=2"], {"tokens_per_s": 20.25}),
+    ],
+}
+
+
+def write_sweeps(root: Path) -> dict[str, Path]:
+    """``root/<kind>/multiruns/<sweep>/`` per kind with job records, summary files and (for the
+    generation sweep) a summary.png; returns kind → multiruns dir (serve's ``sweeps_dirs``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from ml_engine.run.files import write_json_atomic
+    from ml_engine.run.sweep_summary import SweepSummary
+
+    dirs = {}
+    for kind, jobs in SWEEP_JOBS.items():
+        sweep_dir = root / kind / "multiruns" / f"2025-01-02_00-00-00_{kind}-sweep"
+        for job, overrides, metrics in jobs:
+            record = {"status": "ok", "overrides": overrides, "metrics": metrics}
+            if metrics is None:
+                record = {"status": "failed", "overrides": overrides, "error": "lr <b>9</b>"}
+            (sweep_dir / job).mkdir(parents=True)
+            write_json_atomic(sweep_dir / job / "job.json", record)
+        metric = "val/acc_best" if kind == "train" else "tokens_per_s"
+        SweepSummary(metric=metric, mode="max").write(sweep_dir)
+        if kind == "generate":
+            figure = plt.figure(figsize=(3, 2))
+            figure.gca().bar(["1", "2"], [12.5, 20.25])
+            figure.savefig(sweep_dir / "summary.png", dpi=50)
+            plt.close(figure)
+        dirs[kind] = sweep_dir.parent
+    return dirs
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ import pytest
 from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.server import create_app
 from ml_engine.server.jobs_store import new_job_id
-from tests.serve.conftest import live_server, serve_config
+from tests.serve.conftest import live_server, serve_config, write_sweeps
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -145,6 +145,117 @@ def test_ui_predicts_trains_and_generates(browser, server_url: str) -> None:
     assert _text(browser, "#error") == ""
 
 
+# ---- charts ---------------------------------------------------------------------------------
+
+POINTS = "const e = document.getElementById(arguments[0]); return e ? Number(e.dataset.points) : 0;"
+# uPlot drew a chart (its canvas inside its own box), not only a count in the page
+CHART_DRAWN = """
+const box = document.getElementById(arguments[0]);
+return box && box.querySelector('canvas') ? box.querySelector('.uplot') !== null : false;
+"""
+
+
+def _resources(driver) -> list[str]:
+    return driver.execute_script(
+        "return performance.getEntriesByType('resource').map(e => e.name);"
+    )
+
+
+def test_a_training_jobs_curves_grow_while_it_runs(browser, server_url: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(server_url + "/")
+    _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".train-btn[data-model=cnn_mnist]"))
+    epochs = browser.find_element(By.ID, "epochs")
+    epochs.clear()
+    # the CNN over 3 epochs: slow enough (75 steps) on any CPU for the page to see it mid-way
+    epochs.send_keys("3")
+    browser.find_element(By.CSS_SELECTOR, ".train-btn[data-model=cnn_mnist]").click()
+    # the card draws the new job's step loss as it trains: the count grows, then stops at 75
+    seen: list[int] = []
+
+    def finished(driver) -> bool:
+        count = driver.execute_script(POINTS, "chart-step-loss")
+        if count and (not seen or seen[-1] != count):
+            seen.append(count)
+        return _text(driver, "#jobs-table tr.job .status") == "succeeded" and count == 75
+
+    _wait(browser, finished, 240)
+    assert len(seen) >= 2 and seen == sorted(seen), seen
+    job_id = browser.execute_script("return document.querySelector('#jobs-table tr.job').id")[4:]
+    curves = httpx.get(f"{server_url}/ml/jobs/{job_id}/curves").json()
+    _wait(browser, lambda d: d.execute_script(POINTS, "chart-epoch-acc") == 3, 30)
+    for chart, kind in (("step-loss", "step"), ("epoch-loss", "epoch"), ("epoch-acc", "epoch")):
+        assert browser.execute_script(POINTS, f"chart-{chart}") == len(curves[kind]["x"])
+        assert browser.execute_script(CHART_DRAWN, f"chart-{chart}"), chart
+    # the uPlot instance's own data: x values are the steps the API returned
+    xs = browser.execute_script("return Array.from(curves.charts.get('step-loss').data[0]);")
+    assert xs == curves["step"]["x"] == list(range(1, 76))
+    labels = browser.execute_script(
+        "return curves.charts.get('epoch-acc').series.slice(1).map(s => s.label);"
+    )
+    assert sorted(labels) == ["train/acc", "val/acc"]
+    assert "3 epochs" in _text(browser, "#curves-title")
+    # the chart library came from this server, as every other request did
+    loaded = _resources(browser)
+    assert any(name == f"{server_url}/static/uPlot.iife.min.js" for name in loaded), loaded
+    assert all(name.startswith(server_url) for name in loaded), loaded
+    assert _text(browser, "#error") == ""
+    browser.execute_script("document.getElementById('curves-section').scrollIntoView()")
+    _save_screenshots(browser, "ui-curves", [ARTIFACTS_DIR])  # a look at the charts
+
+
+@pytest.fixture
+def sweeps_server(tmp_path: Path, trained_runs: Path) -> Iterator[str]:
+    dirs = {k: str(v) for k, v in write_sweeps(tmp_path / "outputs").items()}
+    cfg = serve_config(
+        tmp_path,
+        runs_dir=trained_runs,
+        **{"paths.models_dir": str(tmp_path / "models"), "sweeps_dirs": dirs},
+    )
+    with live_server(create_app(cfg)) as url:
+        yield url
+
+
+SWEEP_VALUES = (
+    "return [...document.querySelectorAll('#sweep-table tbody tr')]"
+    ".map(r => r.querySelector('.value').textContent);"
+)
+PLOT_WIDTH = (
+    "const i = document.getElementById('sweep-plot');"
+    "return i.hidden || !i.complete ? 0 : i.naturalWidth;"
+)
+
+
+def test_a_sweeps_table_is_sorted_by_its_metric_and_its_plot_loads(
+    browser, sweeps_server: str
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(sweeps_server + "/")
+    _wait(browser, lambda d: len(Select(d.find_element(By.ID, "sweep")).options) == 2, 60)
+    picker = Select(browser.find_element(By.ID, "sweep"))
+    names = {o.text.split(" ")[0]: o.get_attribute("value") for o in picker.options}
+
+    picker.select_by_value(names["2025-01-02_00-00-00_train-sweep"])
+    _wait(browser, lambda d: d.execute_script(SWEEP_VALUES) == ["0.9300", "0.6100", "—"], 30)
+    assert _text(browser, "#sweep-metric") == "val/acc_best (max)"
+    assert "highest first" in _text(browser, "#sweep-info")
+    # the failed job's error is text: its markup is shown, not parsed
+    assert browser.execute_script("return document.querySelectorAll('#sweep-table b').length") == 0
+    assert "lr <b>9</b>" in _text(browser, "#sweep-table tbody tr:last-child .error")
+    assert browser.execute_script("return document.getElementById('sweep-plot').hidden")
+
+    picker.select_by_value(names["2025-01-02_00-00-00_generate-sweep"])
+    _wait(browser, lambda d: d.execute_script(SWEEP_VALUES) == ["20.25", "12.50"], 30)
+    _wait(browser, lambda d: d.execute_script(PLOT_WIDTH) > 0, 30)
+    assert all(name.startswith(sweeps_server) for name in _resources(browser))
+    assert _text(browser, "#error") == ""
+    browser.execute_script("document.getElementById('sweeps-section').scrollIntoView()")
+    _save_screenshots(browser, "ui-sweeps", [ARTIFACTS_DIR])
+
+
 # ---- layout ---------------------------------------------------------------------------------
 
 # git-ignored (outputs/*): screenshots survive the test run for a look, and CI can upload them
@@ -250,7 +361,9 @@ def _seed_jobs(app) -> None:
 def layout_server(tmp_path: Path, trained_runs: Path) -> Iterator[str]:
     runs = tmp_path / "runs"
     shutil.copytree(trained_runs, runs)
-    cfg = serve_config(tmp_path, runs_dir=runs, **{"paths.models_dir": str(tmp_path / "models")})
+    dirs = {k: str(v) for k, v in write_sweeps(tmp_path / "outputs").items()}
+    values = {"paths.models_dir": str(tmp_path / "models"), "sweeps_dirs": dirs}
+    cfg = serve_config(tmp_path, runs_dir=runs, **values)
     app = create_app(cfg)
     _seed_jobs(app)
     with live_server(app) as url:
@@ -301,7 +414,8 @@ def test_every_control_is_visible_and_clickable(
             "return document.querySelectorAll('.train-btn').length === arguments[0]"
             " && document.querySelectorAll('#jobs-table tr.job').length === 2"
             " && document.querySelector('#llm-model').options.length > 0"
-            " && document.querySelector('#device').options.length > 0",
+            " && document.querySelector('#device').options.length > 0"
+            " && document.querySelectorAll('#sweep-table tbody tr').length > 0",
             len(trainable),
         ),
         60,
@@ -338,6 +452,7 @@ def test_every_control_is_visible_and_clickable(
     expected |= {f"button[data-model={m}]" for m in trainable}
     expected |= {"th(jobs-table: 'Metrics')", "th(jobs-table: 'Progress')"}
     expected |= {"th(models-table: 'Best val acc')", "th(models-table: 'Date')"}
+    expected |= {"select#sweep", "th(sweep-table: 'Overrides')"}
     assert expected <= names, sorted(expected - names)
     assert sum(1 for n in names if n.startswith("progress")) == 2
 

@@ -189,7 +189,9 @@ class SweepSummary(Callback):
                 "to be real; empty where a job was measured once or not at all.\n\n"
             )
         write_text_atomic(sweep_dir / "summary.md", title + markdown_table(rows))
-        write_json_atomic(sweep_dir / "summary.json", {"metric": self.metric, "jobs": records})
+        # the mode too: a reader (the server's sweep view) sorts by the metric the same way
+        summary = {"metric": self.metric, "mode": self.mode, "jobs": records}
+        write_json_atomic(sweep_dir / "summary.json", summary)
         self.extra_outputs(sweep_dir, records, verdicts or {})
         return sweep_dir / "summary.md"
 

@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from omegaconf import DictConfig
 
 from ml_engine import __version__
-from ml_engine.server import routes_llm, routes_ml, routes_openai
+from ml_engine.server import routes_charts, routes_llm, routes_ml, routes_openai
 from ml_engine.server.errors import SafeJSONResponse, install_error_handlers
 from ml_engine.server.guards import BodySizeLimit, HostOriginGuard, bearer_guard
 from ml_engine.server.schemas import Health
@@ -102,6 +102,7 @@ def create_app(cfg: DictConfig | Settings) -> FastAPI:
     # HTTPBearer documents the scheme in /docs; bearer_guard does the checking and the 401
     protected = [Depends(HTTPBearer(auto_error=False)), Depends(bearer_guard(settings.api_key))]
     app.include_router(routes_ml.router, dependencies=protected)
+    app.include_router(routes_charts.router, dependencies=protected)
     app.include_router(routes_llm.router, dependencies=protected)
     app.include_router(routes_openai.router, dependencies=protected)
 

@@ -67,6 +67,8 @@ class Settings:
     llm_produce_missing: bool = False
     llm_exports_dir: Path | None = None
     llm_files: tuple[Path, ...] = ()
+    # sweep kind (train, generate) → the dir its sweeps are written under, for GET /ml/sweeps
+    sweeps_dirs: dict[str, Path] = field(default_factory=dict)
     log_level: str = "info"
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
@@ -90,6 +92,14 @@ def _names(value: Any) -> tuple[str, ...] | None:
     return None if value is None else tuple(str(v) for v in value)
 
 
+def _sweeps_dirs(value: Any) -> dict[str, Path]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and v for k, v in value.items()):
+        raise UserError(f"sweeps_dirs={value!r} is not valid; expected {{kind: directory}}")
+    return {kind: Path(str(path)).expanduser().resolve() for kind, path in value.items()}
+
+
 def _megabytes(value: Any) -> float | None:
     if value is None:
         return None
@@ -99,7 +109,7 @@ def _megabytes(value: Any) -> float | None:
 
 
 _KEYS = ("host", "port", "api_key", "runs_dir", "jobs_db", "jobs", "train", "predict", "llm")
-_KEYS += ("limits", "log_level", "allowed_hosts", "allowed_origins")
+_KEYS += ("limits", "log_level", "allowed_hosts", "allowed_origins", "sweeps_dirs")
 
 
 def _plain(cfg: DictConfig, key: str) -> Any:
@@ -164,6 +174,7 @@ def load_settings(cfg: DictConfig) -> Settings:
             Path(llm["exports_dir"]).expanduser().resolve() if llm.get("exports_dir") else None
         ),
         llm_files=tuple(Path(str(f)) for f in llm.get("files") or ()),
+        sweeps_dirs=_sweeps_dirs(data.get("sweeps_dirs")),
         log_level=str(data.get("log_level") or "info"),
         allowed_hosts=_names(data.get("allowed_hosts")) or (),
         allowed_origins=_names(data.get("allowed_origins")) or (),

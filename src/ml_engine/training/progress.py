@@ -3,10 +3,15 @@
 The server starts ``train.py`` with ``+callbacks.job_progress={_target_: <this class>}``; the
 callback writes ``progress.json`` (atomically) into the run dir, and the server reads it. A file,
 not a socket, so a job keeps running (and its progress stays readable) across a server restart.
+
+It also appends the curves' points to ``curves.jsonl``, one JSON line per training step
+(``*_step`` metrics) and per epoch (the epoch's aggregated metrics), so the server can draw loss
+and accuracy whatever experiment logger the job uses (jobs may run with ``logger=none``).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +23,25 @@ from ml_engine.run.files import write_json_atomic
 from ml_engine.run.helpers import finite_or_none
 
 PROGRESS_FILE = "progress.json"
+CURVES_FILE = "curves.jsonl"
+STEP_SUFFIX = "_step"
+
+
+def _step_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {key: value for key, value in metrics.items() if key.endswith(STEP_SUFFIX)}
+
+
+def _epoch_metrics(metrics: dict[str, float], validated: bool) -> dict[str, float]:
+    """The epoch's aggregated metrics; ``val/*`` only when validation ran in this epoch (its
+    values would otherwise repeat the last validation's), and no ``*_best`` running maxima
+    (a staircase of the curve beside it)."""
+    return {
+        key: value
+        for key, value in metrics.items()
+        if not key.endswith(STEP_SUFFIX)
+        and not key.endswith("_best")
+        and (validated or not key.startswith("val/"))
+    }
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
@@ -39,6 +63,7 @@ class JobProgress(L.Callback):
         self._last_write = 0.0
         self._stage = "starting"
         self._epochs_done = 0
+        self._validated = False
 
     def _write(self, trainer: L.Trainer, force: bool = False) -> None:
         now = time.monotonic()
@@ -62,6 +87,16 @@ class JobProgress(L.Callback):
         write_json_atomic(Path(trainer.default_root_dir) / PROGRESS_FILE, progress)
 
     @staticmethod
+    def _append_point(trainer: L.Trainer, kind: str, x: int, metrics: dict[str, float]) -> None:
+        """One line per point, appended: a reader sees every point written so far, and one
+        torn last line at worst (which it skips)."""
+        if not trainer.is_global_zero or not metrics:
+            return
+        line = json.dumps({"kind": kind, "x": x, "metrics": metrics}, allow_nan=False)
+        with (Path(trainer.default_root_dir) / CURVES_FILE).open("a") as handle:
+            handle.write(line + "\n")
+
+    @staticmethod
     def _epoch(trainer: L.Trainer) -> int:
         """The epoch in progress, 1-based as a user counts them (never past the last one)."""
         epoch = trainer.current_epoch + 1
@@ -70,17 +105,25 @@ class JobProgress(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._stage = "fit"
+        if trainer.is_global_zero:  # a fresh fit draws fresh curves
+            (Path(trainer.default_root_dir) / CURVES_FILE).unlink(missing_ok=True)
         self._write(trainer, force=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        metrics = _step_metrics(_scalars(dict(trainer.callback_metrics)))
+        self._append_point(trainer, "step", trainer.global_step, metrics)
         self._write(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
+            self._validated = True
             self._write(trainer, force=True)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epochs_done = trainer.current_epoch + 1
+        metrics = _epoch_metrics(_scalars(dict(trainer.callback_metrics)), self._validated)
+        self._append_point(trainer, "epoch", self._epochs_done, metrics)
+        self._validated = False
         self._write(trainer, force=True)
 
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

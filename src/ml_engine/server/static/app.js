@@ -80,6 +80,7 @@ async function startTraining(model) {
   const job = await (await postJson("/ml/train", body)).json();
   renderJob(job);
   watchJob(job.id);
+  await showCurves(job.id);
 }
 
 function progressText(job) {
@@ -115,7 +116,8 @@ function renderJob(job) {
     <td><progress max="${total}" value="${value}"></progress>
         <span class="progress-text muted">${progressText(job)}</span></td>
     <td class="metrics">${job.error ? `<span class="error">${escapeHtml(job.error)}</span>` : metricsText(job)}</td>
-    <td>${job.final ? "" : `<button class="cancel-btn">Cancel</button>`}</td>`;
+    <td><button class="curves-btn">Curves</button>${job.final ? "" : ` <button class="cancel-btn">Cancel</button>`}</td>`;
+  row.querySelector(".curves-btn").onclick = () => showCurves(job.id).catch((e) => showError(e.message));
   const cancel = row.querySelector(".cancel-btn");
   if (cancel) {
     cancel.onclick = () => api(`/ml/jobs/${job.id}`, { method: "DELETE" })
@@ -146,6 +148,122 @@ async function loadJobs() {
     renderJob(job);
     if (!job.final) watchJob(job.id);
   });
+  if (jobs.length) await showCurves(jobs[jobs.length - 1].id); // the newest job
+}
+
+// ---- curves -----------------------------------------------------------------------------------
+
+// one chart per x axis (training step, epoch) and quantity; each reads the series whose names
+// hold its word (train/loss_step, val/loss, train/acc, val/acc)
+const CHARTS = [
+  { kind: "step", word: "loss", title: "Loss per step" },
+  { kind: "epoch", word: "loss", title: "Loss per epoch" },
+  { kind: "epoch", word: "acc", title: "Accuracy per epoch" },
+];
+const COLORS = ["#c33", "#36c", "#393", "#c93", "#939", "#399"];
+// uPlot writes series labels into its legend itself: names outside this pattern stay out
+const SAFE_NAME = /^[\w\/.-]{1,64}$/;
+const curves = { job: null, timer: null, charts: new Map() }; // chart key → uPlot
+
+function chartData(block, word) {
+  const names = Object.keys(block.series).filter((n) => SAFE_NAME.test(n) && n.includes(word));
+  return { names, data: [block.x, ...names.map((n) => block.series[n])] };
+}
+
+function drawChart(spec, block) {
+  const key = `${spec.kind}-${spec.word}`;
+  const { names, data } = chartData(block, spec.word);
+  let chart = curves.charts.get(key);
+  const sameSeries = chart && chart.series.slice(1).map((s) => s.label).join() === names.join();
+  if (chart && (!names.length || !sameSeries)) {
+    chart.destroy();
+    document.getElementById(`chart-${key}`).remove();
+    curves.charts.delete(key);
+    chart = null;
+  }
+  if (!names.length) return;
+  if (chart) chart.setData(data);
+  else {
+    const box = document.createElement("div");
+    box.id = `chart-${key}`;
+    box.className = "chart";
+    box.innerHTML = `<h3>${escapeHtml(spec.title)}</h3>`;
+    $("#curves-charts").append(box);
+    const opts = {
+      width: chartWidth(), height: 180,
+      scales: { x: { time: false } },
+      // epochs are whole numbers: no 1.5 tick between them
+      axes: [{ label: spec.kind, ...(spec.kind === "epoch" ? { incrs: [1, 2, 5, 10, 20, 50, 100] } : {}) }, {}],
+      series: [{ label: spec.kind }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], spanGaps: true }))],
+    };
+    chart = new uPlot(opts, data, box);
+    curves.charts.set(key, chart);
+  }
+  // the point count in the DOM: what a test (or a curious user) can read back
+  document.getElementById(`chart-${key}`).dataset.points = String(data[0].length);
+}
+
+// uPlot draws at a fixed pixel size: follow the card's width when the window changes
+const chartWidth = () => Math.max(240, $("#curves-charts").clientWidth - 8);
+window.addEventListener("resize", () => {
+  curves.charts.forEach((chart) => chart.setSize({ width: chartWidth(), height: 180 }));
+});
+
+async function drawCurves(id) {
+  const result = await getJson(`/ml/jobs/${encodeURIComponent(id)}/curves`);
+  if (curves.job !== id) return; // another job was picked meanwhile
+  CHARTS.forEach((spec) => drawChart(spec, result[spec.kind]));
+  const points = result.step.x.length + result.epoch.x.length;
+  const where = result.source === "progress" ? "its progress file" : result.source === "csv" ? "its CSV log" : "";
+  $("#curves-title").textContent = points
+    ? `job ${id} (run ${result.run}): ${result.step.x.length} steps, ${result.epoch.x.length} epochs, from ${where}`
+    : `job ${id}: no curves recorded${result.final ? "" : " yet"}`;
+  return result.final;
+}
+
+async function showCurves(id) {
+  clearInterval(curves.timer);
+  curves.job = id;
+  // a running job's curves grow: poll until it is final, then draw once more
+  const poll = async () => {
+    try {
+      if (await drawCurves(id)) clearInterval(curves.timer);
+    } catch (e) { clearInterval(curves.timer); showError(e.message); }
+  };
+  curves.timer = setInterval(poll, 1000);
+  await poll();
+}
+
+// ---- sweeps -----------------------------------------------------------------------------------
+
+const fixed = (value) => (value == null ? "—" : Number(value).toPrecision(4));
+
+async function loadSweeps() {
+  const { sweeps } = await getJson("/ml/sweeps");
+  const select = $("#sweep");
+  select.innerHTML = sweeps.length
+    ? sweeps.map((s) => `<option value="${escapeHtml(s.name)}">${escapeHtml(s.name)} (${escapeHtml(s.kind)}, ${s.jobs} jobs)</option>`).join("")
+    : `<option value="" disabled selected>no sweeps with a summary</option>`;
+  select.onchange = () => showSweep(select.value).catch((e) => showError(e.message));
+  if (sweeps.length) await showSweep(sweeps[0].name);
+}
+
+async function showSweep(name) {
+  const sweep = await getJson(`/ml/sweeps/${encodeURIComponent(name)}`);
+  $("#sweep-metric").textContent = `${sweep.metric} (${sweep.mode})`;
+  $("#sweep-info").textContent = `sorted by ${sweep.metric}, ${sweep.mode === "max" ? "highest" : "lowest"} first`;
+  $("#sweep-table tbody").innerHTML = sweep.rows.map((r, i) => `<tr>
+      <td>${i + 1}</td><td>${escapeHtml(r.job)}</td><td>${escapeHtml(r.overrides)}</td>
+      <td>${escapeHtml(r.status)}${r.error ? ` <span class="error">${escapeHtml(r.error)}</span>` : ""}</td>
+      <td class="value">${fixed(r.value)}</td></tr>`).join("");
+  const img = $("#sweep-plot");
+  // only the server's own fixed route, never another address
+  const plot = sweep.plot && sweep.plot.startsWith("/ml/sweeps/") ? sweep.plot : null;
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  img.removeAttribute("src");
+  img.hidden = !plot;
+  // fetched with the API key (an <img src> could not send it), shown from a blob URL
+  if (plot) img.src = URL.createObjectURL(await (await api(plot)).blob());
 }
 
 // ---- drawing and prediction -------------------------------------------------------------------
@@ -259,7 +377,7 @@ async function start() {
   try {
     const health = await (await fetch("/health")).json();
     $("#health").textContent = health.status;
-    await Promise.all([loadModels(), loadJobs()]);
+    await Promise.all([loadModels(), loadJobs(), loadSweeps()]);
     await loadLlmModels().catch((e) => showError(`LLM: ${e.message}`));
   } catch (e) { showError(e.message); }
 }

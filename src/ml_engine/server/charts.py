@@ -1,0 +1,189 @@
+"""What the UI draws: a run's loss/accuracy curves and a sweep's summary, read from run dirs.
+
+Everything here reads files the training and sweep code already wrote, under directories the
+server was configured with; names that come from a request are checked to be one plain
+directory name first, so no request can reach a path of its choosing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ml_engine.run.helpers import finite_or_none
+from ml_engine.training.progress import CURVES_FILE, STEP_SUFFIX
+
+# one directory name: what run and sweep dirs are called (timestamps, run ids, dots, dashes)
+_DIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+# a curve longer than this is thinned for the page (every k-th point, the last always kept)
+MAX_POINTS = 2000
+SUMMARY_JSON, SUMMARY_PNG = "summary.json", "summary.png"
+CSV_METRICS = "metrics.csv"
+
+
+def is_dir_name(name: str) -> bool:
+    return bool(_DIR_NAME.fullmatch(name)) and ".." not in name
+
+
+def child_dir(parent: Path, name: str) -> Path | None:
+    """``parent/name`` when ``name`` is one plain directory name and that directory exists."""
+    if not is_dir_name(name):
+        return None
+    path = parent / name
+    return path if path.is_dir() and path.resolve().parent == parent.resolve() else None
+
+
+# ---- curves -------------------------------------------------------------------------------
+
+
+def _aligned(points: dict[int, dict[str, float]]) -> dict[str, Any]:
+    """uPlot's shape: one x array and one array per series, ``None`` where a series has no
+    value at that x."""
+    xs = sorted(points)
+    names = sorted({name for values in points.values() for name in values})
+    if len(xs) > MAX_POINTS:
+        stride = -(-len(xs) // MAX_POINTS)
+        xs = xs[::stride] + ([xs[-1]] if (len(xs) - 1) % stride else [])
+    return {"x": xs, "series": {n: [points[x].get(n) for x in xs] for n in names}}
+
+
+def _from_progress(run_dir: Path) -> dict[str, dict[int, dict[str, float]]] | None:
+    try:
+        lines = (run_dir / CURVES_FILE).read_text().splitlines()
+    except OSError:
+        return None
+    points: dict[str, dict[int, dict[str, float]]] = {"step": {}, "epoch": {}}
+    for line in lines:
+        try:
+            point = json.loads(line)
+            kind, x, metrics = point["kind"], int(point["x"]), dict(point["metrics"])
+        except (ValueError, KeyError, TypeError):
+            continue  # the line being written right now, or a foreign one
+        if kind in points:
+            values = {k: v for k, v in metrics.items() if finite_or_none(v) is not None}
+            points[kind].setdefault(x, {}).update(values)
+    return points
+
+
+def _from_csv(run_dir: Path) -> dict[str, dict[int, dict[str, float]]] | None:
+    """The CSV logger's ``csv/version_*/metrics.csv`` (the newest version): rows with a
+    ``*_step`` value are step points, the others epoch points (its epochs count from 0)."""
+    files = sorted(run_dir.glob(f"csv/version_*/{CSV_METRICS}"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return None
+    points: dict[str, dict[int, dict[str, float]]] = {"step": {}, "epoch": {}}
+    with files[-1].open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            # hp/* repeat the final metrics for TensorBoard's HParams view: not a curve
+            values = {
+                k: float(v)
+                for k, v in row.items()
+                if k not in ("epoch", "step") and not k.startswith("hp/") and v not in ("", None)
+            }
+            values = {k: v for k, v in values.items() if finite_or_none(v) is not None}
+            step = {k: v for k, v in values.items() if k.endswith(STEP_SUFFIX)}
+            epoch = {k: v for k, v in values.items() if k not in step and not k.endswith("_best")}
+            if step and row.get("step"):
+                points["step"].setdefault(int(float(row["step"])), {}).update(step)
+            if epoch and row.get("epoch") and not any(k.startswith("test/") for k in epoch):
+                points["epoch"].setdefault(int(float(row["epoch"])) + 1, {}).update(epoch)
+    return points
+
+
+def read_curves(run_dir: Path) -> dict[str, Any]:
+    """A run's per-step and per-epoch series, from the job progress callback's
+    ``curves.jsonl`` or else the CSV logger's file; empty series when neither exists."""
+    for source, reader in (("progress", _from_progress), ("csv", _from_csv)):
+        try:
+            points = reader(run_dir)
+        except (OSError, ValueError):
+            points = None
+        if points is not None:
+            return {"source": source, **{kind: _aligned(p) for kind, p in points.items()}}
+    empty = _aligned({})
+    return {"source": None, "step": empty, "epoch": empty}
+
+
+# ---- sweeps -------------------------------------------------------------------------------
+
+
+def _read_summary(sweep_dir: Path) -> dict[str, Any] | None:
+    try:
+        summary = json.loads((sweep_dir / SUMMARY_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or not isinstance(summary.get("jobs"), list):
+        return None
+    return summary
+
+
+def _stamp(path: Path) -> str:
+    moment = datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc)
+    return moment.isoformat(timespec="seconds")
+
+
+def find_sweeps(roots: dict[str, Path]) -> list[dict[str, Any]]:
+    """Every sweep dir holding a ``summary.json`` under the configured roots (kind → dir),
+    newest first."""
+    found = []
+    for kind, root in roots.items():
+        if not root.is_dir():
+            continue
+        for path in root.glob(f"*/{SUMMARY_JSON}"):
+            sweep_dir = path.parent
+            summary = _read_summary(sweep_dir)
+            if summary is None or not is_dir_name(sweep_dir.name):
+                continue
+            found.append(
+                {
+                    "name": sweep_dir.name,
+                    "kind": kind,
+                    "metric": summary.get("metric"),
+                    "jobs": len(summary["jobs"]),
+                    "has_plot": (sweep_dir / SUMMARY_PNG).is_file(),
+                    "date": _stamp(path),
+                }
+            )
+    return sorted(found, key=lambda s: s["date"], reverse=True)
+
+
+def sweep_dir_named(roots: dict[str, Path], name: str) -> tuple[str, Path] | None:
+    for kind, root in roots.items():
+        found = child_dir(root, name)
+        if found is not None and (found / SUMMARY_JSON).is_file():
+            return kind, found
+    return None
+
+
+def _sort_key(record: dict[str, Any], metric: str, sign: float) -> tuple[int, float, str]:
+    """Best first; failed jobs and jobs without the metric last, as ``summary.md`` ranks them."""
+    value = finite_or_none((record.get("metrics") or {}).get(metric))
+    usable = record.get("status") == "ok" and value is not None
+    return (0 if usable else 1, sign * value if usable else 0.0, str(record.get("job", "")))
+
+
+def sweep_rows(sweep_dir: Path) -> dict[str, Any] | None:
+    """summary.json's jobs as flat rows sorted by its metric: the mode it records (max when
+    absent, what the training sweeps use), job, overrides, status, metric, error."""
+    summary = _read_summary(sweep_dir)
+    if summary is None:
+        return None
+    metric = str(summary.get("metric") or "")
+    mode = summary.get("mode") if summary.get("mode") in ("max", "min") else "max"
+    records = [r for r in summary["jobs"] if isinstance(r, dict)]
+    records.sort(key=lambda r: _sort_key(r, metric, -1.0 if mode == "max" else 1.0))
+    rows = [
+        {
+            "job": str(r.get("job", "")),
+            "overrides": " ".join(str(o) for o in r.get("overrides") or []),
+            "status": str(r.get("status", "failed")),
+            "value": finite_or_none((r.get("metrics") or {}).get(metric)),
+            "error": str(r.get("error") or ""),
+        }
+        for r in records
+    ]
+    return {"metric": metric, "mode": mode, "rows": rows}
