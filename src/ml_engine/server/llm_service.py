@@ -33,6 +33,7 @@ from ml_engine.errors import UnknownNameError, UserError
 from ml_engine.run.helpers import finite_or_none, first_line
 from ml_engine.run.locations import CONFIG_DIR
 from ml_engine.server.llm_process import LlmProcess, WorkerCrashed
+from ml_engine.server.metrics import ServerMetrics
 from ml_engine.server.schemas import NAME_PATTERN
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,7 @@ class LlmService:
         files: Sequence[Path] = (),
         cache_mb: float | None = None,
         log_dir: Path | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.models_dir, self.config_name = models_dir, config_name
         self.exports_dir = exports_dir
@@ -170,6 +172,7 @@ class LlmService:
         self.load_count = 0  # loads since start, for tests and benchmarks
         self.peak_workers = 0  # most worker processes alive at once
         self._live_workers = 0
+        self.metrics = metrics or ServerMetrics()
 
     def _configured_names(self) -> list[str]:
         from ml_engine.llm.models import model_names
@@ -334,12 +337,15 @@ class LlmService:
             process = LlmProcess(node, self.models_dir, log_path, self._label(key.model, llm))
         except (UserError, WorkerCrashed) as exc:
             self._worker_gone()
+            if isinstance(exc, WorkerCrashed):
+                self.metrics.worker_crashed()
             self._tried[tried] = (False, first_line(exc))
             raise
         except BaseException:
             self._worker_gone()
             raise
         self.load_count += 1
+        self.metrics.model_loaded("llm_worker")
         self._tried[tried] = (True, None)
         # the worker appends to its log: emptied, the log holds what follows the load, so that
         # a crash's reason is llama.cpp's last words about it
@@ -372,6 +378,7 @@ class LlmService:
             loaded.closed = True
             loaded.backend.close()
             self._worker_gone()
+            self.metrics.worker_crashed()
             log.warning("model worker for %s died; dropped", loaded.key)
         loaded.lock.release()
 
@@ -461,6 +468,8 @@ class LlmService:
             options = self.request_options(loaded, key)
             result = loaded.backend.complete(prompt, **sampling, **options)
             result["timings"] = finite_values(result.get("timings") or {})
+            tokens = int(result.get("completion_tokens") or 0)
+            self.metrics.generated(key.backend, tokens, result["timings"].get("gen_tokens_per_s"))
             return {**result, "engine": loaded.backend.name, "quantization": loaded.quantization}
         finally:
             self.release(loaded)
@@ -519,6 +528,7 @@ class TokenStream:
                 close()
             self.stats = getattr(tokens, "stats", None)
         elapsed = time.perf_counter() - started
+        self._count(len(pieces), elapsed - (first_at or 0.0))
         self.close()
         yield {
             "done": True,
@@ -528,6 +538,14 @@ class TokenStream:
             "pieces": len(pieces),
             "timings": {"ttft_s": round(first_at or elapsed, 4), "total_s": round(elapsed, 4)},
         }
+
+    def _count(self, pieces: int, gen_s: float) -> None:
+        """Tokens into /metrics: the worker's own count when it gives one (a piece of text
+        may hold several tokens), else the pieces streamed."""
+        tokens = int((self.stats or {}).get("completion_tokens") or pieces)
+        rate = (tokens - 1) / gen_s if tokens > 1 and gen_s > 0 else None  # after the first
+        backend = self._loaded.key.backend if self._loaded.key else "unknown"
+        self._service.metrics.generated(backend, tokens, rate)
 
     def close(self) -> None:
         with self._release_lock:
