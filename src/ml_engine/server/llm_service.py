@@ -154,6 +154,7 @@ class LlmService:
         metrics: ServerMetrics | None = None,
     ) -> None:
         self.models_dir, self.config_name = models_dir, config_name
+        self._config_names: list[str] | None = None
         self.exports_dir = exports_dir
         self.given_files = _name_given_files(files, set(self._configured_names()))
         self._skipped: set[Path] = set()  # exported files already warned about
@@ -175,9 +176,13 @@ class LlmService:
         self.metrics = metrics or ServerMetrics()
 
     def _configured_names(self) -> list[str]:
-        from ml_engine.llm.models import model_names
+        """conf/llm/model/*.yaml, read once: the configs are the installation's (a new one
+        needs a restart), and globbing them cost a third of a mock generation's time."""
+        if self._config_names is None:
+            from ml_engine.llm.models import model_names
 
-        return model_names()
+            self._config_names = model_names()
+        return list(self._config_names)
 
     def exported_models(self) -> dict[str, Path]:
         """GGUF files exported into training runs, by file stem. A stem that is not a name
@@ -464,6 +469,29 @@ class LlmService:
 
     def complete(self, key: LlmKey, prompt: str, sampling: dict[str, Any]) -> dict[str, Any]:
         loaded = self.acquire(key)
+        return self._complete_loaded(loaded, key, prompt, sampling)
+
+    def complete_now(
+        self, key: LlmKey, prompt: str, sampling: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The mock backend's completion on the caller's thread (the event loop) when it is
+        loaded and free, else None (then ``complete`` in a thread). Its work is microseconds:
+        the hop to a worker thread and back cost more than the rest of the request."""
+        if key.backend != "mock":  # the caller checked the model name (as for complete)
+            return None
+        with self._cache_lock:
+            loaded = self._find(key)
+        if loaded is None or not loaded.lock.acquire(blocking=False):  # never waits
+            return None
+        if loaded.closed:
+            loaded.lock.release()
+            return None
+        return self._complete_loaded(loaded, key, prompt, sampling)
+
+    def _complete_loaded(
+        self, loaded: _Loaded, key: LlmKey, prompt: str, sampling: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Complete on a backend whose lock is held; gives the lock back."""
         try:
             options = self.request_options(loaded, key)
             result = loaded.backend.complete(prompt, **sampling, **options)
