@@ -61,6 +61,7 @@ class Settings:
     predict_cache_size: int = 4
     predict_batch_window_ms: float = 5.0
     predict_max_batch: int = 64
+    predict_torch_threads: int | None = 1
     default_predict_model: str = "cnn_mnist"
     llm_config_name: str = "generate"
     llm_models: tuple[str, ...] | None = None
@@ -111,6 +112,16 @@ def _window_ms(value: Any) -> float:
 def _max_batch(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise UserError(f"predict.max_batch={value!r} is not valid; expected an integer ≥ 1")
+    return value
+
+
+def _torch_threads(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(
+            f"predict.torch_threads={value!r} is not valid; expected an integer ≥ 1 or null"
+        )
     return value
 
 
@@ -172,6 +183,7 @@ def load_settings(cfg: DictConfig) -> Settings:
         predict_cache_size=int(predict.get("cache_size", 4)),
         predict_batch_window_ms=_window_ms(predict.get("batch_window_ms", 5.0)),
         predict_max_batch=_max_batch(predict.get("max_batch", 64)),
+        predict_torch_threads=_torch_threads(predict.get("torch_threads", 1)),
         default_predict_model=str(predict.get("default_model", "cnn_mnist")),
         llm_config_name=str(llm.get("config_name", "generate")),
         llm_models=_names(llm.get("models")),
