@@ -9,7 +9,7 @@ from pathlib import Path
 
 from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from fastapi.security import HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from omegaconf import DictConfig
@@ -18,6 +18,7 @@ from ml_engine import __version__
 from ml_engine.server import routes_charts, routes_llm, routes_ml, routes_openai
 from ml_engine.server.errors import SafeJSONResponse, install_error_handlers
 from ml_engine.server.guards import BodySizeLimit, HostOriginGuard, bearer_guard
+from ml_engine.server.metrics import CONTENT_TYPE, RequestMetrics
 from ml_engine.server.schemas import Health
 from ml_engine.server.settings import Settings, load_settings
 from ml_engine.server.state import ServerState
@@ -98,6 +99,8 @@ def create_app(cfg: DictConfig | Settings) -> FastAPI:
         allowed_hosts=settings.allowed_hosts,
         allowed_origins=settings.allowed_origins,
     )
+    # outermost: the refusals of the guards above are counted and timed too
+    app.add_middleware(RequestMetrics, metrics=state.metrics)
 
     # HTTPBearer documents the scheme in /docs; bearer_guard does the checking and the 401
     protected = [Depends(HTTPBearer(auto_error=False)), Depends(bearer_guard(settings.api_key))]
@@ -109,6 +112,17 @@ def create_app(cfg: DictConfig | Settings) -> FastAPI:
     @app.get("/health", response_model=Health, tags=["service"], summary="Liveness")
     def health() -> dict[str, str]:
         return {"service": SERVICE_NAME, "status": "ok"}
+
+    @app.get(
+        "/metrics",
+        tags=["service"],
+        summary="Prometheus metrics (text format)",
+        dependencies=protected,
+        response_class=Response,
+    )
+    def metrics() -> Response:
+        # behind the bearer key when one is set: route names and load reveal usage
+        return Response(state.metrics.scrape(), media_type=CONTENT_TYPE)
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:

@@ -269,6 +269,12 @@ class JobStore:
             ).fetchall()
         return [_to_job(row) for row in rows]
 
+    def count(self, status: str) -> int:
+        """Jobs in ``status`` now (read at each /metrics scrape)."""
+        with self._lock:
+            query = "SELECT COUNT(*) FROM jobs WHERE status = ?"
+            return int(self._db.execute(query, (status,)).fetchone()[0])
+
     def with_status(self, status: str) -> list[Job]:
         """Jobs in ``status``, oldest first (the queue order)."""
         with self._lock:

@@ -33,6 +33,7 @@ from ml_engine.errors import UnknownNameError, UserError
 from ml_engine.run.helpers import finite_or_none, first_line
 from ml_engine.run.locations import CONFIG_DIR
 from ml_engine.server.llm_process import LlmProcess, WorkerCrashed
+from ml_engine.server.metrics import ServerMetrics
 from ml_engine.server.schemas import NAME_PATTERN
 
 log = logging.getLogger(__name__)
@@ -150,8 +151,10 @@ class LlmService:
         files: Sequence[Path] = (),
         cache_mb: float | None = None,
         log_dir: Path | None = None,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self.models_dir, self.config_name = models_dir, config_name
+        self._config_names: list[str] | None = None
         self.exports_dir = exports_dir
         self.given_files = _name_given_files(files, set(self._configured_names()))
         self._skipped: set[Path] = set()  # exported files already warned about
@@ -170,11 +173,16 @@ class LlmService:
         self.load_count = 0  # loads since start, for tests and benchmarks
         self.peak_workers = 0  # most worker processes alive at once
         self._live_workers = 0
+        self.metrics = metrics or ServerMetrics()
 
     def _configured_names(self) -> list[str]:
-        from ml_engine.llm.models import model_names
+        """conf/llm/model/*.yaml, read once: the configs are the installation's (a new one
+        needs a restart), and globbing them cost a third of a mock generation's time."""
+        if self._config_names is None:
+            from ml_engine.llm.models import model_names
 
-        return model_names()
+            self._config_names = model_names()
+        return list(self._config_names)
 
     def exported_models(self) -> dict[str, Path]:
         """GGUF files exported into training runs, by file stem. A stem that is not a name
@@ -334,12 +342,15 @@ class LlmService:
             process = LlmProcess(node, self.models_dir, log_path, self._label(key.model, llm))
         except (UserError, WorkerCrashed) as exc:
             self._worker_gone()
+            if isinstance(exc, WorkerCrashed):
+                self.metrics.worker_crashed()
             self._tried[tried] = (False, first_line(exc))
             raise
         except BaseException:
             self._worker_gone()
             raise
         self.load_count += 1
+        self.metrics.model_loaded("llm_worker")
         self._tried[tried] = (True, None)
         # the worker appends to its log: emptied, the log holds what follows the load, so that
         # a crash's reason is llama.cpp's last words about it
@@ -372,6 +383,7 @@ class LlmService:
             loaded.closed = True
             loaded.backend.close()
             self._worker_gone()
+            self.metrics.worker_crashed()
             log.warning("model worker for %s died; dropped", loaded.key)
         loaded.lock.release()
 
@@ -457,10 +469,35 @@ class LlmService:
 
     def complete(self, key: LlmKey, prompt: str, sampling: dict[str, Any]) -> dict[str, Any]:
         loaded = self.acquire(key)
+        return self._complete_loaded(loaded, key, prompt, sampling)
+
+    def complete_now(
+        self, key: LlmKey, prompt: str, sampling: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The mock backend's completion on the caller's thread (the event loop) when it is
+        loaded and free, else None (then ``complete`` in a thread). Its work is microseconds:
+        the hop to a worker thread and back cost more than the rest of the request."""
+        if key.backend != "mock":  # the caller checked the model name (as for complete)
+            return None
+        with self._cache_lock:
+            loaded = self._find(key)
+        if loaded is None or not loaded.lock.acquire(blocking=False):  # never waits
+            return None
+        if loaded.closed:
+            loaded.lock.release()
+            return None
+        return self._complete_loaded(loaded, key, prompt, sampling)
+
+    def _complete_loaded(
+        self, loaded: _Loaded, key: LlmKey, prompt: str, sampling: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Complete on a backend whose lock is held; gives the lock back."""
         try:
             options = self.request_options(loaded, key)
             result = loaded.backend.complete(prompt, **sampling, **options)
             result["timings"] = finite_values(result.get("timings") or {})
+            tokens = int(result.get("completion_tokens") or 0)
+            self.metrics.generated(key.backend, tokens, result["timings"].get("gen_tokens_per_s"))
             return {**result, "engine": loaded.backend.name, "quantization": loaded.quantization}
         finally:
             self.release(loaded)
@@ -519,6 +556,7 @@ class TokenStream:
                 close()
             self.stats = getattr(tokens, "stats", None)
         elapsed = time.perf_counter() - started
+        self._count(len(pieces), elapsed - (first_at or 0.0))
         self.close()
         yield {
             "done": True,
@@ -528,6 +566,14 @@ class TokenStream:
             "pieces": len(pieces),
             "timings": {"ttft_s": round(first_at or elapsed, 4), "total_s": round(elapsed, 4)},
         }
+
+    def _count(self, pieces: int, gen_s: float) -> None:
+        """Tokens into /metrics: the worker's own count when it gives one (a piece of text
+        may hold several tokens), else the pieces streamed."""
+        tokens = int((self.stats or {}).get("completion_tokens") or pieces)
+        rate = (tokens - 1) / gen_s if tokens > 1 and gen_s > 0 else None  # after the first
+        backend = self._loaded.key.backend if self._loaded.key else "unknown"
+        self._service.metrics.generated(backend, tokens, rate)
 
     def close(self) -> None:
         with self._release_lock:

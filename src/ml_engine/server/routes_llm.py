@@ -166,7 +166,9 @@ async def generate(request: Request, body: GenerateRequest) -> Any:
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     try:
-        result = await run_in_threadpool(state.llm.complete, key, body.prompt, sampling)
+        result = state.llm.complete_now(key, body.prompt, sampling)
+        if result is None:  # a model worker, or the first request: in a thread
+            result = await run_in_threadpool(state.llm.complete, key, body.prompt, sampling)
     except (UserError, ApiError):
         raise
     except ValueError as exc:  # llama.cpp: prompt longer than the context, and the like

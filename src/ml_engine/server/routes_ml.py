@@ -324,29 +324,50 @@ async def predict(request: Request) -> dict[str, Any]:
         _count_check(len(body.images), state)
         names = [f"images[{i}]" for i in range(len(body.images))]
         run = _resolve_run(state, body.model, body.run)
-        digits = await run_in_threadpool(arrays_to_digits, body.images)
+        model = await _model(state, run)
+        if not model.hparams.data["digits"]:
+            raise ApiError(422, _arrays_refused(run, model.hparams.data))
+        inputs = await run_in_threadpool(arrays_to_digits, body.images)
     elif content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         images, options = await _read_multipart(request, state)
         _count_check(len(images), state)
         check_pixel_budget(images, state.settings.limits)
         names = [name for name, _ in images]
         run = _resolve_run(state, options["model"], options["run"])
-        limits, invert = state.settings.limits, options["invert"]
+        model = await _model(state, run)
+        limits, invert, spec = state.settings.limits, options["invert"], model.hparams.data
 
         def decode_all() -> Any:
             import numpy as np
 
-            return np.stack([decode_image(data, name, limits, invert) for name, data in images])
+            return np.stack(
+                [decode_image(data, name, limits, invert, spec) for name, data in images]
+            )
 
-        digits = await run_in_threadpool(decode_all)
+        # decoding is CPU work: off the event loop, which keeps reading other requests
+        inputs = await run_in_threadpool(decode_all)
     else:
         raise ApiError(
             415,
             f"content type '{content_type or 'none'}' is not accepted; accepted: "
             "multipart/form-data (field 'image') or application/json ({'images': [...]})",
         )
-    result = await run_in_threadpool(state.predictor.predict, digits, run)
+    result = await state.predictor.predict(inputs, run, model)
     return result.to_dict(names)
+
+
+async def _model(state: ServerState, run: Any) -> Any:
+    """The run's classifier: from the cache on the event loop, a first load in a thread."""
+    cached = state.predictor.cached_model(run)
+    return cached if cached is not None else await run_in_threadpool(state.predictor.model_for, run)
+
+
+def _arrays_refused(run: Any, spec: dict[str, Any]) -> str:
+    shape = "×".join(str(n) for n in (spec["channels"], *spec["image_size"]))
+    return (
+        f"run '{run.run}' classifies {shape} images, not 28×28 digit arrays; "
+        "send its images as PNG/JPEG uploads (multipart field 'image')"
+    )
 
 
 def _resolve_run(state: ServerState, model: str | None, run: str | None) -> Any:

@@ -59,6 +59,9 @@ class Settings:
     train_models: tuple[str, ...] | None = None
     train_defaults: dict[str, Any] = field(default_factory=dict)
     predict_cache_size: int = 4
+    predict_batch_window_ms: float = 5.0
+    predict_max_batch: int = 64
+    predict_torch_threads: int | None = 1
     default_predict_model: str = "cnn_mnist"
     llm_config_name: str = "generate"
     llm_models: tuple[str, ...] | None = None
@@ -106,6 +109,30 @@ def _megabytes(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise UserError(f"llm.cache_mb={value!r} is not valid; expected megabytes > 0 or null")
     return float(value)
+
+
+def _window_ms(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1000:
+        raise UserError(
+            f"predict.batch_window_ms={value!r} is not valid; expected milliseconds in [0, 1000]"
+        )
+    return float(value)
+
+
+def _max_batch(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"predict.max_batch={value!r} is not valid; expected an integer ≥ 1")
+    return value
+
+
+def _torch_threads(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(
+            f"predict.torch_threads={value!r} is not valid; expected an integer ≥ 1 or null"
+        )
+    return value
 
 
 _KEYS = ("host", "port", "api_key", "runs_dir", "jobs_db", "jobs", "train", "predict", "llm")
@@ -164,6 +191,9 @@ def load_settings(cfg: DictConfig) -> Settings:
         train_models=_names(train.get("models")),
         train_defaults=dict(train.get("defaults") or {}),
         predict_cache_size=int(predict.get("cache_size", 4)),
+        predict_batch_window_ms=_window_ms(predict.get("batch_window_ms", 5.0)),
+        predict_max_batch=_max_batch(predict.get("max_batch", 64)),
+        predict_torch_threads=_torch_threads(predict.get("torch_threads", 1)),
         default_predict_model=str(predict.get("default_model", "cnn_mnist")),
         llm_config_name=str(llm.get("config_name", "generate")),
         llm_models=_names(llm.get("models")),
