@@ -106,7 +106,8 @@ def main() -> None:
             delta = f"{100 * d_mean:+.2f} ± {100 * d_se:.2f} %"
         per_fold = " ".join(f"{100 * a:.2f}" for a in accs)
         wall = statistics.median(r["wall_s"] for r in runs)
-        print(f"| {name} | {per_fold} | {100 * mean:.2f} ± {100 * se:.2f} % | {delta} | {wall:.0f} |")
+        acc = f"{100 * mean:.2f} ± {100 * se:.2f} %"
+        print(f"| {name} | {per_fold} | {acc} | {delta} | {wall:.0f} |")
 
 
 if __name__ == "__main__":
