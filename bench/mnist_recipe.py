@@ -1,17 +1,22 @@
-"""Two training recipes compared on the bundled digits, on several seeded stratified splits.
+"""Training recipes compared on the bundled digits by stratified k-fold, paired by fold.
 
 The official 10k MNIST test set needs the real data; without it, each recipe is trained with
-``train.py`` on the 5,000 bundled digits split by ``datamodule.split_seed`` (a quarter held out
-for testing: 1,250 digits per split), the same splits for both recipes, and the test accuracies
-are reported per split with their mean, spread and the paired difference.
+``train.py`` on the 5,000 bundled digits, once per fold of a stratified k-fold partition
+(``datamodule.folds``/``datamodule.test_fold``, partition seeded by ``--split-seed``): fold k is
+the test split (1,000 digits for 5 folds), 5 % of each class of the rest validates, the rest
+(3,750) trains. Every recipe sees the same folds and the same training seed per fold (seed =
+fold + 1), so over the folds every digit is tested once per recipe and the differences are
+paired by fold. Printed: each run, then a table with each recipe's accuracy over all tested
+digits, its mean ± standard error over folds and the paired difference to ``old``.
 
-    python bench/mnist_recipe.py [--seeds 1 2 3 4] [--epochs 15]
+    python bench/mnist_recipe.py [--folds 5] [--recipes old new] [--epochs 15]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -19,15 +24,24 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# the recipe of main before issue 12, spelled out so that it stays measurable after the
-# defaults change, and the current defaults
+# "old": the recipe of main before issue 12 (widths 16/32/64), spelled out so that it stays
+# measurable if the defaults change; "new": the current defaults; the others: candidates.
+# Measured (README, "Accuracy and speed"): neither "wide" nor "ema" paid, so "new" == "old".
 RECIPES = {
     "old": ["model.net.widths=[16,32,64]", "model.label_smoothing=0.05"],
     "new": [],
+    "wide": ["model.net.widths=[24,48,96]"],
+    # exponential moving average of the weights and BatchNorm statistics (Lightning's
+    # WeightAveraging): validation, best.ckpt and the test use the averaged network
+    "ema": [
+        "model.net.widths=[16,32,64]",
+        "+callbacks.ema._target_=lightning.pytorch.callbacks.WeightAveraging",
+        "+callbacks.ema.multi_avg_fn._target_=torch.optim.swa_utils.get_ema_multi_avg_fn",
+        "+callbacks.ema.multi_avg_fn.decay=0.99",
+    ],
 }
 COMMON = [
     "datamodule.source=bundled",
-    "datamodule.test_fraction=0.25",
     "logger=none",
     "callbacks.rich_progress_bar=null",
     "trainer.enable_progress_bar=false",
@@ -35,39 +49,74 @@ COMMON = [
 ]
 
 
-def test_accuracy(overrides: list[str], output: Path) -> tuple[float, float]:
-    """test/acc and wall seconds of one ``train.py`` run."""
+def run_recipe(overrides: list[str], output: Path) -> dict[str, float]:
+    """test/acc, epochs run and wall seconds of one ``train.py`` run."""
     command = [sys.executable, str(ROOT / "train.py"), *overrides, f"hydra.run.dir={output}"]
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
-    record = json.loads((output / "job.json").read_text())
-    return record["metrics"]["test/acc"], record["metrics"]["wall_s"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"{' '.join(command)} failed:\n{done.stderr[-3000:]}")
+    metrics = json.loads((output / "job.json").read_text())["metrics"]
+    return {k: metrics[k] for k in ("test/acc", "epochs_run", "wall_s")}
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else 0.0
+    return statistics.mean(values), se
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3, 4])
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--recipes", nargs="+", default=["wide", "ema"], choices=list(RECIPES))
+    parser.add_argument("--split-seed", type=int, default=12345)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the config's")
+    parser.add_argument(
+        "--test-folds", type=int, nargs="+", default=None, help="a subset of 0..folds-1"
+    )
     args = parser.parse_args()
-    results: dict[str, list[float]] = {name: [] for name in RECIPES}
+    names = list(dict.fromkeys(["old", *args.recipes]))  # old first: the reference
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:  # interleaved: both recipes see the same machine load
-            for name, recipe in RECIPES.items():
+        # interleaved: every recipe sees similar machine load
+        for fold in args.test_folds or range(args.folds):
+            for name in names:
                 overrides = [
                     *COMMON,
-                    *recipe,
-                    f"datamodule.split_seed={seed}",
-                    f"seed={seed}",
-                    f"trainer.max_epochs={args.epochs}",
+                    *RECIPES[name],
+                    f"datamodule.folds={args.folds}",
+                    f"datamodule.test_fold={fold}",
+                    f"datamodule.split_seed={args.split_seed}",
+                    f"seed={fold + 1}",
                 ]
-                acc, wall = test_accuracy(overrides, Path(tmp) / f"{name}-{seed}")
-                results[name].append(acc)
-                print(f"split_seed={seed} {name}: test/acc {acc:.4f} ({wall:.0f} s)", flush=True)
-    for name, accs in results.items():
-        spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"{name}: mean {statistics.mean(accs):.4f} ± {spread:.4f} over {len(accs)} splits")
-    gains = [n - o for n, o in zip(results["new"], results["old"], strict=True)]
-    spread = statistics.stdev(gains) if len(gains) > 1 else 0.0
-    print(f"new - old: mean {statistics.mean(gains):+.4f} ± {spread:.4f} (paired by split)")
+                if args.epochs is not None:
+                    overrides.append(f"trainer.max_epochs={args.epochs}")
+                run = run_recipe(overrides, Path(tmp) / f"{name}-{fold}")
+                results[name].append(run)
+                print(
+                    f"fold {fold} {name}: test/acc {run['test/acc']:.4f} "
+                    f"({run['epochs_run']} epochs, {run['wall_s']:.0f} s)",
+                    flush=True,
+                )
+    tested = len(results["old"])
+    print(
+        f"\n{tested} of {args.folds} folds of the 5,000 bundled digits "
+        f"({tested * 5000 // args.folds:,} test digits per recipe), seed = fold + 1, paired by fold"
+    )
+    print("| recipe | acc per fold | mean ± SE | Δ vs old, mean ± SE | wall s (median) |")
+    print("|---|---|---|---|---|")
+    reference = [r["test/acc"] for r in results["old"]]
+    for name, runs in results.items():
+        accs = [r["test/acc"] for r in runs]
+        mean, se = mean_se(accs)
+        if name == "old":
+            delta = "—"
+        else:
+            d_mean, d_se = mean_se([a - o for a, o in zip(accs, reference, strict=True)])
+            delta = f"{100 * d_mean:+.2f} ± {100 * d_se:.2f} %"
+        per_fold = " ".join(f"{100 * a:.2f}" for a in accs)
+        wall = statistics.median(r["wall_s"] for r in runs)
+        acc = f"{100 * mean:.2f} ± {100 * se:.2f} %"
+        print(f"| {name} | {per_fold} | {acc} | {delta} | {wall:.0f} |")
 
 
 if __name__ == "__main__":

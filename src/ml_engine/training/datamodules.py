@@ -119,6 +119,8 @@ class MNISTDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         download: bool = True,
         augment: dict[str, Any] | None = None,
+        folds: int | None = None,
+        test_fold: int = 0,
     ) -> None:
         super().__init__()
         self.augment = plain_container(augment) if augment else None
@@ -136,6 +138,8 @@ class MNISTDataModule(L.LightningDataModule):
                 "pin_memory": pin_memory,
                 "download": download,
                 "augment": self.augment,
+                "folds": folds,
+                "test_fold": test_fold,
             },
             logger=False,
         )
@@ -163,6 +167,8 @@ class MNISTDataModule(L.LightningDataModule):
                 test_fraction=self.hparams.test_fraction,
                 seed=self.hparams.split_seed,
                 download=self.hparams.download,
+                folds=self.hparams.get("folds"),
+                test_fold=self.hparams.get("test_fold", 0),
             )
 
     def _loader(self, split: tuple[Tensor, Tensor], train: bool) -> DataLoader:

@@ -25,8 +25,9 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
 class CnnMnist(nn.Module):
     """Small VGG-style conv net: two conv pairs per stage, max-pool between stages, GAP head.
 
-    With the default widths (16, 32, 64) it has about 36k parameters, enough for ≥99% on MNIST
-    from a few thousand digits when trained with augmentation.
+    With the default widths (16, 32, 64) it has about 36k parameters; with the default recipe it
+    tested at 98.57 % mean over three seeds on the official MNIST test set (README, "Accuracy
+    and speed").
     """
 
     def __init__(
