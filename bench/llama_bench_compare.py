@@ -31,9 +31,8 @@ from typing import Any
 
 from _common import ROOT
 
-# as the entrypoints: llama.cpp's OpenMP threads sleep between graphs instead of spinning
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+# OMP_WAIT_POLICY as the user has it (unset: libgomp's default), on both sides, as the
+# generate job's model worker and llama-bench run
 from llm_overhead import LARGE_SHAPE, PROMPT, model_file
 
 from ml_engine.llm.backends import Sampling

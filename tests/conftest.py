@@ -7,6 +7,8 @@ import os
 
 # as the entrypoints do (run/launch.py), before torch loads: OpenMP threads that sleep instead
 # of spinning while they wait, or in-process trainings crawl whenever another process holds a core
+# (llama.cpp's worker processes get the user's own value back: run/helpers.py)
+os.environ.setdefault("ML_ENGINE_USER_OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", ""))
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import subprocess
 import sys

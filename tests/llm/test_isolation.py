@@ -105,3 +105,16 @@ def test_memory_does_not_grow_over_twenty_model_jobs(models_dir: Path, tmp_path:
     # the children hold the model; the parent only reads JSON back
     assert sizes[-1] - sizes[1] < 5.0, sizes
     assert min(child_peaks) > 10
+
+
+@pytest.mark.parametrize(
+    ("users", "expected"), [("", None), ("PASSIVE", "PASSIVE"), ("ACTIVE", "ACTIVE")]
+)
+def test_llama_cpp_workers_get_the_user_s_own_omp_policy(monkeypatch, users, expected) -> None:
+    """The entrypoint makes torch's OpenMP threads sleep (PASSIVE); llama.cpp's workers get
+    what the user had instead (unset: libgomp's default, which spins briefly)."""
+    from ml_engine.llm.isolation import worker_env
+
+    monkeypatch.setenv("ML_ENGINE_USER_OMP_WAIT_POLICY", users)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    assert worker_env().get("OMP_WAIT_POLICY") == expected

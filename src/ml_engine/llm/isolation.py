@@ -23,7 +23,7 @@ from typing import Any
 
 from ml_engine.errors import UserError
 from ml_engine.run.files import remove_partials_of, write_text_atomic
-from ml_engine.run.helpers import error_summary, import_callable
+from ml_engine.run.helpers import error_summary, import_callable, with_user_omp_policy
 
 
 class WorkerFailed(UserError):
@@ -65,7 +65,7 @@ def run_isolated(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     result_path = log_path.with_name(log_path.stem + ".result.json")
     result_path.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _python_path()}
+    env = worker_env()
     request = json.dumps({"target": target, "payload": payload, "result": str(result_path)})
     with log_path.open("ab") as log:
         child = subprocess.Popen(
@@ -103,6 +103,13 @@ def run_isolated(
 def _cleanup(directories: tuple[Path, ...], pid: int) -> None:
     for directory in directories:
         remove_partials_of(Path(directory), pid)
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a llama.cpp worker process: this package importable, output
+    unbuffered, and the user's own OpenMP wait policy (not the PASSIVE set for torch)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _python_path()}
+    return with_user_omp_policy(env)
 
 
 def _python_path() -> str:

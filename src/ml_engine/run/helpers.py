@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -45,3 +46,32 @@ def import_callable(ref: Callable[..., Any] | str) -> Callable[..., Any]:
         return ref
     module_name, _, function_name = ref.partition(":")
     return getattr(importlib.import_module(module_name), function_name)
+
+
+# the user's own OMP_WAIT_POLICY ("" when unset), kept by the entrypoint before it sets PASSIVE
+USER_OMP_WAIT_POLICY = "ML_ENGINE_USER_OMP_WAIT_POLICY"
+
+
+def keep_user_omp_policy() -> None:
+    """Remember the user's OMP_WAIT_POLICY once, at the outermost entrypoint, before it is
+    changed for torch; nested processes inherit the remembered value."""
+    os.environ.setdefault(USER_OMP_WAIT_POLICY, os.environ.get("OMP_WAIT_POLICY", ""))
+
+
+def with_user_omp_policy(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the user's own OMP_WAIT_POLICY back, for llama.cpp's processes.
+
+    PASSIVE suits torch's threads on a shared machine, but llama.cpp decodes one token in a
+    few milliseconds and its OpenMP threads wait between graphs: sleeping there halves the
+    generation rate on an idle machine (tg128 80 vs 169 t/s, llama-bench on the 111M q4_k_m
+    bench model, 2 cores), and libgomp's default spins only briefly, less when oversubscribed.
+    """
+    user = env.get(USER_OMP_WAIT_POLICY)
+    if user is None:
+        return env
+    env = dict(env)
+    if user:
+        env["OMP_WAIT_POLICY"] = user
+    else:
+        env.pop("OMP_WAIT_POLICY", None)
+    return env

@@ -32,6 +32,7 @@ from ml_engine.run.helpers import (
     first_line,
     import_callable,
     is_real_number,
+    keep_user_omp_policy,
 )
 from ml_engine.run.locations import CONFIG_DIR, PROJECT_ROOT
 from ml_engine.run.rules import Rule, check_config
@@ -247,6 +248,8 @@ def launch(
     # another process holds a core, every step then waits out a descheduled peer. Measured on
     # the shared 2-core machine: 60 training steps of experiment=shakespeare_char took 65-105 s
     # spinning, 9 s sleeping. Read once, when torch loads, which happens after this line.
+    # (llama.cpp's worker processes get the user's own value back: run/helpers.py)
+    keep_user_omp_policy()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     register_resolvers()
     show_traceback = full_errors_requested()

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ml_engine.errors import UserError
-from ml_engine.llm.isolation import _describe_exit, _python_path
+from ml_engine.llm.isolation import _describe_exit, worker_env
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # lines that say why llama.cpp gave up, in order of preference over the last line of the log
@@ -60,7 +60,7 @@ class LlmProcess:
     def __init__(self, llm: dict[str, Any], models_dir: Path, log_path: Path, label: str) -> None:
         self.label, self.log_path = label, log_path
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": _python_path()}
+        env = worker_env()
         env["GGML_NO_BACKTRACE"] = "1"  # ggml would attach gdb to print a backtrace on abort
         with log_path.open("ab") as log:
             self._child = subprocess.Popen(
