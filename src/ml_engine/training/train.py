@@ -38,7 +38,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"test=true needs a test split, and {type(datamodule).__name__} has none (its "
             "held-out text is the validation split, reported as val/loss); set test=false"
         )
-    model: L.LightningModule = instantiate(cfg.model, **data_arguments(datamodule))
+    model: L.LightningModule = instantiate(cfg.model, **data_arguments(datamodule, cfg.model))
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -63,11 +63,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
-def data_arguments(datamodule: L.LightningDataModule) -> dict[str, Any]:
+def data_arguments(datamodule: L.LightningDataModule, model_cfg: DictConfig) -> dict[str, Any]:
     """What the model takes from an image datamodule: input shape, normalization and class
-    names (its ``data_spec``), so that they come from the data and end in the checkpoint."""
+    names (its ``data_spec``), so that they come from the data and end in the checkpoint. A
+    model that takes no ``data`` (a language model) gets none: it names the datamodule it
+    needs itself, in one line, once the trainer is set up."""
+    import inspect
+
+    from hydra.utils import get_class
+
     spec = getattr(datamodule, "data_spec", None)
-    return {"data": spec()} if spec is not None else {}
+    if spec is None:
+        return {}
+    takes = inspect.signature(get_class(model_cfg._target_)).parameters
+    return {"data": spec()} if "data" in takes else {}
 
 
 def _checkpoint_to_resume(cfg: DictConfig) -> Path | None:
