@@ -30,7 +30,13 @@ def eval_common(tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize(
     ("override", "fragments"),
     [
-        ("model=resnet", ("unknown model 'resnet'", "cnn_mnist, llama_char, mlp_mnist")),
+        (
+            "model=resnet",
+            (
+                "unknown model 'resnet'",
+                "cnn_mnist, efficientnet_b0, llama_char, mlp_mnist, mobilenet_v3_small, resnet18",
+            ),
+        ),
         ("datamodule=cifar", ("unknown datamodule 'cifar'", "mnist")),
         ("trainer=tpu", ("unknown trainer 'tpu'", "ddp_cpu")),
         ("logger=neptune", ("unknown logger 'neptune'", "tensorboard, wandb")),
