@@ -7,6 +7,7 @@ llama.cpp's layout (see ``expected_tensor_shapes``).
 
 from __future__ import annotations
 
+import itertools
 import string
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
@@ -132,7 +133,7 @@ def byte_fallback_vocabulary(n_vocab: int) -> Vocabulary:
 
 
 def _normal_pieces() -> Iterator[str]:
-    """Unique pieces in a fixed order: characters, word starts, then letter pairs and triples."""
+    """Unique pieces in a fixed order: characters, word starts, letter pairs, triples, quads."""
     chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
     seen: set[str] = set()
     letters = string.ascii_lowercase
@@ -145,6 +146,8 @@ def _normal_pieces() -> Iterator[str]:
         yield from (_SPACE + a + b for a in letters for b in letters)
         yield from (a + b + c for a in letters for b in letters for c in letters)
         yield from (_SPACE + a + b + c for a in letters for b in letters for c in letters)
+        # four-letter pieces: enough for vocabularies as large as Gemma's 262,144
+        yield from ("".join(p) for p in itertools.product(letters, repeat=4))
 
     for piece in candidates():
         if piece not in seen:

@@ -352,6 +352,18 @@ def physical_core_count(topology: Path = _CPU_TOPOLOGY) -> int:
 # --------------------------------------------------------------------------- llama.cpp backend
 
 
+@functools.cache
+def _logits_address_function() -> Callable[[Any, int], int | None]:
+    """``llama_get_logits_ith`` returning the address as an int (None for NULL): a
+    foreign-function object of its own, so the restype of llama-cpp-python's shared one is
+    left as it is."""
+    import llama_cpp
+
+    prototype = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32)
+    function = prototype(("llama_get_logits_ith", llama_cpp.llama_cpp._lib))
+    return function
+
+
 class LlamaCppBackend(LlmBackend):
     """A GGUF model loaded once; each request clears the KV cache (no prompt-prefix reuse).
 
@@ -658,16 +670,28 @@ class LlamaCppBackend(LlmBackend):
         penalty as llama.cpp's penalties sampler applies it (each distinct token among the last
         ``PENALTY_LAST_N`` generated: logit / p when > 0, else logit × p, in float32), argmax
         (first maximum, as llama.cpp's greedy sampler). Prompt tokens are not in the window:
-        the chain only ever accepts sampled tokens either."""
-        lib, ctx, n_vocab = self._lib, self._ctx, self.n_vocab
-        get_logits, as_array = lib.llama_get_logits_ith, np.ctypeslib.as_array
+        the chain only ever accepts sampled tokens either.
+
+        Between two decodes every touched object is cache-cold (the decode streamed the whole
+        model through the caches), so a Python step there costs several times its warm price:
+        the logits address comes back as a plain int, the view over it is reused while the
+        address stays, and the penalty is applied in place (the next decode overwrites the
+        buffer) rather than on a copy of the whole vocabulary."""
+        ctx, n_vocab = self._ctx, self.n_vocab
+        logits_address = _logits_address_function()
         penalty = np.float32(repeat_penalty)
         window: deque[int] = deque(maxlen=PENALTY_LAST_N)
+        view: list[Any] = [-1, None]  # address, numpy view over it
 
         def pick() -> int:
-            logits = as_array(get_logits(ctx, -1), shape=(n_vocab,))
+            address = logits_address(ctx, -1)
+            if address != view[0]:
+                if address is None:
+                    raise RuntimeError(f"llama_get_logits_ith failed: {last_llama_error()}")
+                buffer = (ctypes.c_float * n_vocab).from_address(address)
+                view[0], view[1] = address, np.frombuffer(buffer, dtype=np.float32)
+            logits = view[1]
             if penalty != 1 and window:
-                logits = logits.copy()
                 seen = np.fromiter(set(window), dtype=np.intp, count=-1)
                 values = logits[seen]
                 logits[seen] = np.where(values > 0, values / penalty, values * penalty)
