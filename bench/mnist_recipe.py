@@ -40,6 +40,13 @@ RECIPES = {
         "+callbacks.ema.multi_avg_fn.decay=0.99",
     ],
 }
+RECIPES.update(
+    {
+        "e30": ["trainer.max_epochs=30"],
+        "elastic": ["datamodule.augment.elastic_alpha=34"],
+        "elastic30": ["datamodule.augment.elastic_alpha=34", "trainer.max_epochs=30"],
+    }
+)
 COMMON = [
     "datamodule.source=bundled",
     "logger=none",

@@ -33,7 +33,7 @@ from _common import (
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from ml_engine.training.datamodules import random_affine
+from ml_engine.training.augment import random_affine
 from ml_engine.training.module import to_model_input
 
 

@@ -39,7 +39,8 @@ def _last_log_line(log_path: Path) -> str:
     return meaningful[-1][:300] if meaningful else ""
 
 
-def _describe_exit(returncode: int) -> str:
+def describe_exit(returncode: int) -> str:
+    """How a child process ended, in words: "exited with status N" or "killed by SIGKILL"."""
     if returncode < 0:
         try:
             return f"killed by {signal.Signals(-returncode).name}"
@@ -88,7 +89,7 @@ def run_isolated(
         _cleanup(cleanup_dirs, child.pid)
         last = _last_log_line(log_path)
         raise WorkerFailed(
-            f"model worker {_describe_exit(child.returncode)}" + (f": {last}" if last else "")
+            f"model worker {describe_exit(child.returncode)}" + (f": {last}" if last else "")
         )
     outcome = json.loads(result_path.read_text())
     result_path.unlink(missing_ok=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ml_engine.errors import UserError
-from ml_engine.llm.isolation import _describe_exit, worker_env
+from ml_engine.llm.isolation import describe_exit, worker_env
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 # lines that say why llama.cpp gave up, in order of preference over the last line of the log
@@ -113,7 +113,7 @@ class LlmProcess:
         except subprocess.TimeoutExpired:
             self._child.kill()
             code = self._child.wait()
-        how = _describe_exit(code)
+        how = describe_exit(code)
         reason = crash_reason(self.log_path)
         detail = f": {reason}" if reason else ""
         return WorkerCrashed(f"the model worker for {self.label} {how}{detail}")

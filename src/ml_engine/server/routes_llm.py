@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import logging
-import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -23,6 +21,7 @@ from ml_engine.server.llm_process import WorkerCrashed, WorkerFailed
 from ml_engine.server.llm_service import SAMPLING_FIELDS, LlmKey
 from ml_engine.server.schemas import GenerateRequest, GenerateResponse, LlmModelList
 from ml_engine.server.state import ServerState
+from ml_engine.server.streaming import relay_in_thread
 
 log = logging.getLogger(__name__)
 
@@ -84,51 +83,29 @@ def _generation_error(exc: Exception) -> str:
     return f"generation failed: {type(exc).__name__}"
 
 
-async def _relay(
+def _relay(
     first: dict[str, Any], events: Iterator[dict[str, Any]], extra: dict[str, Any]
 ) -> AsyncIterator[bytes]:
-    """Run the blocking token iterator in its own thread and pass its events on as SSE.
+    """The token events as SSE (``token``…, then ``done`` with ``extra``, or ``error``); the
+    iterator holds the model's lock and is closed when the stream ends."""
 
-    The iterator holds the model's lock; when the client goes away the thread is told to stop
-    and closes the iterator, which releases the lock for the next request.
-    """
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
-    stop = threading.Event()
+    def chunks() -> Iterator[bytes]:
+        for event in itertools.chain([first], events):
+            yield _sse("done", {**event, **extra}) if event.get("done") else _sse("token", event)
 
-    def put(item: tuple[str, dict[str, Any]]) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            stop.set()
+    def on_error(exc: Exception) -> bytes:
+        if isinstance(exc, WorkerCrashed):
+            log.error("streamed generation: %s", exc)
+        elif not isinstance(exc, (UserError, ValueError)):
+            log.exception("streamed generation failed")
+        return _sse("error", {"error": _generation_error(exc)})
 
-    def produce() -> None:
-        try:
-            for event in itertools.chain([first], events):
-                put(("done", {**event, **extra}) if event.get("done") else ("token", event))
-                if stop.is_set():
-                    break
-        except Exception as exc:
-            if isinstance(exc, WorkerCrashed):
-                log.error("streamed generation: %s", exc)
-            elif not isinstance(exc, (UserError, ValueError)):
-                log.exception("streamed generation failed")
-            put(("error", {"error": _generation_error(exc)}))
-        finally:
-            close = getattr(events, "close", None)
-            if close is not None:
-                close()
-            put(("end", {}))
+    def on_close() -> None:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
 
-    threading.Thread(target=produce, name="llm-stream", daemon=True).start()
-    try:
-        while True:
-            kind, data = await queue.get()
-            if kind == "end":
-                return
-            yield _sse(kind, data)
-    finally:
-        stop.set()
+    return relay_in_thread(chunks(), on_error=on_error, on_close=on_close, name="llm-stream")
 
 
 def _first_event(events: Iterator[dict[str, Any]]) -> dict[str, Any]:

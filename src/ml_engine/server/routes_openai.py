@@ -11,7 +11,7 @@ Errors have OpenAI's shape (``errors.py``).
 
 from __future__ import annotations
 
-import asyncio
+import itertools
 import json
 import threading
 import time
@@ -31,6 +31,7 @@ from ml_engine.server.llm_process import ProcessStream, WorkerCrashed, WorkerFai
 from ml_engine.server.llm_service import LlmKey, LlmService, _Loaded
 from ml_engine.server.schemas import Name, StrictBody
 from ml_engine.server.state import ServerState
+from ml_engine.server.streaming import relay_in_thread
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -239,39 +240,16 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
-async def _relay(generation: Generation, events: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
-    """Run the blocking chunk iterator in its own thread and pass its chunks on as SSE; when
-    the client goes away the thread is told to stop and the worker's generation is
-    cancelled."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-    stop = threading.Event()
-
-    def put(item: bytes | None) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the event loop is gone (server shutting down)
-            stop.set()
-
-    def produce() -> None:
-        try:
-            for event in events:
-                put(_sse(event))
-                if stop.is_set():
-                    return
-            put(_sse("[DONE]"))
-        except Exception as exc:
-            put(_sse(_stream_error(exc)))
-        finally:
-            generation.close()
-            put(None)
-
-    threading.Thread(target=produce, name="openai-stream", daemon=True).start()
-    try:
-        while (chunk := await queue.get()) is not None:
-            yield chunk
-    finally:
-        stop.set()
+def _relay(generation: Generation, events: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+    """The chunks as SSE, then ``[DONE]`` (or an error object); the worker's generation is
+    cancelled when the stream ends, the client's leaving included."""
+    chunks = itertools.chain((_sse(event) for event in events), [_sse("[DONE]")])
+    return relay_in_thread(
+        chunks,
+        on_error=lambda exc: _sse(_stream_error(exc)),
+        on_close=generation.close,
+        name="openai-stream",
+    )
 
 
 def _streaming(generation: Generation, events: Iterator[dict[str, Any]]) -> StreamingResponse:

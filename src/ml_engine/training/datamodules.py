@@ -9,10 +9,10 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ml_engine.training.augment import augment_batch
 from ml_engine.training.data_sources import DigitSplits, load_digits
 from ml_engine.training.image_data import mnist_spec
 from ml_engine.training.module import plain_container
@@ -82,21 +82,8 @@ class ShardedBatchSampler(Sampler[Tensor]):
             yield indices[start : start + self.batch_size]
 
 
-def random_affine(
-    images: Tensor, max_degrees: float, max_shift: float, scale: tuple[float, float]
-) -> Tensor:
-    """Random rotation, scale and shift of a float batch {N,1,H,W}, done as one grid sample."""
-    n = images.shape[0]
-    angle = torch.empty(n, device=images.device).uniform_(-max_degrees, max_degrees)
-    angle = torch.deg2rad(angle)
-    factor = torch.empty(n, device=images.device).uniform_(*scale)
-    shift = torch.empty(n, 2, device=images.device).uniform_(-max_shift, max_shift) * 2
-    cos, sin = torch.cos(angle) / factor, torch.sin(angle) / factor
-    theta = torch.stack(
-        [torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1
-    )
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    return F.grid_sample(images, grid, align_corners=False, padding_mode="zeros")
+# what an ``augment`` node that leaves a key out gets for digits
+MNIST_AUGMENT_DEFAULTS = {"degrees": 10.0, "translate": 0.1, "scale": (0.9, 1.1)}
 
 
 class MNISTDataModule(L.LightningDataModule):
@@ -208,12 +195,7 @@ class MNISTDataModule(L.LightningDataModule):
         images, labels = batch
         images = images.float().div_(255)
         if self.augment and self.trainer is not None and self.trainer.training:
-            images = random_affine(
-                images,
-                max_degrees=self.augment.get("degrees", 10.0),
-                max_shift=self.augment.get("translate", 0.1),
-                scale=tuple(self.augment.get("scale", (0.9, 1.1))),
-            )
+            images = augment_batch(images, self.augment, MNIST_AUGMENT_DEFAULTS)
         return images, labels
 
     def data_spec(self) -> dict[str, Any]:

@@ -21,12 +21,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ml_engine.errors import UserError
+from ml_engine.training.augment import augment_batch
 from ml_engine.training.data_sources import stratified_split
-from ml_engine.training.datamodules import (
-    BatchIndexedDataset,
-    ShardedBatchSampler,
-    random_affine,
-)
+from ml_engine.training.datamodules import BatchIndexedDataset, ShardedBatchSampler
 from ml_engine.training.image_data import (
     channel_statistics,
     convert_image,
@@ -67,12 +64,6 @@ class DecodingDataset(Dataset):
         index = int(index)
         image = read_image(self.paths[index], self.channels, self.size)
         return torch.from_numpy(image), self.labels[index]
-
-
-def random_hflip(images: Tensor) -> Tensor:
-    """Mirror a random half of the batch left to right."""
-    flip = torch.rand(images.shape[0], device=images.device) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
 class ImageClassDataModule(L.LightningDataModule):
@@ -189,14 +180,7 @@ class ImageClassDataModule(L.LightningDataModule):
         images, labels = batch
         images = images.float().div_(255)
         if self.augment and self.trainer is not None and self.trainer.training:
-            if self.augment.get("hflip"):
-                images = random_hflip(images)
-            images = random_affine(
-                images,
-                max_degrees=self.augment.get("degrees", 0.0),
-                max_shift=self.augment.get("translate", 0.0),
-                scale=tuple(self.augment.get("scale", (1.0, 1.0))),
-            )
+            images = augment_batch(images, self.augment)
         return images, labels
 
 
