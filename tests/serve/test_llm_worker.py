@@ -183,3 +183,35 @@ def test_the_memory_budget_drops_the_least_recently_used_worker(make_client, tmp
     assert service.load_count == 3 and service.peak_workers <= 2
     models = json.loads(client.get("/llm/models").text)["models"]
     assert {m["name"]: m["usable"] for m in models}["Chat-Model-0.1-test"] is True
+
+
+def test_a_worker_that_stops_answering_is_killed_and_the_next_request_gets_a_fresh_one(
+    make_client, tmp_path
+) -> None:
+    client = make_client(
+        **{"paths.models_dir": str(tmp_path / "models"), "llm.worker_timeout_s": 2}
+    )
+    service = client.app.state.server.llm
+    body = {"model": "tiny", "prompt": "Hi", "max_tokens": 4, "temperature": 0}
+    assert client.post("/llm/generate", json=body).status_code == 200
+    worker = next(iter(service._loaded.values())).backend
+    os.kill(worker.pid, signal.SIGSTOP)  # as a deadlock in llama.cpp would: alive, silent
+    started = time.monotonic()
+    hung = client.post("/llm/generate", json=body)
+    assert hung.status_code == 504, hung.text
+    assert hung.json()["error"] == (
+        "the model worker for model 'tiny' (q4_k_m) did not answer within 2 s "
+        "(llm.worker_timeout_s) and was killed"
+    )
+    assert time.monotonic() - started < 20
+    assert not worker.alive()
+    streamed = client.post("/llm/generate", json={**body, "stream": True})
+    assert streamed.status_code == 200 and "event: done" in streamed.text
+    assert service.load_count == 2 and service.worker_count() == 1
+
+
+def test_an_unusable_worker_timeout_is_one_line(make_client, tmp_path) -> None:
+    from ml_engine.errors import UserError
+
+    with pytest.raises(UserError, match=r"llm.worker_timeout_s=0 is not valid; expected sec"):
+        make_client(**{"paths.models_dir": str(tmp_path / "models"), "llm.worker_timeout_s": 0})

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ml_engine.errors import UnknownNameError, UserError
 from ml_engine.run.helpers import first_line
-from ml_engine.server.llm_process import WorkerCrashed, WorkerFailed
+from ml_engine.server.llm_process import WorkerCrashed, WorkerFailed, WorkerTimedOut
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(WorkerCrashed)
     async def on_worker_crash(request: Request, exc: WorkerCrashed) -> JSONResponse:
         log.error("%s %s: %s", request.method, request.url.path, exc)
+        if isinstance(exc, WorkerTimedOut):
+            return _answer(request, 504, str(exc), code="worker_timeout")
         return _answer(request, 502, str(exc), code="worker_crashed")
 
     @app.exception_handler(WorkerFailed)

@@ -11,12 +11,14 @@ import contextlib
 import json
 import os
 import re
+import select
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ml_engine.errors import UserError
 from ml_engine.llm.isolation import describe_exit, worker_env
@@ -29,6 +31,11 @@ _REASONS += (re.compile(r"what\(\):.*"), re.compile(r".*error.*", re.IGNORECASE)
 
 class WorkerCrashed(Exception):
     """The worker process died: an upstream failure (502), not the client's mistake."""
+
+
+class WorkerTimedOut(WorkerCrashed):
+    """The worker stopped answering within the server's ``llm.worker_timeout_s`` and was
+    killed: a gateway timeout (504)."""
 
 
 class WorkerFailed(Exception):
@@ -57,8 +64,15 @@ class LlmProcess:
 
     name = "llama_cpp"
 
-    def __init__(self, llm: dict[str, Any], models_dir: Path, log_path: Path, label: str) -> None:
-        self.label, self.log_path = label, log_path
+    def __init__(
+        self,
+        llm: dict[str, Any],
+        models_dir: Path,
+        log_path: Path,
+        label: str,
+        timeout_s: float | None = None,
+    ) -> None:
+        self.label, self.log_path, self.timeout_s = label, log_path, timeout_s
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = worker_env()
         env["GGML_NO_BACKTRACE"] = "1"  # ggml would attach gdb to print a backtrace on abort
@@ -69,13 +83,17 @@ class LlmProcess:
                 stdout=subprocess.PIPE,
                 stderr=log,
                 env=env,
+                bufsize=0,  # lines are read with a deadline (select), never from a buffer
             )
         self.pid = self._child.pid
+        self._unread = bytearray()
         self._write_lock = threading.Lock()
         # llama.cpp's own log lines go to the log (verbose), never to the protocol
         llm = {**llm, "backend": {**llm["backend"], "verbose": True}}
         try:
-            reply = self.call({"op": "load", "llm": llm, "models_dir": str(models_dir)})
+            # unbounded: a load may first write or quantize the file (minutes for a 7B model)
+            self.send({"op": "load", "llm": llm, "models_dir": str(models_dir)})
+            reply = self.receive(timeout_s=None)
         except BaseException:
             self.close()
             raise
@@ -93,15 +111,39 @@ class LlmProcess:
             except (BrokenPipeError, ValueError, OSError):
                 pass  # dead: the next read says how it died
 
-    def receive(self) -> dict[str, Any]:
-        line = self._child.stdout.readline()
-        if not line:
-            raise self._crashed()
-        message = json.loads(line)
+    def receive(self, timeout_s: float | Literal["default"] | None = "default") -> dict[str, Any]:
+        """The worker's next message; silence past ``timeout_s`` (default: the server's
+        ``llm.worker_timeout_s``) kills it as hung."""
+        limit = self.timeout_s if timeout_s == "default" else timeout_s
+        message = json.loads(self._read_line(limit))
         if "error" in message:
             error = message["error"]
             raise UserError(error) if message.get("user") else WorkerFailed(error)
         return message
+
+    def _read_line(self, timeout_s: float | None) -> bytes:
+        """The worker's next line; EOF is a crash, silence past ``timeout_s`` a hang."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        fd = self._child.stdout.fileno()
+        while (end := self._unread.find(b"\n")) < 0:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not select.select([fd], [], [], wait)[0]:
+                raise self._hung(timeout_s)
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise self._crashed()
+            self._unread += chunk
+        line = bytes(self._unread[: end + 1])
+        del self._unread[: end + 1]
+        return line
+
+    def _hung(self, timeout_s: float | None) -> WorkerTimedOut:
+        self._child.kill()
+        self._child.wait()
+        return WorkerTimedOut(
+            f"the model worker for {self.label} did not answer within {timeout_s:g} s "
+            "(llm.worker_timeout_s) and was killed"
+        )
 
     def call(self, message: dict[str, Any]) -> dict[str, Any]:
         self.send(message)

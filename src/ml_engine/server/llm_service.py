@@ -151,6 +151,7 @@ class LlmService:
         files: Sequence[Path] = (),
         cache_mb: float | None = None,
         log_dir: Path | None = None,
+        worker_timeout_s: float | None = None,
         metrics: ServerMetrics | None = None,
     ) -> None:
         self.models_dir, self.config_name = models_dir, config_name
@@ -165,6 +166,7 @@ class LlmService:
         self._load_locks: dict[tuple[Any, ...], threading.Lock] = {}
         self.cache_bytes = None if cache_mb is None else int(cache_mb * 1024 * 1024)
         self.log_dir = log_dir or models_dir / "llm_workers"
+        self.worker_timeout_s = worker_timeout_s
         self._defaults: dict[str, tuple[str | None, int | None, int | None]] = {}
         # (model, quantization) → (loaded, error): what the last load of that file did
         self._tried: dict[tuple[str, str | None], tuple[bool, str | None]] = {}
@@ -339,7 +341,13 @@ class LlmService:
             self.peak_workers = max(self.peak_workers, self._live_workers)
         try:
             node = OmegaConf.to_container(llm, resolve=True)
-            process = LlmProcess(node, self.models_dir, log_path, self._label(key.model, llm))
+            process = LlmProcess(
+                node,
+                self.models_dir,
+                log_path,
+                self._label(key.model, llm),
+                timeout_s=self.worker_timeout_s,
+            )
         except (UserError, WorkerCrashed) as exc:
             self._worker_gone()
             if isinstance(exc, WorkerCrashed):

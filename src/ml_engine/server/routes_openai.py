@@ -27,7 +27,12 @@ from pydantic import Field
 from ml_engine.errors import UserError
 from ml_engine.server.errors import ApiError, openai_error
 from ml_engine.server.guards import check_range, require_json
-from ml_engine.server.llm_process import ProcessStream, WorkerCrashed, WorkerFailed
+from ml_engine.server.llm_process import (
+    ProcessStream,
+    WorkerCrashed,
+    WorkerFailed,
+    WorkerTimedOut,
+)
 from ml_engine.server.llm_service import LlmKey, LlmService, _Loaded
 from ml_engine.server.schemas import Name, StrictBody
 from ml_engine.server.state import ServerState
@@ -229,6 +234,8 @@ async def _start(state: ServerState, model: str, sampling: dict, stops: list, **
 def _stream_error(exc: Exception) -> dict[str, Any]:
     if isinstance(exc, UserError):
         return openai_error(str(exc), 400)
+    if isinstance(exc, WorkerTimedOut):
+        return openai_error(str(exc), 504, "worker_timeout")
     if isinstance(exc, WorkerCrashed):
         return openai_error(str(exc), 502, "worker_crashed")
     if isinstance(exc, WorkerFailed):

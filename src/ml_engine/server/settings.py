@@ -67,6 +67,7 @@ class Settings:
     llm_models: tuple[str, ...] | None = None
     llm_cache_size: int = 2
     llm_cache_mb: float | None = None
+    llm_worker_timeout_s: float | None = 300.0
     llm_produce_missing: bool = False
     llm_exports_dir: Path | None = None
     llm_files: tuple[Path, ...] = ()
@@ -108,6 +109,16 @@ def _megabytes(value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise UserError(f"llm.cache_mb={value!r} is not valid; expected megabytes > 0 or null")
+    return float(value)
+
+
+def _worker_timeout(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise UserError(
+            f"llm.worker_timeout_s={value!r} is not valid; expected seconds > 0 or null"
+        )
     return float(value)
 
 
@@ -199,6 +210,7 @@ def load_settings(cfg: DictConfig) -> Settings:
         llm_models=_names(llm.get("models")),
         llm_cache_size=int(llm.get("cache_size", 2)),
         llm_cache_mb=_megabytes(llm.get("cache_mb")),
+        llm_worker_timeout_s=_worker_timeout(llm.get("worker_timeout_s", 300.0)),
         llm_produce_missing=bool(llm.get("produce_missing", False)),
         llm_exports_dir=(
             Path(llm["exports_dir"]).expanduser().resolve() if llm.get("exports_dir") else None
