@@ -124,6 +124,19 @@ def test_training_curves_keep_every_point_and_hparams_carry_final_metrics(make_c
         val_acc = server.scalars("tensorboard", "val/acc")
         assert val_acc[-1][1] == pytest.approx(metrics["val/acc"])
         final = server.hparams_metrics()
+        served_train_acc = [value for _, value in server.scalars("tensorboard", "train/acc")]
+
+    # the server's UI charts a CLI run from the same event files, as TensorBoard served them
+    from ml_engine.server.charts import read_curves
+
+    charted = read_curves(tmp_path)
+    assert charted["source"] == "tensorboard"
+    assert charted["step"]["x"] == [step for step, _ in loss_steps]
+    assert charted["step"]["series"]["train/loss_step"] == pytest.approx([v for _, v in loss_steps])
+    assert charted["epoch"]["x"] == [1, 2]
+    assert charted["epoch"]["series"]["val/acc"] == pytest.approx([v for _, v in val_acc])
+    assert charted["epoch"]["series"]["train/acc"] == pytest.approx(served_train_acc)
+    assert not any(name.startswith(("test/", "hp/")) for name in charted["epoch"]["series"])
     assert final["hp/test/acc"] == pytest.approx(metrics["test/acc"])
     assert final["hp/val/acc_best"] == pytest.approx(metrics["val/acc_best"])
     assert final["hp/val/acc_best"] == pytest.approx(max(value for _, value in val_acc))

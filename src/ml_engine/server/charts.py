@@ -94,10 +94,43 @@ def _from_csv(run_dir: Path) -> dict[str, dict[int, dict[str, float]]] | None:
     return points
 
 
+def _from_tensorboard(run_dir: Path) -> dict[str, dict[int, dict[str, float]]] | None:
+    """The TensorBoard logger's event files under ``tensorboard/`` (a ``python train.py`` run's
+    default logger), read with TensorBoard's own reader: ``*_step`` tags are step points; the
+    others become epoch points through Lightning's ``epoch`` scalar logged at the same step."""
+    folder = run_dir / "tensorboard"
+    files = sorted(folder.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        return None
+    from tensorboard.backend.event_processing.event_accumulator import (
+        SCALARS,
+        EventAccumulator,
+    )
+
+    events = EventAccumulator(str(files[-1].parent), size_guidance={SCALARS: 0})
+    events.Reload()
+    tags = events.Tags().get("scalars", [])
+    epoch_at = {e.step: int(e.value) for e in events.Scalars("epoch")} if "epoch" in tags else {}
+    points: dict[str, dict[int, dict[str, float]]] = {"step": {}, "epoch": {}}
+    for tag in tags:
+        if tag == "epoch" or tag.startswith(("hp/", "test/")) or tag.endswith("_best"):
+            continue
+        for event in events.Scalars(tag):
+            if finite_or_none(event.value) is None:
+                continue
+            if tag.endswith(STEP_SUFFIX):
+                points["step"].setdefault(event.step, {})[tag] = float(event.value)
+            elif event.step in epoch_at:
+                points["epoch"].setdefault(epoch_at[event.step] + 1, {})[tag] = float(event.value)
+    return points
+
+
 def read_curves(run_dir: Path) -> dict[str, Any]:
     """A run's per-step and per-epoch series, from the job progress callback's
-    ``curves.jsonl`` or else the CSV logger's file; empty series when neither exists."""
-    for source, reader in (("progress", _from_progress), ("csv", _from_csv)):
+    ``curves.jsonl``, else the CSV logger's file, else the TensorBoard logger's event files;
+    empty series when none exists."""
+    readers = (("progress", _from_progress), ("csv", _from_csv))
+    for source, reader in (*readers, ("tensorboard", _from_tensorboard)):
         try:
             points = reader(run_dir)
         except (OSError, ValueError):
