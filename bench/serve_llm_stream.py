@@ -7,15 +7,18 @@ generation in-process: what the crash isolation costs a streaming client.
 
 Both sides run the same greedy generation of ``--tokens`` tokens on the same file; the rate is
 pieces after the first / seconds from the first piece to the last (the generation phase, as a
-client sees it). The server runs in this process (uvicorn in a thread), its model in a worker.
-Prints both medians and their ratio.
+client sees it). The server runs in this process (uvicorn in a thread), its model in a worker,
+and the client in a process of its own, as a real client is (in this process it would take the
+server's GIL for its own parsing of every event). Prints both medians and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,9 +50,12 @@ def in_process(path: Path, prompt: str, sampling: dict, n_ctx: int) -> float:
     return rate(stamps)
 
 
-def through_server(http: httpx.Client, body: dict) -> float:
+def streamed_rate(url: str, body: dict) -> float:
     stamps = []
-    with http.stream("POST", "/llm/generate", json=body) as response:
+    with (
+        httpx.Client(base_url=url, timeout=300) as http,
+        http.stream("POST", "/llm/generate", json=body) as response,
+    ):
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith("event: token"):
@@ -57,12 +63,27 @@ def through_server(http: httpx.Client, body: dict) -> float:
     return rate(stamps)
 
 
+def through_server(url: str, body: dict) -> float:
+    """One streamed generation read by a client process of its own."""
+    done = subprocess.run(
+        [sys.executable, __file__, "--client", url, json.dumps(body)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--large", action="store_true", help="tiny.yaml's benchmark shape")
+    parser.add_argument("--client", nargs=2, metavar=("URL", "BODY"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.client:  # the client process: print the rate it saw
+        print(streamed_rate(args.client[0], json.loads(args.client[1])))
+        return
 
     from ml_engine.llm.models import ensure_model_file
     from ml_engine.server import create_app
@@ -91,11 +112,11 @@ def main() -> None:
             **sampling,
         }
         served, direct = [], []
-        with live_server(app) as url, httpx.Client(base_url=url, timeout=300) as http:
-            through_server(http, body)  # load the worker, warm up
+        with live_server(app) as url:
+            through_server(url, body)  # load the worker, warm up
             in_process(path, prompt, sampling, n_ctx)
             for _ in range(args.repeats):  # interleaved: a busy machine slows both alike
-                served.append(through_server(http, body))
+                served.append(through_server(url, body))
                 direct.append(in_process(path, prompt, sampling, n_ctx))
     served_rate, direct_rate = statistics.median(served), statistics.median(direct)
     print(f"model: {path.name}, {args.tokens} tokens, {args.repeats} repeats, medians")
