@@ -105,6 +105,26 @@ def test_random_affine_moves_pixels_but_keeps_shape_and_range() -> None:
     assert (moved - images).abs().sum() > 1.0
 
 
+def test_elastic_distortion_bends_strokes_smoothly_and_is_off_at_zero() -> None:
+    from ml_engine.training.augment import augment_batch, elastic_displacement
+
+    images = torch.zeros(8, 1, 28, 28)
+    images[:, :, 4:24, 13:15] = 1.0  # a vertical stroke
+    torch.manual_seed(0)
+    field = elastic_displacement(images, alpha=34.0, sigma=4.0) * 14  # in pixels
+    assert field.shape == (8, 28, 28, 2)
+    # a smooth field: neighbours move nearly alike, the whole moves by about a pixel
+    assert 0.3 < field.std() < 3.0
+    assert (field[:, 1:] - field[:, :-1]).abs().mean() < 0.2 * field.abs().mean()
+    torch.manual_seed(0)
+    bent = augment_batch(images, {"elastic_alpha": 34.0})
+    assert bent.shape == images.shape and bent.min() >= 0 and bent.max() <= 1
+    assert (bent - images).abs().sum() > 1.0
+    torch.manual_seed(0)
+    still = augment_batch(images, {"elastic_alpha": 0.0})  # nothing else asked for either
+    assert torch.allclose(still, images, atol=1e-6)
+
+
 def test_auto_falls_back_to_bundled_with_one_warning_line(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
