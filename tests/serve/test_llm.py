@@ -76,6 +76,53 @@ def test_generate_tiny_gguf_streams_the_same_text(client) -> None:
     assert streamed == events[-1][1]["output"] == whole
 
 
+def test_pieces_sent_together_still_stream_one_token_event_each(
+    make_client, models_dir, tmp_path: Path
+) -> None:
+    body = {"model": "tiny", "prompt": "Hello", "max_tokens": 40, "temperature": 0}
+    streams = []
+    for interval_ms in (0, 1000):  # a message per token; all but the first in one message
+        client = make_client(
+            **{
+                "paths.models_dir": str(models_dir),
+                "llm.stream_interval_ms": interval_ms,
+                "jobs_db": str(tmp_path / f"jobs-{interval_ms}.sqlite"),  # a server each
+            }
+        )
+        whole = client.post("/llm/generate", json=body).json()
+        with client.stream("POST", "/llm/generate", json={**body, "stream": True}) as response:
+            events = sse_events(response.read().decode())
+        tokens = [d["token"] for kind, d in events if kind == "token"]
+        assert "".join(tokens) == events[-1][1]["output"] == whole["output"]
+        assert whole["completion_tokens"] == 40
+        streams.append(tokens)
+    # the same pieces, one event each (a token whose bytes end mid-character has none alone)
+    assert streams[0] == streams[1] and len(streams[0]) > 30
+
+
+def test_the_worker_sends_the_first_piece_at_once_then_a_message_per_interval() -> None:
+    from ml_engine.server.llm_worker import Worker
+
+    class Pieces:
+        def piece(self, token: int) -> bytes:
+            return f"<{token}>".encode()
+
+    class NoRequests:
+        def next(self, block: bool = True) -> None:
+            return None
+
+    def sent(interval_s: float) -> list[dict]:
+        worker = Worker(out_fd=-1, requests=NoRequests())  # type: ignore[arg-type]
+        worker.backend, messages = Pieces(), []
+        worker.send = messages.append  # type: ignore[method-assign]
+        produced, cancelled = worker._relay((t for t in range(5)), True, interval_s)
+        assert produced == [0, 1, 2, 3, 4] and not cancelled
+        return messages
+
+    assert sent(0.0) == [{"t": f"<{i}>"} for i in range(5)]
+    assert sent(60.0) == [{"t": "<0>"}, {"ts": ["<1>", "<2>", "<3>", "<4>"]}]
+
+
 def test_llm_models_lists_quantizations_on_disk(client) -> None:
     client.post("/llm/generate", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
     body = client.get("/llm/models").json()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -71,8 +72,10 @@ class LlmProcess:
         log_path: Path,
         label: str,
         timeout_s: float | None = None,
+        stream_interval_ms: float = 0.0,
     ) -> None:
         self.label, self.log_path, self.timeout_s = label, log_path, timeout_s
+        self.stream_interval_ms = stream_interval_ms
         log_path.parent.mkdir(parents=True, exist_ok=True)
         env = worker_env()
         env["GGML_NO_BACKTRACE"] = "1"  # ggml would attach gdb to print a backtrace on abort
@@ -223,6 +226,7 @@ class ProcessStream:
         self, process: LlmProcess, prompt: str | None, options: dict[str, Any], stream: bool
     ) -> None:
         self._process, self._finished = process, False
+        self._pieces: deque[str] = deque()  # of a message holding several
         self.stats: dict[str, Any] | None = None
         request = {
             "op": "generate",
@@ -232,6 +236,7 @@ class ProcessStream:
             "n_ctx": options.get("n_ctx"),
             "sampling": {name: options[name] for name in _SAMPLING if name in options},
             "stream": stream,
+            "stream_interval_ms": process.stream_interval_ms,
         }
         try:
             self.start = process.call(request)
@@ -243,6 +248,8 @@ class ProcessStream:
         return self
 
     def __next__(self) -> str:
+        if self._pieces:
+            return self._pieces.popleft()
         if self._finished:
             raise StopIteration
         try:
@@ -252,6 +259,9 @@ class ProcessStream:
             raise
         if "t" in message:
             return message["t"]
+        if "ts" in message:
+            self._pieces.extend(message["ts"][1:])
+            return message["ts"][0]
         self._finished, self.stats = True, message
         raise StopIteration
 

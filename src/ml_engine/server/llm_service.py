@@ -152,6 +152,7 @@ class LlmService:
         cache_mb: float | None = None,
         log_dir: Path | None = None,
         worker_timeout_s: float | None = None,
+        stream_interval_ms: float = 0.0,
         metrics: ServerMetrics | None = None,
     ) -> None:
         self.models_dir, self.config_name = models_dir, config_name
@@ -167,6 +168,7 @@ class LlmService:
         self.cache_bytes = None if cache_mb is None else int(cache_mb * 1024 * 1024)
         self.log_dir = log_dir or models_dir / "llm_workers"
         self.worker_timeout_s = worker_timeout_s
+        self.stream_interval_ms = stream_interval_ms
         self._defaults: dict[str, tuple[str | None, int | None, int | None]] = {}
         # (model, quantization) → (loaded, error): what the last load of that file did
         self._tried: dict[tuple[str, str | None], tuple[bool, str | None]] = {}
@@ -347,6 +349,7 @@ class LlmService:
                 log_path,
                 self._label(key.model, llm),
                 timeout_s=self.worker_timeout_s,
+                stream_interval_ms=self.stream_interval_ms,
             )
         except (UserError, WorkerCrashed) as exc:
             self._worker_gone()

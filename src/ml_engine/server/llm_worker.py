@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import os
 import select
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -105,7 +107,8 @@ class Worker:
         self.send({"start": True, "prompt_tokens": len(ids), "chat_template": template})
         record = Generation(load_s=backend.load_s)
         tokens = backend.generate_ids(ids, sampling, record)
-        produced, cancelled = self._relay(tokens, bool(request.get("stream")))
+        interval_s = float(request.get("stream_interval_ms") or 0.0) / 1000
+        produced, cancelled = self._relay(tokens, bool(request.get("stream")), interval_s)
         done = {
             "done": True,
             "prompt_tokens": len(ids),
@@ -117,23 +120,41 @@ class Worker:
             done["text"] = backend.detokenize(produced)
         self.send(done)
 
-    def _relay(self, tokens: Iterator[int], stream: bool) -> tuple[list[int], bool]:
-        """Pass the tokens on as text pieces; stop at a ``cancel`` waiting between two tokens."""
+    def _relay(
+        self, tokens: Iterator[int], stream: bool, interval_s: float = 0.0
+    ) -> tuple[list[int], bool]:
+        """Pass the tokens on as text pieces, the first at once, then the pieces made since
+        the last message at most every ``interval_s`` (one message, ``{"ts": [...]}``, per
+        interval instead of one per token: on a small machine each message wakes the server and
+        the client on the cores llama.cpp decodes on). Stops at a ``cancel`` waiting between
+        two tokens."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         produced: list[int] = []
+        pieces: list[str] = []
+        clock, sent_at = time.monotonic, -math.inf
         try:
             for token in tokens:
                 produced.append(token)
                 if stream and (text := decoder.decode(self.backend.piece(token))):
-                    self.send({"t": text})
+                    pieces.append(text)
+                    if clock() - sent_at >= interval_s:
+                        self._send_pieces(pieces)
+                        sent_at = clock()
                 waiting = self.requests.next(block=False)
                 if waiting is not None and waiting.get("op") == "cancel":
+                    self._send_pieces(pieces)
                     return produced, True
         finally:
             tokens.close()  # type: ignore[attr-defined]
         if stream and (tail := decoder.decode(b"", final=True)):
-            self.send({"t": tail})
+            pieces.append(tail)
+        self._send_pieces(pieces)
         return produced, False
+
+    def _send_pieces(self, pieces: list[str]) -> None:
+        if pieces:
+            self.send({"t": pieces[0]} if len(pieces) == 1 else {"ts": list(pieces)})
+            pieces.clear()
 
     def serve(self) -> None:
         while True:

@@ -68,6 +68,7 @@ class Settings:
     llm_cache_size: int = 2
     llm_cache_mb: float | None = None
     llm_worker_timeout_s: float | None = 300.0
+    llm_stream_interval_ms: float = 20.0
     llm_produce_missing: bool = False
     llm_exports_dir: Path | None = None
     llm_files: tuple[Path, ...] = ()
@@ -118,6 +119,14 @@ def _worker_timeout(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise UserError(
             f"llm.worker_timeout_s={value!r} is not valid; expected seconds > 0 or null"
+        )
+    return float(value)
+
+
+def _stream_interval(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1000:
+        raise UserError(
+            f"llm.stream_interval_ms={value!r} is not valid; expected milliseconds in [0, 1000]"
         )
     return float(value)
 
@@ -211,6 +220,7 @@ def load_settings(cfg: DictConfig) -> Settings:
         llm_cache_size=int(llm.get("cache_size", 2)),
         llm_cache_mb=_megabytes(llm.get("cache_mb")),
         llm_worker_timeout_s=_worker_timeout(llm.get("worker_timeout_s", 300.0)),
+        llm_stream_interval_ms=_stream_interval(llm.get("stream_interval_ms", 20.0)),
         llm_produce_missing=bool(llm.get("produce_missing", False)),
         llm_exports_dir=(
             Path(llm["exports_dir"]).expanduser().resolve() if llm.get("exports_dir") else None

@@ -81,6 +81,7 @@ class ServerState:
                 settings.llm_files,
                 cache_mb=settings.llm_cache_mb,
                 worker_timeout_s=settings.llm_worker_timeout_s,
+                stream_interval_ms=settings.llm_stream_interval_ms,
                 # a crashed worker's log stays here, next to the jobs database
                 log_dir=settings.jobs_db.parent / "llm_workers",
                 metrics=metrics,
