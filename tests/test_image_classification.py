@@ -65,6 +65,15 @@ def write_digit_folder(
     return root
 
 
+def flatten_to_photos(class_folder: Path, photos: Path) -> Path:
+    """The images of a class folder moved into one folder, named ``<class>_<file>``: what a
+    user hands predict.py."""
+    photos.mkdir()
+    for path in sorted(class_folder.rglob("*.png")):
+        path.rename(photos / f"{path.parent.name}_{path.name}")
+    return photos
+
+
 @pytest.fixture
 def digits(bundled_digits) -> tuple[np.ndarray, np.ndarray]:
     return bundled_digits
@@ -98,10 +107,7 @@ def test_image_folder_trains_and_predicts_class_names(make_cfg, tmp_path: Path, 
     assert spec["mean"][0] == pytest.approx(0.13, abs=0.03)  # measured on the training split
 
     unseen = write_digit_folder(tmp_path / "unseen", digits, per_class=2, offset=400)
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for path in unseen.rglob("*.png"):
-        path.rename(photos / f"{path.parent.name}_{path.name}")
+    photos = flatten_to_photos(unseen, tmp_path / "photos")
     output = tmp_path / "preds.csv"
     result = run_entrypoint(
         "predict.py",

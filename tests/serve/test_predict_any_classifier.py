@@ -9,7 +9,11 @@ from pathlib import Path
 from ml_engine.run.files import read_job_record
 from tests.conftest import run_entrypoint
 from tests.serve.conftest import JOB_OVERRIDES
-from tests.test_image_classification import FAST_TRAINING, write_digit_folder
+from tests.test_image_classification import (
+    FAST_TRAINING,
+    flatten_to_photos,
+    write_digit_folder,
+)
 
 
 def test_rgb_image_folder_model_predicts_like_predict_py(
@@ -34,10 +38,7 @@ def test_rgb_image_folder_model_predicts_like_predict_py(
     unseen = write_digit_folder(
         tmp_path / "unseen", bundled_digits, per_class=1, rgb=True, offset=400
     )
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for path in sorted(unseen.rglob("*.png")):
-        path.rename(photos / f"{path.parent.name}_{path.name}")
+    photos = flatten_to_photos(unseen, tmp_path / "photos")
     output = tmp_path / "preds.csv"
     predicted = run_entrypoint(
         "predict.py",

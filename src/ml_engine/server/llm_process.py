@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from ml_engine.errors import UserError
 from ml_engine.llm.isolation import describe_exit, worker_env
@@ -96,7 +96,7 @@ class LlmProcess:
         try:
             # unbounded: a load may first write or quantize the file (minutes for a 7B model)
             self.send({"op": "load", "llm": llm, "models_dir": str(models_dir)})
-            reply = self.receive(timeout_s=None)
+            reply = self.receive(bounded=False)
         except BaseException:
             self.close()
             raise
@@ -114,11 +114,10 @@ class LlmProcess:
             except (BrokenPipeError, ValueError, OSError):
                 pass  # dead: the next read says how it died
 
-    def receive(self, timeout_s: float | Literal["default"] | None = "default") -> dict[str, Any]:
-        """The worker's next message; silence past ``timeout_s`` (default: the server's
-        ``llm.worker_timeout_s``) kills it as hung."""
-        limit = self.timeout_s if timeout_s == "default" else timeout_s
-        message = json.loads(self._read_line(limit))
+    def receive(self, bounded: bool = True) -> dict[str, Any]:
+        """The worker's next message; when ``bounded``, silence past the server's
+        ``llm.worker_timeout_s`` kills it as hung."""
+        message = json.loads(self._read_line(self.timeout_s if bounded else None))
         if "error" in message:
             error = message["error"]
             raise UserError(error) if message.get("user") else WorkerFailed(error)
