@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +164,19 @@ def test_torchvision_layout_is_read_with_official_test_set(tmp_path: Path, bundl
 def test_unknown_source_names_the_accepted_ones(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="accepted: auto, torchvision, bundled"):
         load_digits("kaggle", tmp_path, 0.05, 0.05, seed=1)
+
+
+@pytest.mark.parametrize(
+    ("augment", "message"),
+    [
+        ({"elastic_alfa": 3}, "unknown datamodule.augment key 'elastic_alfa'; accepted: hflip,"),
+        ({"elastic_alpha": "abc"}, "datamodule.augment.elastic_alpha='abc' is not valid; exp"),
+        ({"scale": [1.1, 0.9]}, "datamodule.augment.scale=[1.1, 0.9] is not valid; expected ["),
+        ({"elastic_sigma": 0}, "datamodule.augment.elastic_sigma=0 is not valid; expected a n"),
+    ],
+)
+def test_a_bad_augment_node_is_one_line_before_training(augment: dict, message: str) -> None:
+    from ml_engine.errors import UserError
+
+    with pytest.raises(UserError, match="^" + re.escape(message)):
+        MNISTDataModule(source="bundled", augment=augment)

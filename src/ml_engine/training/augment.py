@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ml_engine.errors import UserError
+
+AUGMENT_KEYS = ("hflip", "degrees", "translate", "scale", "elastic_alpha", "elastic_sigma")
+
 
 def random_affine(
     images: Tensor,
@@ -63,6 +67,42 @@ def random_hflip(images: Tensor) -> Tensor:
     """Mirror a random half of the batch left to right."""
     flip = torch.rand(images.shape[0], device=images.device) < 0.5
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+def checked_augment(augment: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``datamodule.augment`` refused in one line when a key is unknown or a value is not a
+    number of the right range, before any training starts."""
+    if not augment:
+        return None
+    settings = dict(augment)
+    for key, value in settings.items():
+        if key not in AUGMENT_KEYS:
+            raise UserError(
+                f"unknown datamodule.augment key '{key}'; accepted: {', '.join(AUGMENT_KEYS)}"
+            )
+        if key == "hflip":
+            valid = isinstance(value, bool)
+        elif key == "scale":
+            valid = (
+                isinstance(value, (list, tuple))
+                and len(value) == 2
+                and all(_is_number(v) and v > 0 for v in value)
+                and value[0] <= value[1]
+            )
+        else:
+            valid = _is_number(value) and value >= 0 and (key != "elastic_sigma" or value > 0)
+        if not valid:
+            expected = {
+                "hflip": "true or false",
+                "scale": "[low, high] with 0 < low ≤ high",
+                "elastic_sigma": "a number > 0",
+            }.get(key, "a number ≥ 0")
+            raise UserError(f"datamodule.augment.{key}={value!r} is not valid; expected {expected}")
+    return settings
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def augment_batch(

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ml_engine.training.augment import augment_batch
+from ml_engine.training.augment import augment_batch, checked_augment
 from ml_engine.training.data_sources import DigitSplits, load_digits
 from ml_engine.training.image_data import mnist_spec
 from ml_engine.training.module import plain_container
@@ -110,7 +110,7 @@ class MNISTDataModule(L.LightningDataModule):
         test_fold: int = 0,
     ) -> None:
         super().__init__()
-        self.augment = plain_container(augment) if augment else None
+        self.augment = checked_augment(plain_container(augment) if augment else None)
         # plain containers only: checkpoints must load with torch's weights-only unpickler
         self.save_hyperparameters(
             {

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ml_engine.errors import UserError
-from ml_engine.training.augment import augment_batch
+from ml_engine.training.augment import augment_batch, checked_augment
 from ml_engine.training.data_sources import stratified_split
 from ml_engine.training.datamodules import BatchIndexedDataset, ShardedBatchSampler
 from ml_engine.training.image_data import (
@@ -84,7 +84,7 @@ class ImageClassDataModule(L.LightningDataModule):
         split_seed: int = 12345,
     ) -> None:
         super().__init__()
-        self.augment = plain_container(augment) if augment else None
+        self.augment = checked_augment(plain_container(augment) if augment else None)
         self.splits: dict[str, ImageSplit] | None = None
         self.class_names: list[str] = []
         self.channels = 0
