@@ -28,8 +28,25 @@ def test_builtin_networks_are_registered_and_classify_digits() -> None:
 
 
 def test_cnn_mnist_stays_small() -> None:
+    # the constructor's defaults are the original net, so that older checkpoints rebuild
     net = registry.build_network("cnn_mnist")
     assert 30_000 < sum(p.numel() for p in net.parameters()) < 40_000
+    configured = dict(compose_config("train", []).model.net)
+    net = registry.build_network(configured.pop("name"), **configured)
+    assert 95_000 < sum(p.numel() for p in net.parameters()) < 110_000
+    # the pooled head takes any image size and channel count
+    colour = registry.build_network("cnn_mnist", in_channels=3, pooled_size=3, num_classes=4)
+    assert colour(torch.zeros(2, 3, 40, 52)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("override", ["model.net.pooled_size=0", "model.net.last_convs=1.5"])
+def test_cnn_mnist_bad_head_argument_is_one_line(override: str) -> None:
+    from ml_engine.errors import UserError
+
+    configured = dict(compose_config("train", [override]).model.net)
+    key = override.split("=")[0]
+    with pytest.raises(UserError, match=rf"^{re.escape(key)}=.* expected an integer ≥ 1$"):
+        registry.build_network(configured.pop("name"), **configured)
 
 
 def test_unknown_name_lists_the_registered_ones() -> None:
@@ -171,14 +188,16 @@ def test_readme_plugin_example_trains_with_only_its_own_arguments(tmp_path: Path
     )
     assert renamed.returncode == 1
     lines = renamed.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: network 'my_net' takes no widths, dropout")
+    assert lines[-1].startswith(
+        "error: network 'my_net' takes no widths, last_convs, pooled_size, dropout"
+    )
     assert "model/net=my_net" in lines[-1] and "Traceback" not in renamed.stderr
 
 
 def test_network_options_carry_only_their_own_arguments() -> None:
     cnn = compose_config("train", ["model=cnn_mnist"]).model.net
     mlp_in_cnn = compose_config("train", ["model=cnn_mnist", "model/net=mlp_mnist"]).model
-    assert set(cnn) == {"name", "widths", "dropout"}
+    assert set(cnn) == {"name", "widths", "last_convs", "pooled_size", "dropout"}
     assert dict(mlp_in_cnn.net) == {"name": "mlp_mnist", "hidden_sizes": [256, 128], "dropout": 0.2}
     assert mlp_in_cnn.optimizer.lr == 0.003  # the rest of model=cnn_mnist stays
 

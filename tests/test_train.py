@@ -50,15 +50,41 @@ def test_short_training_learns_and_keeps_the_best_checkpoint(make_cfg, tmp_path:
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert sorted(p.name for p in best.parent.iterdir()) == ["best.ckpt", "last.ckpt"]
     state = torch.load(best, map_location="cpu", weights_only=True)
-    callback_state = next(v for k, v in state["callbacks"].items() if "ModelCheckpoint" in k)
     val_history = _csv_column(tmp_path, "val/acc")
-    assert float(callback_state["best_model_score"]) == pytest.approx(max(val_history))
     assert metrics["val/acc_best"] == pytest.approx(max(val_history))
+    # no monitor (Lightning's default): best.ckpt is the network after the last epoch
+    assert state["epoch"] == len(val_history) - 1 == 2
 
     restored = ClassifierModule.load_from_checkpoint(best)  # from the checkpoint alone
     assert restored.hparams.net["name"] == "mlp_mnist"
     # the original engine's safety net: channel-less batches are reshaped
     assert restored(torch.zeros(4, 28, 28)).shape == (4, 10)
+
+
+@pytest.mark.parametrize(("later_wins_ties", "kept_epoch"), [(True, 2), (False, 0)])
+def test_best_checkpoint_of_tied_epochs(tmp_path: Path, later_wins_ties: bool, kept_epoch: int):
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from ml_engine.training.callbacks import AtomicModelCheckpoint
+
+    class SameScoreEveryEpoch(BoringModel):
+        def on_validation_epoch_end(self) -> None:
+            self.log("val/acc", 0.5)
+
+    checkpoint = AtomicModelCheckpoint(
+        dirpath=tmp_path, filename="best", monitor="val/acc", mode="max",
+        enable_version_counter=False, later_wins_ties=later_wins_ties,
+    )  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=3, limit_train_batches=2, limit_val_batches=1, callbacks=[checkpoint],
+        logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(SameScoreEveryEpoch())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt"]
+    saved = torch.load(tmp_path / "best.ckpt", map_location="cpu", weights_only=False)
+    assert saved["epoch"] == kept_epoch
 
 
 def _csv_column(run_dir: Path, column: str) -> list[float]:
