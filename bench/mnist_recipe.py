@@ -4,12 +4,14 @@ The official 10k MNIST test set needs the real data; without it, each recipe is 
 ``train.py`` on the 5,000 bundled digits, once per fold of a stratified k-fold partition
 (``datamodule.folds``/``datamodule.test_fold``, partition seeded by ``--split-seed``): fold k is
 the test split (1,000 digits for 5 folds), 5 % of each class of the rest validates, the rest
-(3,750; 4,250 for 10 folds, near a default run's 4,500) trains. Every recipe sees the same folds
-and the same training seed per fold (seed = fold + 1, or ``--seed`` for all), so over the folds
-every digit is tested once per recipe and the differences are paired by fold. Printed: each run, then a table with each recipe's accuracy over all tested
-digits, its mean ± standard error over folds and the paired difference to ``old``.
+(3,750; 4,250 for 10 folds, near a default run's 4,500) trains. Every recipe sees the same
+folds and the same training seed per fold (seed = fold + 1, or ``--seed`` for all), so over the
+folds every digit is tested once per recipe and the differences are paired by fold. Printed:
+each run, then a table with each recipe's accuracy over all tested digits, its mean ± standard
+error over folds and the paired difference to ``old``.
 
-    python bench/mnist_recipe.py [--folds 5] [--recipes old new] [--epochs 15] [--seed S] [--no-reference]
+    python bench/mnist_recipe.py [--folds 5] [--recipes old new] [--epochs 15] [--seed S]
+    python bench/mnist_recipe.py --folds 10 --recipes new --no-reference
 """
 
 from __future__ import annotations
