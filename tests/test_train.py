@@ -87,6 +87,14 @@ def test_best_checkpoint_of_tied_epochs(tmp_path: Path, later_wins_ties: bool, k
     assert saved["epoch"] == kept_epoch
 
 
+def test_later_wins_ties_takes_only_true_or_false(tmp_path: Path) -> None:
+    from ml_engine.errors import UserError
+    from ml_engine.training.callbacks import AtomicModelCheckpoint
+
+    with pytest.raises(UserError, match=r"later_wins_ties='maybe' is not valid; expected true or"):
+        AtomicModelCheckpoint(dirpath=tmp_path, later_wins_ties="maybe")
+
+
 def _csv_column(run_dir: Path, column: str) -> list[float]:
     import csv
 

@@ -35,6 +35,11 @@ class AtomicModelCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, *args: Any, later_wins_ties: bool = False, **kwargs: Any) -> None:
+        if not isinstance(later_wins_ties, bool):
+            raise UserError(
+                f"callbacks.model_checkpoint.later_wins_ties={later_wins_ties!r} is not valid; "
+                "expected true or false"
+            )
         super().__init__(*args, **kwargs)
         self.later_wins_ties = later_wins_ties
 
