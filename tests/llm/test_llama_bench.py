@@ -10,11 +10,16 @@ import math
 import statistics
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ml_engine.errors import UserError
 from ml_engine.llm.backends import Sampling
-from ml_engine.llm.backends.llama_cpp import LlamaCppBackend, physical_core_count
+from ml_engine.llm.backends.llama_cpp import (
+    LlamaCppBackend,
+    penalized_argmax,
+    physical_core_count,
+)
 from ml_engine.llm.bench import llama_bench_stats, run_llama_bench
 from ml_engine.llm.generate import generate
 from ml_engine.llm.llama_bench_format import EXTRA_FIELDS, LLAMA_BENCH_FIELDS
@@ -119,14 +124,44 @@ def _chain_tokens(backend: LlamaCppBackend, prompt: str, sampling: Sampling) -> 
         lib.llama_sampler_free(chain)
 
 
-@pytest.mark.parametrize("penalty", [1.0, 1.5])
+@pytest.mark.parametrize("penalty", [1.0, 1.1, 1.5, 0.8])
 def test_greedy_without_the_chain_equals_llama_cpp_s_greedy(tiny_backend, penalty) -> None:
     sampling = Sampling(
-        max_tokens=32, temperature=0.0, top_k=40, top_p=0.95, repeat_penalty=penalty
+        max_tokens=48, temperature=0.0, top_k=40, top_p=0.95, repeat_penalty=penalty
     )
     ours = tiny_backend.generate("The quick brown fox", sampling)
     assert ours.tokens == _chain_tokens(tiny_backend, "The quick brown fox", sampling)
     assert ours.counters["n_sample"] == 0  # no chain ran
+
+
+def _eager_penalized_argmax(logits: np.ndarray, window: list[int], penalty: np.float32) -> int:
+    """The penalty on every distinct window token first, then the first maximum."""
+    logits = logits.copy()
+    if window:
+        seen = np.array(sorted(set(window)), dtype=np.intp)
+        values = logits[seen]
+        logits[seen] = np.where(values > 0, values / penalty, values * penalty)
+    return int(logits.argmax())
+
+
+def test_the_lazy_penalty_picks_what_the_eager_one_does() -> None:
+    rng = np.random.default_rng(0)
+    levels = np.array([-2, -1, -0.5, 0, 0.5, 1, 1.1, 2], dtype=np.float32)  # ties, zeros
+    in_window = 0
+    for case in range(4000):
+        n = int(rng.integers(2, 40))
+        if case % 2:
+            logits = levels[rng.integers(0, len(levels), n)]
+        else:
+            logits = rng.normal(size=n).astype(np.float32)
+        window = [int(t) for t in rng.integers(0, n, int(rng.integers(0, 12)))]
+        if case % 3 == 0:  # the raw maximum in the window: the lazy loop runs
+            window.append(int(logits.argmax()))
+        in_window += int(logits.argmax()) in window
+        penalty = np.float32((0.8, 1.0, 1.1, 1.5, 3.0)[case % 5])
+        expected = _eager_penalized_argmax(logits, window, penalty)
+        assert penalized_argmax(logits.copy(), window, penalty) == expected, (logits, window)
+    assert in_window > 1000
 
 
 def test_the_repeat_penalty_changes_greedy_tokens(tiny_backend) -> None:

@@ -11,7 +11,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -352,6 +352,37 @@ def physical_core_count(topology: Path = _CPU_TOPOLOGY) -> int:
 # --------------------------------------------------------------------------- llama.cpp backend
 
 
+def penalized_argmax(logits: np.ndarray, window: Collection[int], penalty: np.float32) -> int:
+    """The first maximum of ``logits`` after llama.cpp's repeat penalty on each distinct token
+    of ``window`` (logit / p when > 0, else logit × p, in float32), applied in place.
+
+    A penalty > 1 only lowers logits, so it is applied lazily: to the current maximum while
+    that is a window token not yet penalized, then the argmax is taken again. Where the first
+    maximum is a token outside the window (the usual case) that is one argmax and no numpy
+    indexing: the eager form's five array operations cost ~170 µs a token between two decodes
+    (every object cache-cold there), a quarter of a small model's per-token time outside
+    llama_decode. The result is the eager form's: the returned token's value is final and
+    every other token's current value is at least its final one, so it is the first maximum
+    of the fully penalized logits too (tests/llm/test_llama_bench.py)."""
+    if penalty < 1:  # raises logits: every window token can win, so all are penalized
+        distinct = set(window)
+        if distinct:
+            seen = np.fromiter(distinct, dtype=np.intp, count=len(distinct))
+            values = logits[seen]
+            logits[seen] = np.where(values > 0, values / penalty, values * penalty)
+        return int(logits.argmax())
+    token = int(logits.argmax())
+    if penalty == 1 or token not in window:
+        return token
+    penalized: set[int] = set()
+    while token in window and token not in penalized:
+        value = logits[token]
+        logits[token] = value / penalty if value > 0 else value * penalty
+        penalized.add(token)
+        token = int(logits.argmax())
+    return token
+
+
 @functools.cache
 def _logits_address_function() -> Callable[[Any, int], int | None]:
     """``llama_get_logits_ith`` returning the address as an int (None for NULL): a
@@ -676,7 +707,8 @@ class LlamaCppBackend(LlmBackend):
         model through the caches), so a Python step there costs several times its warm price:
         the logits address comes back as a plain int, the view over it is reused while the
         address stays, and the penalty is applied in place (the next decode overwrites the
-        buffer) rather than on a copy of the whole vocabulary."""
+        buffer) rather than on a copy of the whole vocabulary, and only to the tokens that
+        could win (``penalized_argmax``)."""
         ctx, n_vocab = self._ctx, self.n_vocab
         logits_address = _logits_address_function()
         penalty = np.float32(repeat_penalty)
@@ -690,12 +722,7 @@ class LlamaCppBackend(LlmBackend):
                     raise RuntimeError(f"llama_get_logits_ith failed: {last_llama_error()}")
                 buffer = (ctypes.c_float * n_vocab).from_address(address)
                 view[0], view[1] = address, np.frombuffer(buffer, dtype=np.float32)
-            logits = view[1]
-            if penalty != 1 and window:
-                seen = np.fromiter(set(window), dtype=np.intp, count=-1)
-                values = logits[seen]
-                logits[seen] = np.where(values > 0, values / penalty, values * penalty)
-            token = int(logits.argmax())
+            token = penalized_argmax(view[1], window, penalty)
             window.append(token)
             return token
 
