@@ -57,7 +57,8 @@ def baseline_round(cfg) -> float:
     images, labels = datamodule.splits.train
     images = images.unsqueeze(1)
     module = instantiate(cfg.model)  # only to build the same network and optimizer settings
-    net = module.net
+    net = module.net  # in the module's memory format (model.channels_last), as is the input
+    memory_format = module.memory_format
     optimizer = instantiate(cfg.model.optimizer)(params=net.parameters())
     steps, batch_size = cfg.trainer.max_steps, cfg.datamodule.batch_size
     scheduler = instantiate(cfg.model.scheduler)(optimizer=optimizer, total_steps=steps)
@@ -74,7 +75,8 @@ def baseline_round(cfg) -> float:
             index = order[start : start + batch_size]
             x = images[index].float().div_(255)
             x = random_affine(x, augment.degrees, augment.translate, tuple(augment.scale))
-            loss = F.cross_entropy(net(to_model_input(x)), labels[index], label_smoothing=smoothing)
+            x = to_model_input(x).contiguous(memory_format=memory_format)
+            loss = F.cross_entropy(net(x), labels[index], label_smoothing=smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

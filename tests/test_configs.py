@@ -14,7 +14,7 @@ from ml_engine.errors import UserError
 from ml_engine.run.locations import CONFIG_DIR
 from ml_engine.run.rules import check_config
 from ml_engine.training.choices import ACCELERATORS, SOURCES, TORCH_DEVICES
-from ml_engine.training.rules import PREDICT_RULES
+from ml_engine.training.rules import PREDICT_RULES, TRAIN_RULES
 from tests.conftest import compose_config, shrink
 
 
@@ -164,6 +164,23 @@ def test_predict_rules(values: dict, refusal: str | None) -> None:
         with pytest.raises(UserError) as caught:
             check_config(cfg, PREDICT_RULES)
         assert str(caught.value) == refusal
+
+
+@pytest.mark.parametrize(
+    ("override", "refusal"),
+    [
+        ("model.channels_last=false", None),
+        ("model.channels_last=1", "model.channels_last=1 is not valid; expected true or false"),
+        ("model.label_smoothing=1.5", "model.label_smoothing=1.5 is not valid; expected a number"),
+    ],
+)
+def test_train_rules(override: str, refusal: str | None) -> None:
+    cfg = compose_config("train", [override])
+    if refusal is None:
+        check_config(cfg, TRAIN_RULES)
+    else:
+        with pytest.raises(UserError, match=re.escape(refusal)):
+            check_config(cfg, TRAIN_RULES)
 
 
 def test_configured_choices_are_in_the_lists() -> None:

@@ -147,3 +147,13 @@ def test_checkpoint_loads_with_weights_only_unpickler(make_cfg) -> None:
     metrics = train(cfg)
     model = load_classifier(metrics["best_ckpt"])
     assert not model.training
+    # cnn_mnist trains in NHWC (model.channels_last); the same weights give the same outputs
+    # in the default layout, so predict/serve code that ignores the layout stays correct
+    conv = next(m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert model.hparams.channels_last
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    nchw = ClassifierModule(**{**model.hparams, "channels_last": False}).eval()
+    nchw.load_state_dict(model.state_dict())
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), nchw(images), rtol=1e-4, atol=1e-5)

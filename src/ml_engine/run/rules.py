@@ -66,6 +66,11 @@ def one_of(key: str, choices: Iterable[Any]) -> Rule:
     return Rule(key, lambda v: v in allowed, "one of " + ", ".join(map(str, allowed)))
 
 
+def boolean(key: str) -> Rule:
+    # isinstance, not ``in (True, False)``: 1 == True would let 0 and 1 through
+    return Rule(key, lambda v: isinstance(v, bool), "true or false")
+
+
 def optional(rule: Rule) -> Rule:
     return Rule(rule.key, lambda v: v is None or rule.accepts(v), rule.expected + " or null")
 

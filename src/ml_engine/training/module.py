@@ -54,6 +54,7 @@ class ClassifierModule(ConfiguredOptimizers):
         label_smoothing: float = 0.0,
         num_classes: int = 10,
         data: dict[str, Any] | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         # the datamodule's data spec (image_data.data_spec); checkpoints from before it
@@ -69,6 +70,7 @@ class ClassifierModule(ConfiguredOptimizers):
                 "label_smoothing": label_smoothing,
                 "num_classes": num_classes,
                 "data": data,
+                "channels_last": channels_last,
             }
         )
         net_kwargs = dict(self.hparams.net)
@@ -81,6 +83,9 @@ class ClassifierModule(ConfiguredOptimizers):
             },
             **net_kwargs,
         )
+        # NHWC: oneDNN's convolutions run a small CNN's step ~20 % faster on CPU (bench/README)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)
         if net_kwargs.get("pretrained"):
             # the weights now live in this module's state_dict: rebuilding it from a checkpoint
             # must not look for the pretrained file again
@@ -104,7 +109,8 @@ class ClassifierModule(ConfiguredOptimizers):
         return list(self.hparams.data["class_names"])
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.net(to_model_input(images, self.input_mean, self.input_std))
+        inputs = to_model_input(images, self.input_mean, self.input_std)
+        return self.net(inputs.contiguous(memory_format=self.memory_format))
 
     def _shared_step(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         images, targets = batch

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ml_engine.run.rules import (
     Rule,
+    boolean,
     fraction,
     int_at_least,
     non_negative_number,
@@ -23,6 +24,7 @@ TRAIN_RULES: tuple[Rule, ...] = (
     non_negative_number("model.optimizer.weight_decay"),
     fraction("model.net.dropout"),
     fraction("model.label_smoothing"),
+    boolean("model.channels_last"),
     int_at_least("datamodule.batch_size", 1),
     int_at_least("datamodule.eval_batch_size", 1),
     int_at_least("datamodule.num_workers", 0),
