@@ -5,17 +5,23 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.serve.conftest import write_sweeps
+from tests.serve.conftest import JOB_OVERRIDES, write_sweeps
 
 
-def test_a_job_records_its_curves_per_step_and_per_epoch(make_client) -> None:
-    client = make_client()
+def test_a_job_records_its_curves_per_step_and_per_epoch(make_client, tmp_path: Path) -> None:
+    # the job waits after step 30 (in its second epoch) until the test has seen its curves
+    release = tmp_path / "release"
+    hold = f"+callbacks.hold={{_target_:tests.serve.gate.HoldAtStep,step:30,release:'{release}'}}"
+    client = make_client(**{"jobs.extra_overrides": [*JOB_OVERRIDES, hold]})
     job = client.post("/ml/train", json={"model": "mlp_mnist", "epochs": 2}).json()
     seen_steps = []
     deadline = time.monotonic() + 300
     while not (current := client.get(f"/ml/jobs/{job['id']}").json())["final"]:
         curves = client.get(f"/ml/jobs/{job['id']}/curves").json()
         seen_steps.append(len(curves["step"]["x"]))
+        if seen_steps[-1] == 30:
+            assert curves["epoch"]["x"] == [1] and not curves["final"]
+            release.touch()
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert current["status"] == "succeeded", current
@@ -32,7 +38,7 @@ def test_a_job_records_its_curves_per_step_and_per_epoch(make_client) -> None:
     by_run = client.get(f"/ml/runs/{current['run']}/curves").json()
     assert by_run["epoch"] == epoch
     # read while it ran: the points grew, never shrank
-    assert any(0 < count < 50 for count in seen_steps), seen_steps
+    assert 30 in seen_steps and release.exists(), seen_steps
     assert seen_steps == sorted(seen_steps)
 
 
