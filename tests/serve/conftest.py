@@ -33,6 +33,13 @@ JOB_OVERRIDES = [
 ]
 
 
+def held_job_overrides(step: int, release: Path) -> list[str]:
+    """JOB_OVERRIDES plus a callback that holds every job after ``step`` until ``release``
+    exists: what a test must see while a job runs stays there, however fast the machine."""
+    hold = f"{{_target_:tests.serve.gate.HoldAtStep,step:{step},release:'{release}'}}"
+    return [*JOB_OVERRIDES, f"+callbacks.hold={hold}"]
+
+
 def serve_config(tmp_path: Path, runs_dir: Path | None = None, **values: Any) -> DictConfig:
     """The composed ``serve`` config with outputs under ``tmp_path`` and ``values`` set."""
     cfg = shrink(compose_config("serve"), tmp_path)

@@ -17,9 +17,10 @@ import pytest
 from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.server import create_app
 from ml_engine.server.jobs_store import new_job_id
-from tests.serve.conftest import live_server, serve_config, write_sweeps
+from tests.serve.conftest import held_job_overrides, live_server, serve_config, write_sweeps
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+RELEASE = "release-held-jobs"  # under the test's tmp_path
 
 pytestmark = [
     pytest.mark.slow,
@@ -58,7 +59,16 @@ def browser() -> Iterator:
 def server_url(tmp_path: Path, trained_runs: Path) -> Iterator[str]:
     runs = tmp_path / "runs"
     shutil.copytree(trained_runs, runs)  # the job trained here must not leak into other tests
-    cfg = serve_config(tmp_path, runs_dir=runs, **{"paths.models_dir": str(tmp_path / "models")})
+    # every job holds at step 30 until a test creates RELEASE: what the page must show while a
+    # job runs stays on screen however fast the machine
+    cfg = serve_config(
+        tmp_path,
+        runs_dir=runs,
+        **{
+            "paths.models_dir": str(tmp_path / "models"),
+            "jobs.extra_overrides": held_job_overrides(30, tmp_path / RELEASE),
+        },
+    )
     with live_server(create_app(cfg)) as url:
         yield url
 
@@ -161,15 +171,16 @@ def _resources(driver) -> list[str]:
     )
 
 
-def test_a_training_jobs_curves_grow_while_it_runs(browser, server_url: str) -> None:
+def test_a_training_jobs_curves_grow_while_it_runs(
+    browser, server_url: str, tmp_path: Path
+) -> None:
     from selenium.webdriver.common.by import By
 
     browser.get(server_url + "/")
     _wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".train-btn[data-model=cnn_mnist]"))
     epochs = browser.find_element(By.ID, "epochs")
     epochs.clear()
-    # the CNN over 3 epochs: slow enough (75 steps) on any CPU for the page to see it mid-way
-    epochs.send_keys("3")
+    epochs.send_keys("3")  # 75 steps, held at step 30 until the page has drawn 30 points
     browser.find_element(By.CSS_SELECTOR, ".train-btn[data-model=cnn_mnist]").click()
     # the card draws the new job's step loss as it trains: the count grows, then stops at 75
     seen: list[int] = []
@@ -178,10 +189,12 @@ def test_a_training_jobs_curves_grow_while_it_runs(browser, server_url: str) -> 
         count = driver.execute_script(POINTS, "chart-step-loss")
         if count and (not seen or seen[-1] != count):
             seen.append(count)
+        if count == 30:
+            (tmp_path / RELEASE).touch()
         return _text(driver, "#jobs-table tr.job .status") == "succeeded" and count == 75
 
     _wait(browser, finished, 240)
-    assert len(seen) >= 2 and seen == sorted(seen), seen
+    assert 30 in seen and seen[-1] == 75 and seen == sorted(seen), seen
     job_id = browser.execute_script("return document.querySelector('#jobs-table tr.job').id")[4:]
     curves = httpx.get(f"{server_url}/ml/jobs/{job_id}/curves").json()
     _wait(browser, lambda d: d.execute_script(POINTS, "chart-epoch-acc") == 3, 30)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.serve.conftest import JOB_OVERRIDES, write_sweeps
+from tests.serve.conftest import held_job_overrides, write_sweeps
 
 
 def test_a_job_records_its_curves_per_step_and_per_epoch(make_client, tmp_path: Path) -> None:
     # the job waits after step 30 (in its second epoch) until the test has seen its curves
     release = tmp_path / "release"
-    hold = f"+callbacks.hold={{_target_:tests.serve.gate.HoldAtStep,step:30,release:'{release}'}}"
-    client = make_client(**{"jobs.extra_overrides": [*JOB_OVERRIDES, hold]})
+    client = make_client(**{"jobs.extra_overrides": held_job_overrides(30, release)})
     job = client.post("/ml/train", json={"model": "mlp_mnist", "epochs": 2}).json()
     seen_steps = []
     deadline = time.monotonic() + 300
