@@ -187,11 +187,15 @@ def test_image_folder_errors_are_one_line(tmp_path: Path, digits) -> None:
     assert "broken.png" in error(root)
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    """The idx-ubyte format of MNIST's files: magic (0x08 = uint8, dims), sizes, raw bytes;
-    uncompressed, as torchvision leaves them after a download."""
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The idx-ubyte format of MNIST's files: magic (0x08 = uint8, dims), sizes, raw bytes."""
     header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An idx file uncompressed, as torchvision leaves it after a download."""
+    path.write_bytes(idx_bytes(array))
 
 
 def test_torchvision_dataset_from_files_on_disk(make_cfg, tmp_path: Path, digits) -> None:
@@ -232,6 +236,78 @@ def test_torchvision_errors_are_one_line(make_cfg, tmp_path: Path) -> None:
     assert "CIFAR10" in error(name="CIFAR11")  # the accepted names are listed
     missing = error(name="CIFAR10", download=False)
     assert str(tmp_path / "data" / "cifar-10-batches-py") in missing
+
+
+def serve_downloads(monkeypatch, files: dict[str, bytes], drop_after: int | None = None):
+    """torchvision's downloader answered from ``files`` (by the URL's file name), offline; with
+    ``drop_after``, every response is cut after that many bytes, as a dropped connection is
+    (the half-written file stays where torchvision wrote it)."""
+    import urllib.error
+
+    import torchvision.datasets.utils as tv_utils
+
+    def urlretrieve(url: str, filename, chunk_size: int = 0) -> None:
+        payload = files[url.rsplit("/", 1)[-1]]
+        Path(filename).write_bytes(payload if drop_after is None else payload[:drop_after])
+        if drop_after is not None:
+            raise urllib.error.URLError("connection reset by peer")
+
+    monkeypatch.setattr(tv_utils, "_get_redirect_url", lambda url, max_hops=3: url)
+    monkeypatch.setattr(tv_utils, "_urlretrieve", urlretrieve)
+
+
+def fashion_mnist_archives(monkeypatch, digits) -> dict[str, bytes]:
+    """FashionMNIST's four .gz files, made of bundled digits (so its checksums are switched off)."""
+    import gzip
+
+    from torchvision.datasets import FashionMNIST
+
+    monkeypatch.setattr(FashionMNIST, "resources", [(f, None) for f, _ in FashionMNIST.resources])
+    images, labels = digits
+    files = {}
+    for prefix, index in (("train", np.arange(0, 5000, 10)), ("t10k", np.arange(5, 5000, 25))):
+        for kind, array in (("images-idx3", images[index]), ("labels-idx1", labels[index])):
+            files[f"{prefix}-{kind}-ubyte.gz"] = gzip.compress(idx_bytes(array))
+    return files
+
+
+def test_a_torchvision_download_lands_whole(monkeypatch, tmp_path: Path, digits) -> None:
+    from ml_engine.training.image_datamodules import TorchvisionDataModule
+
+    serve_downloads(monkeypatch, fashion_mnist_archives(monkeypatch, digits))
+    data_dir = tmp_path / "data"
+    datamodule = TorchvisionDataModule(name="FashionMNIST", data_dir=str(data_dir), download=True)
+    datamodule.setup()
+    assert datamodule.class_names[0] == "T-shirt/top"
+    assert sum(len(split.labels) for split in datamodule.splits.values()) == 500 + 200
+    raw = data_dir / "FashionMNIST" / "raw"
+    assert (raw / "train-images-idx3-ubyte").is_file()
+    assert (raw / "t10k-labels-idx1-ubyte").is_file()
+    assert [p.name for p in data_dir.iterdir()] == ["FashionMNIST"]  # no temporary folder left
+
+
+@pytest.mark.parametrize("data_dir_exists", [False, True])
+def test_a_dropped_torchvision_download_leaves_nothing(
+    monkeypatch, tmp_path: Path, digits, data_dir_exists: bool
+) -> None:
+    from ml_engine.training.image_datamodules import TorchvisionDataModule
+
+    serve_downloads(monkeypatch, fashion_mnist_archives(monkeypatch, digits), drop_after=100)
+    data_dir = tmp_path / "data" / "vision"
+    if data_dir_exists:
+        data_dir.mkdir(parents=True)
+        (data_dir / "notes.txt").write_text("the user's own file")
+    datamodule = TorchvisionDataModule(name="FashionMNIST", data_dir=str(data_dir), download=True)
+    with pytest.raises(UserError) as caught:
+        datamodule.setup()
+    message = str(caught.value)
+    assert "\n" not in message and "could not download torchvision's FashionMNIST" in message
+    assert "connection reset by peer" in message
+    assert str(data_dir / "FashionMNIST" / "raw") in message  # where the files go
+    if data_dir_exists:
+        assert [p.name for p in data_dir.iterdir()] == ["notes.txt"]
+    else:
+        assert not (tmp_path / "data").exists()  # the folders the download made are gone too
 
 
 def test_torchvision_architecture_trains_on_small_rgb_images(make_cfg, tmp_path: Path, digits):

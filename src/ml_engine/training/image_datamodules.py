@@ -8,8 +8,12 @@ the statistics of the training split this datamodule computed (``data_spec``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -387,25 +391,72 @@ def _split_argument(cls: type, train: bool) -> dict[str, Any]:
     )
 
 
-def _open_torchvision(cls: type, data_dir: Path, train: bool, download: bool) -> Any:
-    import socket
+def _open_torchvision(cls: type, root: Path, train: bool, download: bool = False) -> Any:
+    return cls(str(root), download=download, **_split_argument(cls, train))
 
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:160]
+
+
+def _move_into(source: Path, target: Path) -> None:
+    """Every file under ``source`` moved to the same place under ``target`` (renames, no
+    copies), replacing what is there: a download completes a folder the user started."""
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            destination = target / path.relative_to(source)
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, destination)
+
+
+def _download_torchvision(cls: type, data_dir: Path, timeout_s: float = 20.0) -> None:
+    """Both splits downloaded into a temporary folder inside ``data_dir`` and moved in whole,
+    so a failed or interrupted download leaves nothing behind (torchvision writes its archives
+    in place, and a dropped connection would leave half of one)."""
+    created = [folder for folder in (data_dir, *data_dir.parents) if not folder.exists()]
+    data_dir.mkdir(parents=True, exist_ok=True)
     previous_timeout = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(20.0)  # an offline machine should fail fast, not hang
+    socket.setdefaulttimeout(timeout_s)  # an offline machine should fail fast, not hang
     try:
-        return cls(str(data_dir), download=download, **_split_argument(cls, train))
-    except UserError:
+        with tempfile.TemporaryDirectory(dir=data_dir, prefix=f".{cls.__name__}-download-") as tmp:
+            for train in (True, False):
+                _open_torchvision(cls, Path(tmp), train, download=True)
+            _move_into(Path(tmp), data_dir)
+    except BaseException:
+        for folder in created:  # innermost first; only the folders this call made
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
-    except Exception as exc:  # torchvision's "not found", a network or an archive failure
-        where = expected_folder(cls, data_dir)
-        reason = " ".join(str(exc).split())[:160]
-        action = "could not download" if download else "did not find"
-        raise UserError(
-            f"{action} torchvision's {cls.__name__} in {data_dir} ({reason}); put its files "
-            f"in {where} (torchvision's layout), or allow datamodule.download=true with network"
-        ) from exc
     finally:
         socket.setdefaulttimeout(previous_timeout)
+
+
+def open_torchvision_splits(cls: type, data_dir: Path, download: bool) -> tuple[Any, Any]:
+    """The dataset's train and test sets from ``data_dir``, downloaded first when they are not
+    there and ``download`` allows; a one-line error that says where the files go otherwise."""
+    where = expected_folder(cls, data_dir)
+    try:
+        return _open_torchvision(cls, data_dir, True), _open_torchvision(cls, data_dir, False)
+    except UserError:
+        raise
+    except Exception as missing:  # torchvision's "not found" or a corrupt file
+        if not download:
+            raise UserError(
+                f"did not find torchvision's {cls.__name__} in {data_dir} ({_one_line(missing)}); "
+                f"put its files in {where} (torchvision's layout), or allow "
+                "datamodule.download=true with network"
+            ) from missing
+    try:
+        _download_torchvision(cls, data_dir)
+        return _open_torchvision(cls, data_dir, True), _open_torchvision(cls, data_dir, False)
+    except UserError:
+        raise
+    except Exception as exc:  # a network or an archive failure
+        raise UserError(
+            f"could not download torchvision's {cls.__name__} in {data_dir} ({_one_line(exc)}); "
+            f"put its files in {where} (torchvision's layout), or allow "
+            "datamodule.download=true with network"
+        ) from exc
 
 
 def _images_as_uint8(dataset: Any) -> Tensor:
@@ -511,10 +562,7 @@ class TorchvisionDataModule(ImageClassDataModule):
     def _load(self) -> dict[str, ImageSplit]:
         cls = torchvision_dataset_class(self.hparams.name)
         data_dir = Path(self.hparams.data_dir).expanduser()
-        if self.hparams.download:
-            data_dir.mkdir(parents=True, exist_ok=True)
-        train_set = _open_torchvision(cls, data_dir, True, self.hparams.download)
-        test_set = _open_torchvision(cls, data_dir, False, self.hparams.download)
+        train_set, test_set = open_torchvision_splits(cls, data_dir, self.hparams.download)
         train_images, train_labels = _images_as_uint8(train_set), _labels(train_set)
         self.channels = self.hparams.channels or train_images.shape[1]
         self.size = size_pair(self.hparams.image_size) or tuple(train_images.shape[2:])
