@@ -22,8 +22,10 @@ def compose_train_config(overrides: list[str], steps: int, output_dir: Path) -> 
     from omegaconf import open_dict
 
     from ml_engine.run.launch import register_resolvers
+    from ml_engine.training.precision import register_precision_resolver
 
     register_resolvers()
+    register_precision_resolver()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides, return_hydra_config=True)
     with open_dict(cfg):

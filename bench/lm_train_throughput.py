@@ -1,9 +1,10 @@
 """Tokens/s of the real language-model training path against a hand-written PyTorch loop.
 
 Ours: `experiment=shakespeare_char` as train.py composes it — TextDataModule, CausalLMModule
-(llama), a Lightning Trainer with the experiment's callbacks, TensorBoard logger and bf16-mixed
-precision — fitted for a fixed number of steps. Baseline: the same network, AdamW, one-cycle
-schedule, bf16 autocast, random windows of the same text, batch size, block size and steps,
+(llama), a Lightning Trainer with the experiment's callbacks, TensorBoard logger and precision
+(bf16-mixed where bfloat16 is native, else 32-true) — fitted for a fixed number of steps.
+Baseline: the same network, AdamW, one-cycle schedule, the same autocast (or none), random
+windows of the same text, batch size, block size and steps,
 written as a bare loop. Validation is off in both so that only training is timed. Rounds
 alternate; the median of the per-round ratios is printed.
 

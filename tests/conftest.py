@@ -28,6 +28,7 @@ from ml_engine.run.files import JOB_RECORD, read_job_record
 from ml_engine.run.launch import register_resolvers, run_job
 from ml_engine.run.locations import CONFIG_DIR, PROJECT_ROOT
 from ml_engine.run.rules import Rule
+from ml_engine.training.precision import register_precision_resolver
 
 os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 
@@ -35,6 +36,7 @@ os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
 def compose_config(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     """Compose like the entrypoint does (hydra node included), outside any run."""
     register_resolvers()
+    register_precision_resolver()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name, overrides=overrides or [], return_hydra_config=True)

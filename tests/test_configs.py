@@ -135,6 +135,39 @@ def test_language_model_experiments_select_and_rank_by_the_lowest_val_loss(exper
     assert cfg.hydra.callbacks.sweep_summary.mode == "min"
 
 
+@pytest.fixture
+def precision_module():
+    from ml_engine.training import precision
+
+    precision.fastest_precision.cache_clear()
+    yield precision
+    precision.fastest_precision.cache_clear()
+
+
+def test_language_model_presets_train_in_bf16_only_where_it_is_native(
+    precision_module, monkeypatch, caplog
+) -> None:
+    import torch
+
+    # on this machine: what torch itself routes bf16 matmuls by (AVX2-only CPUs: 32-true)
+    cpu_native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    cfg = compose_config("train", ["experiment=shakespeare_char", "trainer.accelerator=cpu"])
+    assert cfg.trainer.precision == ("bf16-mixed" if cpu_native else "32-true")
+
+    for native, expected in ((True, "bf16-mixed"), (False, "32-true")):
+        precision_module.fastest_precision.cache_clear()
+        monkeypatch.setattr(precision_module, "native_bf16", lambda kind, native=native: native)
+        with caplog.at_level("INFO", logger=precision_module.__name__):
+            cfg = compose_config("train", ["experiment=shakespeare_char_long"])
+            assert cfg.trainer.precision == expected
+        said = "trainer.precision=bf16-mixed to use it anyway" in caplog.text
+        assert said is not native  # the fallback says so, once, and how to override it
+        caplog.clear()
+    # the user's own choice is taken as given
+    cfg = compose_config("train", ["experiment=shakespeare_char", "trainer.precision=bf16-mixed"])
+    assert cfg.trainer.precision == "bf16-mixed"
+
+
 def test_eval_and_predict_configs_compose() -> None:
     assert compose_config("eval", ["ckpt_path=x.ckpt"]).ckpt_path == "x.ckpt"
     cfg = compose_config("predict", ["ckpt_path=x.ckpt", "input=digits/"])

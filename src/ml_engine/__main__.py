@@ -16,8 +16,12 @@ from ml_engine.run.rules import Rule
 from ml_engine.training.export import EXPORT_RULES
 from ml_engine.training.rules import PREDICT_RULES, TRAIN_RULES
 
-# installed plugin networks become model/net=<name> options before the config composes
-_NETWORK_OPTIONS = ("ml_engine.training.registry:register_network_configs",)
+# installed plugin networks become model/net=<name> options before the config composes, and
+# presets may ask for ${fastest_precision:...}
+_TRAINING_HOOKS = (
+    "ml_engine.training.registry:register_network_configs",
+    "ml_engine.training.precision:register_precision_resolver",
+)
 
 
 @dataclass(frozen=True)
@@ -35,21 +39,21 @@ ENTRYPOINTS: dict[str, Entrypoint] = {
         "train",
         TRAIN_RULES,
         "train a network",
-        _NETWORK_OPTIONS,
+        _TRAINING_HOOKS,
     ),
     "eval": Entrypoint(
         "ml_engine.training.evaluate:evaluate",
         "eval",
         TRAIN_RULES,
         "test a checkpoint (ckpt_path=...)",
-        _NETWORK_OPTIONS,
+        _TRAINING_HOOKS,
     ),
     "predict": Entrypoint(
         "ml_engine.training.predict:predict",
         "predict",
         PREDICT_RULES,
         "predict digits (ckpt_path=... input=<image|folder>)",
-        _NETWORK_OPTIONS,
+        _TRAINING_HOOKS,
     ),
     "export": Entrypoint(
         "ml_engine.training.export:export",
