@@ -22,6 +22,10 @@ if TYPE_CHECKING:  # kept out of import time: model-work child processes write f
 JOB_RECORD = "job.json"
 RESOLVED_CONFIG = "config_resolved.yaml"
 PARTIAL_SUFFIX = ".partial"
+# config keys (at any depth) whose values are secrets: a run dir is shared, copied and
+# archived, so its config copies hold REDACTED instead of a set value
+SECRET_KEYS = frozenset({"api_key"})
+REDACTED = "***"
 # A crash between writing and renaming leaves ".<name>.<pid>.partial" beside the target.
 _PARTIAL_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.partial$")
 
@@ -136,10 +140,33 @@ def write_json_atomic(target: Path, payload: Mapping[str, Any]) -> Path:
 
 
 def save_resolved_config(cfg: DictConfig, output_dir: Path) -> Path:
-    """`.hydra/config.yaml` keeps interpolations; this is the config with every value filled in."""
+    """`.hydra/config.yaml` keeps interpolations; this is the config with every value filled in
+    but secrets (:data:`SECRET_KEYS`), which are written as :data:`REDACTED`."""
     from omegaconf import OmegaConf
 
-    return write_text_atomic(output_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+    plain = redact_secrets(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    return write_text_atomic(output_dir / RESOLVED_CONFIG, OmegaConf.to_yaml(plain))
+
+
+def redact_secrets(node: Any) -> Any:
+    """A copy of a plain config with the set values of :data:`SECRET_KEYS` replaced by
+    :data:`REDACTED` (null stays null: it says no secret was set)."""
+    if isinstance(node, dict):
+        return {
+            key: REDACTED if key in SECRET_KEYS and value is not None else redact_secrets(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [redact_secrets(value) for value in node]
+    return node
+
+
+def redact_override(override: str) -> str:
+    """A command-line override with a secret's value replaced (``api_key=s3cret`` →
+    ``api_key=***``), as job records and summaries show the overrides."""
+    key, equals, _ = override.partition("=")
+    name = key.lstrip("+~").rsplit(".", 1)[-1].strip()
+    return f"{key}={REDACTED}" if equals and name in SECRET_KEYS else override
 
 
 def read_job_record(run_dir: Path) -> dict[str, Any] | None:

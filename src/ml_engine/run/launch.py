@@ -22,6 +22,7 @@ from ml_engine.run.distributed import is_rank_zero, shared_run_dir_override
 from ml_engine.run.files import (
     JOB_RECORD,
     RESOLVED_CONFIG,
+    redact_override,
     save_resolved_config,
     write_json_atomic,
 )
@@ -117,7 +118,7 @@ def _task_overrides() -> list[str]:
 
     if not HydraConfig.initialized():
         return []
-    return list(HydraConfig.get().overrides.task)
+    return [redact_override(override) for override in HydraConfig.get().overrides.task]
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:

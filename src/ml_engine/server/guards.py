@@ -3,7 +3,9 @@ size, value ranges."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import re
 import secrets
 import socket
 from collections.abc import Awaitable, Callable, Iterable
@@ -62,19 +64,38 @@ def default_host_names(bound: str) -> set[str]:
     """The names a client may call this server by when it listens on ``bound``."""
     bound = bound.lower().strip("[]")
     if bound in LOOPBACK_NAMES or bound.startswith("127."):
-        return {*LOOPBACK_NAMES, bound}
+        return {*LOOPBACK_NAMES, configured_host_name(bound) or bound}
     if bound in _ANY_ADDRESS:  # every interface: loopback and this machine's own names
         return {*LOOPBACK_NAMES, socket.gethostname().lower(), socket.getfqdn().lower()}
-    return {bound}
+    return {configured_host_name(bound) or bound}
 
 
-def _host_name(host_header: str) -> str:
-    """``Host`` header → its name without the port (``[::1]:80`` → ``::1``)."""
-    host = host_header.strip().lower()
-    if host.startswith("["):
-        return host[1:].partition("]")[0]
-    name, colon, port = host.rpartition(":")
-    return name if colon and port.isdigit() and ":" not in name else host
+# RFC 9110's Host: uri-host [":" port], where uri-host is an IPv6 literal in brackets or a
+# name (an IPv4 address is one too). Anything else is refused whole: a lenient split let
+# "[::1].evil.example" and "[::1]evil" pass as ::1.
+_HOST_HEADER = re.compile(
+    r"(?:\[(?P<ipv6>[0-9a-f:.]+)\]|(?P<name>[a-z0-9_-]+(?:\.[a-z0-9_-]+)*))(?::(?P<port>\d{1,5}))?"
+)
+
+
+def parse_host(host: str) -> str | None:
+    """A ``Host`` header's name without the port (``[::1]:80`` → ``::1``), lower case and IPv6
+    in its short form; None when the header is not a well-formed ``host[:port]``."""
+    match = _HOST_HEADER.fullmatch(host.strip().lower())
+    if match is None:
+        return None
+    if match["name"] is not None:
+        return match["name"]
+    try:
+        return ipaddress.IPv6Address(match["ipv6"]).compressed
+    except ValueError:
+        return None
+
+
+def configured_host_name(entry: str) -> str | None:
+    """A name from the config (``box.lan``, ``box.lan:8080``, ``[fe80::1]``, ``fe80::1``) as
+    :func:`parse_host` gives it for a Host header naming it; None when it is no host name."""
+    return parse_host(entry) or parse_host(f"[{entry.strip()}]")
 
 
 class HostOriginGuard:
@@ -98,7 +119,8 @@ class HostOriginGuard:
         self.app, self.active = app, api_key is None
         extra = {h.lower() for h in allowed_hosts}
         self.any_host = "*" in extra
-        self.host_names = default_host_names(bound_host) | {_host_name(h) for h in extra}
+        configured = {configured_host_name(h) or h for h in extra}  # settings checked them
+        self.host_names = default_host_names(bound_host) | configured
         self.origins = {o.lower().rstrip("/") for o in allowed_origins}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -113,7 +135,7 @@ class HostOriginGuard:
             await BodySizeLimit._refuse(send, *refusal)
 
     def _refusal(self, host: str, origin: str | None) -> tuple[int, str] | None:
-        if not self.any_host and _host_name(host) not in self.host_names:
+        if not self.any_host and parse_host(host) not in self.host_names:
             return 421, (
                 f"Host '{host[:100]}' is not a name of this server; call it by "
                 f"{', '.join(sorted(self.host_names))} (or add the name to allowed_hosts)"

@@ -2,7 +2,8 @@
 
 Each app has its own registry (never prometheus-client's global one), so that several apps
 in one process (tests, a bench) count separately. Requests are labelled by route template
-(``/ml/jobs/{job_id}``), never by raw path: a client cannot grow the label set."""
+(``/ml/jobs/{job_id}``), never by raw path, and by method only among HTTP's own: a client
+cannot grow the label set."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ from ml_engine.server.jobs_store import QUEUED, RUNNING
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # requests no route matched (404s, refusals before routing) share one label
 UNMATCHED = "unmatched"
+# HTTP's methods (RFC 9110, PATCH); any other word a client sends shares one label: each new
+# label value is a new series on every scrape for the server's lifetime
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
+)
+OTHER_METHOD = "other"
 # a loopback API answers in microseconds to seconds; generations take up to minutes
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 LATENCY_BUCKETS += (5, 10, 30, 60, 120)
@@ -129,8 +136,17 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path_format", None) or getattr(route, "path", None)
-            labels = (template or UNMATCHED, scope["method"])
+            labels = (route_label(scope), method_label(scope["method"]))
             self.metrics.requests.labels(*labels, str(status)).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+
+
+def route_label(scope: Scope) -> str:
+    """The template of the route the router matched (``/ml/jobs/{job_id}``), which the app
+    defines; never the path the client sent."""
+    template = getattr(scope.get("route"), "path_format", None)
+    return template if isinstance(template, str) and template else UNMATCHED
+
+
+def method_label(method: str) -> str:
+    return method if method in KNOWN_METHODS else OTHER_METHOD

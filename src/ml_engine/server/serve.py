@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from ml_engine.errors import UserError
 from ml_engine.server.app import create_app
-from ml_engine.server.settings import load_settings
+from ml_engine.server.settings import load_settings, uvicorn_options
 
 log = logging.getLogger(__name__)
 
@@ -43,5 +43,5 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
             "listening on %s without api_key: anyone who can reach it can train", settings.host
         )
     print(f"serving on http://{settings.host}:{settings.port} (docs at /docs)", flush=True)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.run(app, **uvicorn_options(settings))
     return {"host": settings.host, "port": settings.port}

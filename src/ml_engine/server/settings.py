@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,8 @@ class Settings:
     log_level: str = "info"
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
+    # the proxies whose X-Forwarded-For/-Proto are believed; none: every client is who it is
+    forwarded_allow_ips: tuple[str, ...] = ()
 
 
 def _limits(node: dict[str, Any]) -> Limits:
@@ -157,6 +160,49 @@ def _torch_threads(value: Any) -> int | None:
 
 _KEYS = ("host", "port", "api_key", "runs_dir", "jobs_db", "jobs", "train", "predict", "llm")
 _KEYS += ("limits", "log_level", "allowed_hosts", "allowed_origins", "sweeps_dirs")
+_KEYS += ("forwarded_allow_ips",)
+
+
+def _allowed_hosts(value: Any) -> tuple[str, ...]:
+    from ml_engine.server.guards import configured_host_name  # guards imports this module
+
+    names = _names(value) or ()
+    for name in names:
+        if name != "*" and configured_host_name(name) is None:
+            raise UserError(
+                f"allowed_hosts entry {name!r} is not a host name; expected names like box.lan, "
+                "box.lan:8080, 192.168.1.5 or [fe80::1], or '*' for any"
+            )
+    return names
+
+
+def _forwarded_allow_ips(value: Any) -> tuple[str, ...]:
+    addresses = _names(value) or ()
+    for address in addresses:
+        if address == "*":
+            continue
+        try:
+            ipaddress.ip_network(address, strict=False)
+        except ValueError:
+            raise UserError(
+                f"forwarded_allow_ips entry {address!r} is not valid; expected the proxies' IP "
+                "addresses or networks (10.0.0.2, 10.0.0.0/8, ::1), or '*' for every client"
+            ) from None
+    return addresses
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's settings for this server, the ones ``serve.py`` runs it with.
+
+    uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise: any local client
+    could then pick its own address, and with it a fresh share of the per-address job cap."""
+    return {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "proxy_headers": bool(settings.forwarded_allow_ips),
+        "forwarded_allow_ips": list(settings.forwarded_allow_ips),
+    }
 
 
 def _plain(cfg: DictConfig, key: str) -> Any:
@@ -228,6 +274,7 @@ def load_settings(cfg: DictConfig) -> Settings:
         llm_files=tuple(Path(str(f)) for f in llm.get("files") or ()),
         sweeps_dirs=_sweeps_dirs(data.get("sweeps_dirs")),
         log_level=str(data.get("log_level") or "info"),
-        allowed_hosts=_names(data.get("allowed_hosts")) or (),
+        allowed_hosts=_allowed_hosts(data.get("allowed_hosts")),
         allowed_origins=_names(data.get("allowed_origins")) or (),
+        forwarded_allow_ips=_forwarded_allow_ips(data.get("forwarded_allow_ips")),
     )
