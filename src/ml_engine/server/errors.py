@@ -1,14 +1,19 @@
 """Every failure a request can cause becomes a 4xx JSON body ``{"error": one line, ...}``.
 
 A model worker that dies (llama.cpp aborting on a corrupt file) is a 502: the server is fine,
-the process it relies on for that model failed. Under ``/v1`` (the OpenAI-compatible API) the
-body is OpenAI's ``{"error": {"message", "type", "code"}}`` and a malformed request is a 400.
+the process it relies on for that model failed. A write refused for want of disk space is a
+507 naming the folder (``StorageFull``): the same request succeeds once space is freed. Under
+``/v1`` (the OpenAI-compatible API) the body is OpenAI's ``{"error": {"message", "type",
+"code"}}`` and a malformed request is a 400.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -41,6 +46,29 @@ class ApiError(Exception):
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.extra, self.headers = status, message, extra, headers
+
+
+class StorageFull(Exception):
+    """A write refused because the filesystem holding ``folder`` is full: nothing was kept
+    half-written, and the same request succeeds once space there is freed."""
+
+    def __init__(self, folder: Path | str, what: str) -> None:
+        super().__init__(f"no space left in {folder} ({what}); free some space there and retry")
+        self.folder, self.what = Path(folder), what
+
+
+# ENOSPC: the filesystem is full; EDQUOT: this user's quota on it is
+_NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` is a write that failed for want of disk space (an OSError, or SQLite's
+    SQLITE_FULL, which sqlite3 raises as a plain OperationalError)."""
+    if isinstance(exc, OSError):
+        return exc.errno in _NO_SPACE_ERRNOS
+    return isinstance(exc, sqlite3.Error) and getattr(exc, "sqlite_errorcode", None) == (
+        sqlite3.SQLITE_FULL
+    )
 
 
 class NotFound(ApiError):
@@ -149,6 +177,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_worker_failure(request: Request, exc: WorkerFailed) -> JSONResponse:
         log.error("%s %s: model worker error: %s", request.method, request.url.path, exc)
         return _answer(request, 500, f"model worker failed: {first_line(exc)}")
+
+    @app.exception_handler(StorageFull)
+    async def on_storage_full(request: Request, exc: StorageFull) -> JSONResponse:
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return _answer(request, 507, str(exc), code="storage_full", folder=str(exc.folder))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from typing import Any
 
 from ml_engine.run.files import read_job_record
 from ml_engine.run.locations import PROJECT_ROOT
+from ml_engine.server.errors import StorageFull, is_no_space
 from ml_engine.server.jobs_store import (
     CANCELLED,
     FAILED,
@@ -59,6 +61,9 @@ RESTART_ERROR = (
     "the training was stopped with it"
 )
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# less free space than this where a run writes is a full disk to a training job: its config
+# copy, log and first checkpoint need more
+MIN_FREE_BYTES = 1 << 20
 
 
 def _die_with_server(server_pid: int) -> Callable[[], None] | None:
@@ -116,6 +121,28 @@ def _last_error_line(log_path: Path) -> str | None:
     return errors[-1] if errors else None
 
 
+def _free_bytes(folder: Path) -> int | None:
+    """Free bytes on ``folder``'s filesystem (its nearest existing parent's); None if unknown."""
+    for candidate in (folder, *folder.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
+
+
+def _no_space_left(runs_dir: Path, code: int) -> str | None:
+    """Why a training that failed without a word failed, when its runs folder is full: its
+    own error could not be written there either (stdout.log and job.json live in it)."""
+    free = _free_bytes(runs_dir)
+    if free is None or free >= MIN_FREE_BYTES:
+        return None
+    return (
+        f"no space left in {runs_dir} for the run ({free} bytes free; train.py exited with "
+        f"status {code}); free some space there and submit the job again"
+    )
+
+
 def _pid_runs(pid: int, marker: str) -> bool:
     """Whether ``pid`` is alive and still the process we started (its command line names
     ``marker``): a pid from a previous server life may have been reused by another program."""
@@ -159,6 +186,8 @@ class JobRunner:
             kill_grace_s,
         )
         self._running: dict[str, _Running] = {}
+        self._recovered = False  # jobs a previous server left running are settled
+        self._storage_full: str | None = None  # the last "no space" seen, logged once
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -166,7 +195,10 @@ class JobRunner:
     # lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._recover()
+        try:
+            self._recover()
+        except StorageFull as full:  # the loop settles them once there is space again
+            self._note_storage_full(full)
         self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
         self._thread.start()
 
@@ -179,7 +211,12 @@ class JobRunner:
         for running in list(self._running.values()):
             self._kill(running.process, signal.SIGKILL)
             running.process.wait(timeout=30)
-            self._finish(running, error_override="the server shut down while this job was running")
+            try:
+                self._finish(
+                    running, error_override="the server shut down while this job was running"
+                )
+            except StorageFull as full:  # left "running": the next start settles it
+                log.warning("job %s not recorded as stopped: %s", running.job_id, full)
 
     def _recover(self) -> None:
         """Jobs left ``running`` by a previous server life are settled, never left running:
@@ -193,6 +230,7 @@ class JobRunner:
             log.warning(
                 "job %s was running when the server stopped; recorded %s", job.id, values["status"]
             )
+        self._recovered = True
 
     @staticmethod
     def _recovered_outcome(job: Job) -> dict[str, Any]:
@@ -241,28 +279,67 @@ class JobRunner:
         while not self._stopping.is_set():
             try:
                 self._tick()
+            except StorageFull as full:  # retried each tick, succeeds once space is freed
+                self._note_storage_full(full)
             except Exception:  # the runner must outlive any one bad job record
                 log.exception("job runner tick failed")
+            else:
+                if self._storage_full is not None:
+                    log.info("job runner: space is available again (%s)", self._storage_full)
+                    self._storage_full = None
             self._wake.wait(self.poll_interval_s)
             self._wake.clear()
 
+    def _note_storage_full(self, full: StorageFull) -> None:
+        """Log a full disk once, not at every tick while it lasts."""
+        if str(full) != self._storage_full:
+            log.warning("job runner: %s", full)
+            self._storage_full = str(full)
+
     def _tick(self) -> None:
+        if not self._recovered:
+            self._recover()
         for running in list(self._running.values()):
             self._read_progress(running)
             if running.process.poll() is not None:
                 self._finish(running)
             else:
                 self._enforce_cancel(running)
-        while len(self._running) < self.max_running and not self._stopping.is_set():
-            queued = self.store.with_status(QUEUED)
-            if not queued:
+        for job in self.store.with_status(QUEUED):
+            if len(self._running) >= self.max_running or self._stopping.is_set():
                 break
-            self._launch(queued[0])
+            if job.damage is not None:
+                self._fail(job, f"its stored record is damaged ({job.damage}); not started")
+            else:
+                self._launch(job)
+
+    def _fail(self, job: Job, error: str) -> None:
+        """A queued job that cannot start: failed with why (one line), never retried."""
+        self.store.transition(
+            job.id, (QUEUED,), status=FAILED, error=error, finished_at=time.time()
+        )
+        log.warning("job %s failed: %s", job.id, error)
+
+    def _open_run_dir(self, job: Job) -> Any | None:
+        """The run folder and its output log, ready for the process; None (the job failed
+        with why) when they cannot be made."""
+        run_dir = Path(job.run_dir)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            return (run_dir / OUTPUT_LOG).open("ab")
+        except OSError as exc:
+            if is_no_space(exc):
+                reason = str(StorageFull(run_dir.parent, "the training runs"))
+            else:
+                reason = f"could not create its run folder {run_dir}: {exc.strerror or exc}"
+            self._fail(job, reason)
+            return None
 
     def _launch(self, job: Job) -> None:
         run_dir = Path(job.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log_handle = (run_dir / OUTPUT_LOG).open("ab")
+        log_handle = self._open_run_dir(job)
+        if log_handle is None:
+            return
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "ML_ENGINE_JOB_ID": job.id}
         env.pop("HYDRA_FULL_ERROR", None)
         env.pop("ML_ENGINE_TRACEBACK", None)
@@ -279,20 +356,21 @@ class JobRunner:
             )
         except OSError as exc:
             log_handle.close()
-            self.store.transition(
-                job.id,
-                (QUEUED,),
-                status=FAILED,
-                error=f"could not start training: {exc}",
-                finished_at=time.time(),
-            )
+            self._fail(job, f"could not start training: {exc}")
             return
-        if not self.store.transition(
-            job.id, (QUEUED,), status=RUNNING, pid=process.pid, started_at=time.time()
-        ):  # cancelled between the query and here
-            self._kill(process, signal.SIGKILL)
-            process.wait()
-            log_handle.close()
+        started = False
+        try:
+            started = self.store.transition(
+                job.id, (QUEUED,), status=RUNNING, pid=process.pid, started_at=time.time()
+            )
+        finally:
+            # cancelled between the query and here, or not recorded as running (a full jobs
+            # database): stopped, so that the queue never holds a job that also runs
+            if not started:
+                self._kill(process, signal.SIGKILL)
+                process.wait()
+                log_handle.close()
+        if not started:
             return
         self._running[job.id] = _Running(job.id, process, run_dir, log_handle)
         log.info("job %s started (pid %d): %s", job.id, process.pid, " ".join(job.overrides))
@@ -306,9 +384,13 @@ class JobRunner:
         if mtime == running.progress_mtime:
             return
         progress = _read_json(path)
-        if progress is not None:
-            running.progress_mtime = mtime
+        if progress is None:
+            return
+        try:
             self.store.update(running.job_id, progress=progress)
+        except StorageFull:  # progress is a convenience: read again next tick
+            return
+        running.progress_mtime = mtime
 
     def _enforce_cancel(self, running: _Running) -> None:
         job = self.store.get(running.job_id)
@@ -322,15 +404,16 @@ class JobRunner:
             self._kill(running.process, signal.SIGKILL)
 
     def _finish(self, running: _Running, error_override: str | None = None) -> None:
-        self._running.pop(running.job_id, None)
+        """Record the ended job's outcome; it is tracked until that is written (a full jobs
+        database: retried each tick), never left ``running`` with no process."""
         running.log_handle.close()
         self._read_progress(running)
         job = self.store.get(running.job_id)
-        if job is None:
-            return
-        values = self._outcome(job, running, error_override)
-        self.store.transition(job.id, (RUNNING,), finished_at=time.time(), **values)
-        log.info("job %s %s", job.id, values["status"])
+        if job is not None:
+            values = self._outcome(job, running, error_override)
+            self.store.transition(job.id, (RUNNING,), finished_at=time.time(), **values)
+            log.info("job %s %s", job.id, values["status"])
+        self._running.pop(running.job_id, None)
 
     def _outcome(self, job: Job, running: _Running, error_override: str | None) -> dict[str, Any]:
         if job.cancel_requested:
@@ -345,6 +428,7 @@ class JobRunner:
             record.get("error")
             or _last_error_line(running.run_dir / OUTPUT_LOG)
             or (f"training was killed by signal {-code}" if code < 0 else None)
+            or _no_space_left(running.run_dir.parent, code)
             or f"train.py exited with status {code}"
         )
         return {"status": FAILED, "error": error}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ml_engine.errors import UserError
+from ml_engine.server.errors import StorageFull, is_no_space
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,38 @@ CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
 
 _JSON_COLUMNS = ("request", "overrides", "progress", "metrics")
+# what each column must hold for a row to be read as a job; a damaged row (bytes flipped
+# inside it pass PRAGMA quick_check) is named, never allowed to fail a query of many rows
+_JSON_SHAPES: dict[str, type[dict] | type[list]] = {
+    "request": dict,
+    "overrides": list,
+    "progress": dict,
+    "metrics": dict,
+}
+_NUMBER, _TEXT, _INT = (int, float), (str,), (int,)
+_COLUMN_TYPES: dict[str, tuple[tuple[type, ...], bool]] = {  # column → (types, nullable)
+    "id": (_TEXT, False),
+    "seq": (_INT, False),
+    "model": (_TEXT, False),
+    "run_dir": (_TEXT, False),
+    "created_at": (_NUMBER, False),
+    "started_at": (_NUMBER, True),
+    "finished_at": (_NUMBER, True),
+    "pid": (_INT, True),
+    "error": (_TEXT, True),
+    "cancel_requested": (_INT, False),
+    "owner": (_TEXT, False),
+}
+# what a damaged column reads as, so that a damaged job still settles (recovery, cancel)
+_DEFAULTS: dict[str, Any] = {
+    "request": {},
+    "overrides": [],
+    "progress": {},
+    "metrics": {},
+    "seq": 0,
+    "created_at": 0.0,
+    "cancel_requested": 0,
+}
 # columns added after the first release, with their definitions: added to older databases
 _ADDED_COLUMNS = {"owner": "TEXT NOT NULL DEFAULT ''"}
 
@@ -78,6 +111,8 @@ class Job:
     error: str | None = None
     cancel_requested: bool = False
     owner: str = ""
+    # what is wrong with the stored row, or None: a damaged job is reported, never served
+    damage: str | None = None
 
 
 class QueueFull(Exception):
@@ -153,12 +188,77 @@ def new_job_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def _decode_text(data: bytes) -> str:
+    """SQLite TEXT → str; bytes that are not UTF-8 (a damaged row) keep their bad bytes as
+    surrogate escapes, so reading them cannot fail the query (sqlite3's own decoding raises)."""
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def _is_utf8(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _column_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` cannot be column ``name`` of a job; None when it can."""
+    if isinstance(value, str) and not _is_utf8(value):
+        return f"{name} is not valid UTF-8"
+    if name in _JSON_SHAPES:
+        try:
+            parsed = json.loads(value) if isinstance(value, str) else None
+        except ValueError as exc:
+            return f"{name} is not valid JSON ({exc})"
+        shape = _JSON_SHAPES[name]
+        kind = "object" if shape is dict else "array"
+        return None if isinstance(parsed, shape) else f"{name} is not a JSON {kind}"
+    if name == "status":
+        return None if value in JOB_STATUSES else f"status {str(value)[:32]!r} is not a job status"
+    types, nullable = _COLUMN_TYPES.get(name, ((object,), True))
+    if (value is None and nullable) or (isinstance(value, types) and not isinstance(value, bool)):
+        return None
+    return f"{name} holds {type(value).__name__}, not {types[0].__name__}"
+
+
 def _to_job(row: sqlite3.Row) -> Job:
-    values = dict(row)
-    for column in _JSON_COLUMNS:
-        values[column] = json.loads(values[column])
+    """The row as a job; a damaged column reads as its default and is named in ``damage``."""
+    values, problems = dict(row), []
+    for name, value in list(values.items()):
+        problem = _column_problem(name, value)
+        if problem is not None:
+            problems.append(problem)
+            if name in _DEFAULTS:
+                values[name] = _DEFAULTS[name]
+        elif name in _JSON_SHAPES:
+            values[name] = json.loads(value)
     values["cancel_requested"] = bool(values["cancel_requested"])
-    return Job(**values)
+    return Job(**values, damage="; ".join(problems) or None)
+
+
+# a job's row by its id: bound as bytes, so an id whose stored bytes are not UTF-8 (read back
+# with surrogate escapes, _decode_text) still finds its row, to be failed or cancelled
+_BY_ID = "id = CAST(? AS TEXT)"
+
+
+def _id_param(job_id: str) -> bytes:
+    try:
+        return job_id.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate a client sent: it matches no row
+        return job_id.encode("utf-8", errors="surrogatepass")
+
+
+def _having_status(jobs: list[Job], status: str | None) -> list[Job]:
+    """The jobs whose row holds ``status``: a query by status reads the index, which a
+    damaged page may contradict; the row decides, as in the unfiltered list."""
+    return jobs if status is None else [job for job in jobs if job.status == status]
+
+
+def _raise_if_full(exc: sqlite3.Error, path: Path) -> None:
+    """SQLite's "database or disk is full" as the error that names the folder (a 507)."""
+    if is_no_space(exc):
+        raise StorageFull(path.parent, "the jobs database") from exc
 
 
 class JobStore:
@@ -186,10 +286,30 @@ class JobStore:
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
+        self._db.text_factory = _decode_text
+        try:
+            self._prepare()
+        except sqlite3.Error as exc:
+            self.close()
+            _raise_if_full(exc, path)
+            raise
+
+    def _prepare(self) -> None:
         # WAL: readers (GET /ml/jobs) never wait on the runner's progress writes
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
         self._add_missing_columns()
+        self._reindex()
+
+    def _reindex(self) -> None:
+        """Rebuild the status and id indexes from the table: a byte flipped in a row's status
+        leaves the index (a copy) disagreeing, so ``?status=`` lists would miss or misfile
+        the job; quick_check does not compare them. A few milliseconds per thousand jobs."""
+        try:
+            self._db.execute("REINDEX jobs")
+        except sqlite3.Error as exc:  # damaged ids that now collide, or a full disk: the
+            # listings still agree (the row decides, _having_status)
+            log.warning("jobs database %s: could not rebuild its indexes (%s)", self.path, exc)
 
     def _add_missing_columns(self) -> None:
         present = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
@@ -200,13 +320,18 @@ class JobStore:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                finally:
+                    # SQLite has already rolled back a transaction that ran out of space
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                _raise_if_full(exc, self.path)
                 raise
-            self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -256,10 +381,12 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
-            row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            query = f"SELECT * FROM jobs WHERE {_BY_ID}"
+            row = self._db.execute(query, (_id_param(job_id),)).fetchone()
         return _to_job(row) if row else None
 
     def list(self, status: str | None = None, limit: int = 100) -> list[Job]:
+        """Newest first, damaged rows included (their ``damage`` says what is wrong)."""
         query, params = "SELECT * FROM jobs", []
         if status:
             query, params = query + " WHERE status = ?", [status]
@@ -267,7 +394,7 @@ class JobStore:
             rows = self._db.execute(
                 query + " ORDER BY seq DESC LIMIT ?", (*params, limit)
             ).fetchall()
-        return [_to_job(row) for row in rows]
+        return _having_status([_to_job(row) for row in rows], status)
 
     def count(self, status: str) -> int:
         """Jobs in ``status`` now (read at each /metrics scrape)."""
@@ -281,7 +408,7 @@ class JobStore:
             rows = self._db.execute(
                 "SELECT * FROM jobs WHERE status = ? ORDER BY seq", (status,)
             ).fetchall()
-        return [_to_job(row) for row in rows]
+        return _having_status([_to_job(row) for row in rows], status)
 
     def update(self, job_id: str, **values: Any) -> None:
         if not values:
@@ -289,7 +416,7 @@ class JobStore:
         columns = ", ".join(f"{name} = ?" for name in values)
         params = [json.dumps(v) if k in _JSON_COLUMNS else v for k, v in values.items()]
         with self._transaction() as db:
-            db.execute(f"UPDATE jobs SET {columns} WHERE id = ?", (*params, job_id))
+            db.execute(f"UPDATE jobs SET {columns} WHERE {_BY_ID}", (*params, _id_param(job_id)))
 
     def transition(self, job_id: str, from_statuses: tuple[str, ...], **values: Any) -> bool:
         """Update only if the job is still in one of ``from_statuses`` (no lost races)."""
@@ -298,7 +425,7 @@ class JobStore:
         marks = ", ".join("?" for _ in from_statuses)
         with self._transaction() as db:
             cursor = db.execute(
-                f"UPDATE jobs SET {columns} WHERE id = ? AND status IN ({marks})",
-                (*params, job_id, *from_statuses),
+                f"UPDATE jobs SET {columns} WHERE {_BY_ID} AND status IN ({marks})",
+                (*params, _id_param(job_id), *from_statuses),
             )
         return cursor.rowcount == 1

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from ml_engine.errors import UnknownNameError
@@ -41,6 +41,18 @@ FORM_FIELDS = ("image", "model", "run", "invert")
 _TRAIN_RULES = rules_by_key(TRAIN_RULES)
 # request fields with a configured allowed range (settings.Limits), the server's own policy
 _LIMITED_FIELDS = ("epochs", "batch_size", "lr", "weight_decay", "seed")
+
+
+class DamagedJob(BaseModel):
+    id: str
+    problem: str = Field(description="what is wrong with the job's stored record")
+
+
+class JobListing(JobList):
+    damaged: list[DamagedJob] = Field(
+        default_factory=list,
+        description="jobs whose stored record is damaged, by id (absent when none)",
+    )
 
 
 def _state(request: Request) -> ServerState:
@@ -187,7 +199,13 @@ def train_all(request: Request, body: Annotated[TrainOptions | None, Body()] = N
     return {"jobs": _submit_all(request, state, state.trainable, body or TrainOptions())}
 
 
-@router.get("/jobs", response_model=JobList, summary="Training jobs, newest first")
+@router.get(
+    "/jobs",
+    response_model=JobListing,
+    # "damaged" only when there are: the body of a sound database is as it always was
+    response_model_exclude_unset=True,
+    summary="Training jobs, newest first",
+)
 def list_jobs(
     request: Request,
     status: Annotated[str | None, Query(description=", ".join(JOB_STATUSES))] = None,
@@ -195,13 +213,24 @@ def list_jobs(
 ) -> dict[str, Any]:
     if status is not None and status not in JOB_STATUSES:
         raise ApiError(422, f"status '{status}' is not valid; accepted: {', '.join(JOB_STATUSES)}")
-    return {"jobs": [job_view(j) for j in _state(request).store.list(status, limit)]}
+    jobs = _state(request).store.list(status, limit)
+    listing: dict[str, Any] = {"jobs": [job_view(job) for job in jobs if job.damage is None]}
+    damaged = [{"id": job.id, "problem": job.damage} for job in jobs if job.damage]
+    if damaged:
+        listing["damaged"] = damaged
+    return listing
 
 
 def _job(state: ServerState, job_id: str) -> Job:
     job = state.store.get(job_id)
     if job is None:
         raise NotFound(f"no job '{job_id[:64]}'; see GET /ml/jobs")
+    if job.damage is not None:
+        raise ApiError(
+            500,
+            f"job '{job.id}' has a damaged record ({job.damage}); "
+            "GET /ml/jobs lists it under 'damaged'",
+        )
     return job
 
 
