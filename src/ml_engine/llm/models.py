@@ -20,6 +20,8 @@ import functools
 import hashlib
 import importlib.metadata
 import logging
+import stat
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,9 +75,68 @@ class GgufFacts:
 def read_gguf_facts(path: Path) -> GgufFacts:
     """``general.name``, ``general.file_type`` (as our quantization name, or llama.cpp's for the
     types we do not produce), ``general.architecture`` and whether a chat template is stored.
-    Raises ``ValueError``/``OSError`` for what is not a readable GGUF."""
-    stat = Path(path).stat()
-    return _read_gguf_facts(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    Raises ``OSError`` for a file that cannot be opened, ``ValueError`` saying in one line what
+    is wrong with one that is no readable GGUF."""
+    info = Path(path).stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError("not a regular file")  # never opened: a FIFO would block the reader
+    _check_header(Path(path), info.st_size)
+    try:
+        return _read_gguf_facts(str(Path(path).resolve()), info.st_size, info.st_mtime_ns)
+    except IndexError:  # the reader's arrays ended: an entry runs past the end of the file
+        raise ValueError(
+            f"corrupt or truncated GGUF: its metadata runs past the end of its {info.st_size} bytes"
+        ) from None
+    except (ValueError, KeyError, OverflowError, TypeError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ValueError(f"corrupt or truncated GGUF ({reason})") from None
+
+
+# what llama.cpp reads (gguf.cpp): the magic, then a little-endian version 2 or 3
+_GGUF_MAGIC = b"GGUF"
+_GGUF_VERSIONS = (2, 3)
+# the fewest bytes a metadata entry (key length, 1-byte key, type, 1-byte value) and a tensor's
+# description (name length, 1-byte name, n_dims, one dimension, type, offset) take
+_MIN_ENTRY_BYTES, _MIN_TENSOR_BYTES = 14, 33
+
+
+def _check_header(path: Path, size: int) -> None:
+    """The fixed header checked by hand, so that the common faults read as llama.cpp says them
+    rather than as a reader's index error deep in a loop over counts the file cannot hold."""
+    if size == 0:
+        raise ValueError("the file is empty")
+    with path.open("rb") as file:
+        head = file.read(24)
+    if head[:4] != _GGUF_MAGIC:
+        raise ValueError(f"not a GGUF file (it starts with {head[:4]!r}, a GGUF with b'GGUF')")
+    if len(head) < 24:
+        raise ValueError(f"truncated GGUF: {size} bytes, less than its 24-byte header")
+    version, tensors, entries = struct.unpack("<IQQ", head[4:])
+    if version and version & 0xFFFF == 0:  # llama.cpp: "for big-endian machines"
+        raise ValueError("a big-endian GGUF; llama.cpp reads little-endian ones here")
+    if version not in _GGUF_VERSIONS:
+        readable = " and ".join(map(str, _GGUF_VERSIONS))
+        raise ValueError(f"GGUF version {version}; llama.cpp reads versions {readable}")
+    if entries * _MIN_ENTRY_BYTES + tensors * _MIN_TENSOR_BYTES > size:
+        raise ValueError(
+            f"corrupt or truncated GGUF: its header counts {entries} metadata entries and "
+            f"{tensors} tensors, more than its {size} bytes can hold"
+        )
+
+
+def file_problem(model_cfg: Mapping[str, Any]) -> str | None:
+    """Why the file of ``llm.model.path`` is no GGUF this process can read, in one line that
+    names it; None when it reads, or when the model is not a file."""
+    if not is_file_model(model_cfg):
+        return None
+    path = _given_file(model_cfg)
+    try:
+        read_gguf_facts(path)
+    except OSError as error:
+        return f"{path} cannot be read: {error.strerror or error}"
+    except ValueError as error:
+        return f"{path}: {error}"
+    return None
 
 
 @functools.lru_cache(maxsize=32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from dataclasses import asdict, dataclass
@@ -14,6 +15,9 @@ from omegaconf import OmegaConf
 from ml_engine.errors import UserError
 from ml_engine.run.files import JOB_RECORD, read_job_record
 from ml_engine.run.helpers import finite_or_none, is_finite_number
+from ml_engine.server.model_files import refusal
+
+log = logging.getLogger(__name__)
 
 RUN_CONFIG = Path(".hydra") / "config.yaml"
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
@@ -50,7 +54,17 @@ class RunIndex:
         self._cache: dict[Path, tuple[float, RunInfo | None]] = {}
         self._lock = threading.Lock()
 
+    def _outside(self, run_dir: Path) -> bool:
+        """A run directory that is a link to one elsewhere is not a run of this folder (``get``
+        refuses it by name as well)."""
+        if run_dir.resolve().parent == self.runs_dir.resolve():
+            return False
+        log.warning("not listing run %s: it leads to %s", run_dir, run_dir.resolve())
+        return True
+
     def _parse(self, run_dir: Path) -> RunInfo | None:
+        if self._outside(run_dir):
+            return None
         record = read_job_record(run_dir)
         if record is None or record.get("status") != "ok":
             return None  # still running, failed, or not a run of ours
@@ -65,6 +79,11 @@ class RunIndex:
             return None
         checkpoint = metrics.get("best_ckpt") or metrics.get("last_ckpt")
         if not network or not checkpoint or not Path(checkpoint).is_file():
+            return None
+        # a checkpoint is unpickled when served: only one that lives in this folder
+        why = refusal(Path(checkpoint), self.runs_dir)
+        if why is not None:
+            log.warning("not listing run %s: its checkpoint %s: %s", run_dir, checkpoint, why)
             return None
         epochs = metrics.get("epochs_run")
         return RunInfo(
