@@ -437,7 +437,7 @@ class LlamaCppBackend(LlmBackend):
         _LOG_TAIL.clear()
         _loading.lines = []
         try:
-            with _flash_attn_type(self.flash_attn_requested):
+            with _flash_attn_type(self.flash_attn_requested), _unparsed_templates_kept():
                 self._llama = llama_cpp.Llama(
                     str(self.model_path),
                     n_gpu_layers=n_gpu_layers,
@@ -473,10 +473,14 @@ class LlamaCppBackend(LlmBackend):
         self._closed = False
         self._template = None
         self.chat_template_status = "off"
+        template = llama_cpp.llama_model_chat_template(self._model, None)
+        # a chat needs the model's template: one Jinja cannot parse refuses chats (not loads)
+        self.chat_template_error = _template_error(template)
         if chat_template:
-            template = llama_cpp.llama_model_chat_template(self._model, None)
             if not template:
                 self.chat_template_status = CHAT_TEMPLATE_MISSING
+            elif self.chat_template_error is not None:
+                self.chat_template_status = CHAT_TEMPLATE_BROKEN
             elif self._apply_template(template, "x") is None:
                 self.chat_template_status = CHAT_TEMPLATE_UNKNOWN
             else:
@@ -553,6 +557,7 @@ class LlamaCppBackend(LlmBackend):
         llama.cpp's llama_chat_apply_template: in the file's own template when llama.cpp
         recognises it, else in llama.cpp's built-in "chatml". Returns the text and what was
         used: "model", or "chatml" with why (the file has none, or llama.cpp cannot apply it)."""
+        self._check_template()
         template = self._lib.llama_model_chat_template(self._model, None)
         if template:
             text = self._apply_messages(template, messages)
@@ -584,8 +589,19 @@ class LlamaCppBackend(LlmBackend):
             size = n + 1
         return None
 
+    def _check_template(self) -> None:
+        if self.chat_template_error is not None:
+            raise UserError(
+                f"the chat template of {self.model_path} does not parse "
+                f"({self.chat_template_error}), so no chat can be formatted for this model: "
+                "fix its tokenizer.chat_template, or send the prompt already formatted as a "
+                "plain completion (/v1/completions)"
+            )
+
     def format_prompt(self, prompt: str) -> str:
         """The prompt in the model's chat template, when configured and applicable."""
+        if self.use_chat_template:
+            self._check_template()
         if not self._template:
             return prompt
         formatted = self._apply_template(self._template, prompt)
@@ -887,6 +903,62 @@ class LlamaCppBackend(LlmBackend):
 
 
 _GGML_TYPE_F32 = 0
+# chat_template=true on a file whose template Jinja cannot parse (chats are refused)
+CHAT_TEMPLATE_BROKEN = "does not parse"
+_formatter_lock = threading.Lock()
+
+
+@functools.cache
+def _tolerant_formatter() -> type:
+    """llama-cpp-python's Jinja2ChatFormatter, keeping a template Jinja cannot parse (with why,
+    ``error``) instead of raising: ``Llama()`` compiles every template of a file for its own
+    chat API, which this backend does not use (llama_chat_apply_template formats its chats),
+    so one bad template made the whole file unloadable."""
+    from jinja2 import TemplateError
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    class TolerantFormatter(Jinja2ChatFormatter):
+        error: str | None = None
+
+        def __init__(self, template: str, *args: Any, **kwargs: Any) -> None:
+            try:
+                super().__init__(template, *args, **kwargs)
+            except TemplateError as exc:
+                self.template, self.error = template, _jinja_reason(exc)
+
+    return TolerantFormatter
+
+
+def _jinja_reason(exc: Exception) -> str:
+    message = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).splitlines()[0]
+    line = getattr(exc, "lineno", None)
+    return f"{message.rstrip('.')}, line {line}" if line else message
+
+
+@contextlib.contextmanager
+def _unparsed_templates_kept() -> Iterator[None]:
+    """``Llama()`` builds its chat formatters with the tolerant one for the duration of the
+    call (it looks the class up on its module at each use)."""
+    from llama_cpp import llama_chat_format
+
+    tolerant = _tolerant_formatter()
+    with _formatter_lock:
+        original = llama_chat_format.Jinja2ChatFormatter
+        llama_chat_format.Jinja2ChatFormatter = tolerant
+        try:
+            yield
+        finally:
+            llama_chat_format.Jinja2ChatFormatter = original
+
+
+def _template_error(template: bytes | None) -> str | None:
+    """Why Jinja (as llama-cpp-python sets it up) cannot parse ``template``; None when it can
+    or there is none."""
+    if not template:
+        return None
+    text = template.decode("utf-8", errors="replace")
+    return _tolerant_formatter()(text, eos_token="", bos_token="").error
+
 
 FLASH_ATTN_CHOICES = ("auto", True, False)
 _flash_attn_lock = threading.Lock()
