@@ -189,21 +189,27 @@ class LlmService:
         return list(self._config_names)
 
     def exported_models(self) -> dict[str, Path]:
-        """GGUF files exported into training runs, by file stem. A stem that is not a name
-        (the API's pattern), or that a configured model, a given file or an earlier run already
-        has, is skipped with a warning."""
+        """GGUF files exported into training runs, by file stem, each resolved. What is not a
+        regular file that lives in the exports folder (model_files.refusal: a FIFO, a directory,
+        a link out of the folder), or whose stem is not a name (the API's pattern) or is one a
+        configured model, a given file or an earlier run already has, is skipped with a
+        warning: one odd entry never breaks the list."""
         if self.exports_dir is None or not self.exports_dir.is_dir():
             return {}
+        from ml_engine.server.model_files import refusal
+
         taken = set(self._configured_names()) | set(self.given_files)
         found: dict[str, Path] = {}
         for path in sorted(self.exports_dir.glob("*/*.gguf")):
             name = path.stem
-            if not re.fullmatch(NAME_PATTERN, name) or name in taken or name in found:
-                if path not in self._skipped:
-                    self._skipped.add(path)
-                    log.warning("not listing %s: %r is not a free model name", path, name)
-                continue
-            found[name] = path
+            why = refusal(path, self.exports_dir)
+            if why is None and (not re.fullmatch(NAME_PATTERN, name) or name in taken | set(found)):
+                why = f"{name!r} is not a free model name"
+            if why is None:
+                found[name] = path.resolve()
+            elif path not in self._skipped:
+                self._skipped.add(path)
+                log.warning("not listing %s: %s", path, why)
         return found
 
     def file_models(self) -> dict[str, Path]:
@@ -237,29 +243,43 @@ class LlmService:
             raise UnknownNameError("llm model", name, names)
 
     def describe_models(self) -> list[dict[str, Any]]:
-        from ml_engine.llm.models import EMBEDDED, available_quantizations
+        exported = self.exported_models()
+        return [self._describe(name, name in exported) for name in self.model_names()]
 
-        models = []
-        exported, given = self.exported_models(), self.given_files
-        for name in self.model_names():
+    def _describe(self, name: str, exported: bool) -> dict[str, Any]:
+        """One entry of ``describe_models``; a model whose file cannot be read (or is gone
+        since the start) is an entry with its error, never a failed list."""
+        from ml_engine.llm.models import EMBEDDED, available_quantizations, file_problem
+
+        given = self.given_files.get(name)
+        entry: dict[str, Any] = {
+            "name": name,
+            "quantizations_on_disk": [],
+            "default_quantization": None,
+            "file_on_disk": False,
+            "embedded": False,
+            "exported": exported,
+            "file": str(given) if given else None,
+        }
+        try:
             llm = self.llm_config(name)
-            on_disk = available_quantizations(llm.model, self.models_dir)
-            default = OmegaConf.select(llm, "quantization", default=None)
-            usable, error = self._tried.get((name, default), (None, None))
-            models.append(
-                {
-                    "name": name,
-                    "quantizations_on_disk": on_disk,
-                    "default_quantization": default,
-                    "file_on_disk": default in on_disk,
-                    "embedded": llm.model.get("source") == EMBEDDED,
-                    "exported": name in exported,
-                    "file": str(given[name]) if name in given else None,
-                    "usable": usable,
-                    "error": error,
-                }
-            )
-        return models
+        except UserError as exc:
+            return {**entry, "usable": False, "error": first_line(exc)}
+        on_disk = available_quantizations(llm.model, self.models_dir)
+        default = OmegaConf.select(llm, "quantization", default=None)
+        usable, error = self._tried.get((name, default), (None, None))
+        problem = file_problem(llm.model)
+        if problem is not None:
+            usable, error = False, problem
+        return {
+            **entry,
+            "quantizations_on_disk": on_disk,
+            "default_quantization": default,
+            "file_on_disk": default in on_disk,
+            "embedded": llm.model.get("source") == EMBEDDED,
+            "usable": usable,
+            "error": error,
+        }
 
     @staticmethod
     def default_model(models: list[dict[str, Any]]) -> str | None:
@@ -289,10 +309,14 @@ class LlmService:
     def _check_file(self, name: str, llm: DictConfig) -> None:
         """A request may only use model files already on disk: producing one (quantizing a
         7B model, say) is minutes of CPU and gigabytes of disk, an operator's decision
-        (``llm.produce_missing=true``). The embedded tiny model is cheap and always allowed."""
-        from ml_engine.llm.models import EMBEDDED, available_quantizations
+        (``llm.produce_missing=true``). The embedded tiny model is cheap and always allowed.
+        A file that is no GGUF the server can read is refused saying what is wrong with it."""
+        from ml_engine.llm.models import EMBEDDED, available_quantizations, file_problem
         from ml_engine.llm.quantize import check_quantization
 
+        problem = file_problem(llm.model)
+        if problem is not None:
+            raise UserError(f"model '{name}' cannot be loaded: {problem}")
         quantization = check_quantization(str(llm.quantization))
         if self.produce_missing or llm.model.get("source") == EMBEDDED:
             return
