@@ -110,7 +110,8 @@ def create_app(cfg: DictConfig | Settings) -> FastAPI:
     app.include_router(routes_openai.router, dependencies=protected)
 
     @app.get("/health", response_model=Health, tags=["service"], summary="Liveness")
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:
+        # on the event loop: it needs no thread, so no load on the other routes can delay it
         return {"service": SERVICE_NAME, "status": "ok"}
 
     @app.get(

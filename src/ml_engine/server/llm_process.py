@@ -80,6 +80,14 @@ class LlmProcess:
         env = worker_env()
         env["GGML_NO_BACKTRACE"] = "1"  # ggml would attach gdb to print a backtrace on abort
         with log_path.open("ab") as log:
+            # written before the worker starts: a full disk is then a refusal naming the folder
+            # (the caller's 507), not a worker that dies with nowhere to say why
+            try:
+                log.write(f"model worker for {label}\n".encode())
+                log.flush()
+            except OSError:
+                log_path.unlink(missing_ok=True)
+                raise
             self._child = subprocess.Popen(
                 [sys.executable, "-m", "ml_engine.server.llm_worker"],
                 stdin=subprocess.PIPE,
@@ -120,6 +128,10 @@ class LlmProcess:
         message = json.loads(self._read_line(self.timeout_s if bounded else None))
         if "error" in message:
             error = message["error"]
+            if message.get("no_space"):
+                from ml_engine.server.errors import StorageFull
+
+                raise StorageFull(message["no_space"], "the model worker's files")
             raise UserError(error) if message.get("user") else WorkerFailed(error)
         return message
 
@@ -182,8 +194,12 @@ class LlmProcess:
         asked for: a larger loaded one serves it as if it were that size)."""
         return ProcessStream(self, prompt, options, stream=True)
 
-    def complete(self, prompt: str, **options: Any) -> dict[str, Any]:
+    def complete(self, prompt: str, cancel: Any = None, **options: Any) -> dict[str, Any]:
+        """The whole completion; ``cancel`` (a ``Cancellation``) stops it between two tokens
+        from another thread (its client went away)."""
         generation = ProcessStream(self, prompt, options, stream=False)
+        if cancel is not None:
+            cancel.on_cancel(generation.cancel)
         done = generation.finish()
         return {
             "text": done["text"],
@@ -195,6 +211,11 @@ class LlmProcess:
 
     def describe(self) -> dict[str, Any]:
         return dict(self.facts)
+
+    def kill(self) -> None:
+        """End the worker now, whatever it is doing: a request reading from it sees a crash."""
+        with contextlib.suppress(OSError):
+            self._child.kill()
 
     def close(self) -> None:
         """Ask the worker to exit; kill it when it does not."""
@@ -225,6 +246,9 @@ class ProcessStream:
         self, process: LlmProcess, prompt: str | None, options: dict[str, Any], stream: bool
     ) -> None:
         self._process, self._finished = process, False
+        # a cancel from another thread is written only while this generation runs: one sent
+        # after its end could stop the next request's generation on the same worker
+        self._state_lock = threading.Lock()
         self._pieces: deque[str] = deque()  # of a message holding several
         self.stats: dict[str, Any] | None = None
         request = {
@@ -254,14 +278,16 @@ class ProcessStream:
         try:
             message = self._process.receive()
         except BaseException:
-            self._finished = True
+            with self._state_lock:
+                self._finished = True
             raise
         if "t" in message:
             return message["t"]
         if "ts" in message:
             self._pieces.extend(message["ts"][1:])
             return message["ts"][0]
-        self._finished, self.stats = True, message
+        with self._state_lock:
+            self._finished, self.stats = True, message
         raise StopIteration
 
     def finish(self) -> dict[str, Any]:
@@ -271,11 +297,18 @@ class ProcessStream:
         assert self.stats is not None
         return self.stats
 
+    def cancel(self) -> None:
+        """Ask the worker to stop between two tokens (any thread); the reader then gets the
+        ``done`` message with ``finish_reason: cancelled``."""
+        with self._state_lock:
+            if not self._finished:
+                self._process.send({"op": "cancel"})
+
     def close(self) -> None:
         """Stop the generation between two tokens and wait for the worker to be free again."""
         if self._finished:
             return
-        self._process.send({"op": "cancel"})
+        self.cancel()
         # the request is over either way; a crash is seen by the server when the model is
         # given back (the worker is dropped)
         with contextlib.suppress(UserError, WorkerFailed, WorkerCrashed):

@@ -32,6 +32,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ml_engine.errors import UnknownNameError, UserError
 from ml_engine.run.helpers import finite_or_none, first_line
 from ml_engine.run.locations import CONFIG_DIR
+from ml_engine.server.errors import StorageFull, is_no_space
+from ml_engine.server.generation_queue import Cancellation, ClientGone
 from ml_engine.server.llm_process import LlmProcess, WorkerCrashed
 from ml_engine.server.metrics import ServerMetrics
 from ml_engine.server.schemas import NAME_PATTERN
@@ -104,6 +106,11 @@ class _Loaded:
     def rss_bytes(self) -> int:
         rss = getattr(self.backend, "rss_bytes", None)
         return rss() if rss is not None else 0
+
+
+def _alive(entry: _Loaded) -> bool:
+    alive = getattr(entry.backend, "alive", None)
+    return alive is None or alive()
 
 
 def _api_name(path: Path) -> str:
@@ -375,6 +382,11 @@ class LlmService:
                 timeout_s=self.worker_timeout_s,
                 stream_interval_ms=self.stream_interval_ms,
             )
+        except OSError as exc:
+            self._worker_gone()
+            if is_no_space(exc):
+                raise StorageFull(log_path.parent, "the model worker's log") from None
+            raise
         except (UserError, WorkerCrashed) as exc:
             self._worker_gone()
             if isinstance(exc, WorkerCrashed):
@@ -427,8 +439,33 @@ class LlmService:
         fits = [e for e in self._loaded.values() if e.serves(key)]
         return min(fits, key=lambda e: e.key.n_ctx or 0) if fits else None
 
+    def _drop_dead(self) -> None:
+        """Forget workers that died while idle (the OOM killer, a kill by hand): the request
+        that would have met one starts a fresh worker instead of failing with a 502."""
+        dead = []
+        for entry in list(self._loaded.values()):
+            # one in use is left to its request, which drops it on release
+            if _alive(entry) or not entry.lock.acquire(blocking=False):
+                continue
+            del self._loaded[entry.key]
+            entry.closed = True
+            entry.lock.release()
+            dead.append(entry)
+            log.warning(
+                "model worker for %s died while idle; the next request starts one", entry.key
+            )
+        if dead:
+            threading.Thread(target=self._reap, args=(dead,), daemon=True).start()
+
+    def _reap(self, dead: list[_Loaded]) -> None:
+        for entry in dead:
+            entry.backend.close()
+            self._worker_gone()
+            self.metrics.worker_crashed()
+
     def _get_or_load(self, key: LlmKey) -> _Loaded:
         with self._cache_lock:
+            self._drop_dead()
             found = self._find(key)
             if found is not None:
                 self._loaded.move_to_end(found.key)
@@ -487,10 +524,20 @@ class LlmService:
         """Worker processes alive now (loading ones included)."""
         return self._live_workers
 
-    def close(self) -> None:
+    def close(self, grace_s: float | None = None) -> None:
+        """Close every worker; one still serving a request after ``grace_s`` is killed (the
+        request sees a crash) rather than waited for."""
         with self._cache_lock:
             loaded, self._loaded = list(self._loaded.values()), OrderedDict()
         for entry in loaded:
+            if grace_s is not None and not entry.lock.acquire(timeout=grace_s):
+                kill = getattr(entry.backend, "kill", None)
+                if kill is not None:
+                    kill()
+                entry.lock.acquire()
+            elif grace_s is None:
+                entry.lock.acquire()
+            entry.lock.release()
             self._close(entry)
 
     # generation ------------------------------------------------------------------------------
@@ -502,9 +549,16 @@ class LlmService:
             return {}
         return {"n_ctx": self.resolve(key).n_ctx}
 
-    def complete(self, key: LlmKey, prompt: str, sampling: dict[str, Any]) -> dict[str, Any]:
+    def complete(
+        self, key: LlmKey, prompt: str, sampling: dict[str, Any], cancel: Cancellation | None = None
+    ) -> dict[str, Any]:
+        """The whole completion; ``cancel`` stops it between two tokens (its client left), or
+        before it starts (``ClientGone``)."""
         loaded = self.acquire(key)
-        return self._complete_loaded(loaded, key, prompt, sampling)
+        if cancel is not None and cancel.cancelled:
+            self.release(loaded)
+            raise ClientGone()
+        return self._complete_loaded(loaded, key, prompt, sampling, cancel)
 
     def complete_now(
         self, key: LlmKey, prompt: str, sampling: dict[str, Any]
@@ -524,11 +578,18 @@ class LlmService:
         return self._complete_loaded(loaded, key, prompt, sampling)
 
     def _complete_loaded(
-        self, loaded: _Loaded, key: LlmKey, prompt: str, sampling: dict[str, Any]
+        self,
+        loaded: _Loaded,
+        key: LlmKey,
+        prompt: str,
+        sampling: dict[str, Any],
+        cancel: Cancellation | None = None,
     ) -> dict[str, Any]:
         """Complete on a backend whose lock is held; gives the lock back."""
         try:
             options = self.request_options(loaded, key)
+            if cancel is not None and isinstance(loaded.backend, LlmProcess):
+                options["cancel"] = cancel
             result = loaded.backend.complete(prompt, **sampling, **options)
             result["timings"] = finite_values(result.get("timings") or {})
             tokens = int(result.get("completion_tokens") or 0)
@@ -538,11 +599,17 @@ class LlmService:
             self.release(loaded)
 
     def stream_loaded(
-        self, loaded: _Loaded, prompt: str, sampling: dict[str, Any], key: LlmKey | None = None
+        self,
+        loaded: _Loaded,
+        prompt: str,
+        sampling: dict[str, Any],
+        key: LlmKey | None = None,
+        cancel: Cancellation | None = None,
     ) -> TokenStream:
-        """Stream from a backend taken with ``acquire``; the stream releases it when done."""
+        """Stream from a backend taken with ``acquire``; the stream releases it when done.
+        ``cancel`` stops the worker's generation between two tokens from any thread."""
         options = self.request_options(loaded, key or loaded.key)
-        return TokenStream(self, loaded, prompt, {**sampling, **options})
+        return TokenStream(self, loaded, prompt, {**sampling, **options}, cancel)
 
 
 class TokenStream:
@@ -553,9 +620,15 @@ class TokenStream:
     """
 
     def __init__(
-        self, service: LlmService, loaded: _Loaded, prompt: str, sampling: dict[str, Any]
+        self,
+        service: LlmService,
+        loaded: _Loaded,
+        prompt: str,
+        sampling: dict[str, Any],
+        cancel: Cancellation | None = None,
     ) -> None:
         self._service, self._loaded = service, loaded
+        self._cancel = cancel
         self._events = self._generate(prompt, sampling)
         self.stats: dict[str, Any] | None = None  # a worker's counts once finished
         self._released = False
@@ -577,6 +650,9 @@ class TokenStream:
         pieces: list[str] = []
         first_at = None
         tokens = backend.stream(prompt, **sampling)
+        stop = getattr(tokens, "cancel", None)
+        if self._cancel is not None and stop is not None:
+            self._cancel.on_cancel(stop)
         try:
             for piece in tokens:
                 if first_at is None:

@@ -6,16 +6,17 @@ import itertools
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from ml_engine.errors import UserError
 from ml_engine.llm.backends import BACKENDS
 from ml_engine.run.helpers import first_line
 from ml_engine.server.errors import ApiError
+from ml_engine.server.generation_queue import Slot, run_until_gone
 from ml_engine.server.guards import check_range, require_json
 from ml_engine.server.llm_process import WorkerCrashed, WorkerFailed
 from ml_engine.server.llm_service import SAMPLING_FIELDS, LlmKey
@@ -84,10 +85,11 @@ def _generation_error(exc: Exception) -> str:
 
 
 def _relay(
-    first: dict[str, Any], events: Iterator[dict[str, Any]], extra: dict[str, Any]
+    first: dict[str, Any], events: Iterator[dict[str, Any]], extra: dict[str, Any], slot: Slot
 ) -> AsyncIterator[bytes]:
     """The token events as SSE (``token``…, then ``done`` with ``extra``, or ``error``); the
-    iterator holds the model's lock and is closed when the stream ends."""
+    iterator holds the model's lock and is closed when the stream ends, the request's place in
+    the generation queue then given back."""
 
     def chunks() -> Iterator[bytes]:
         for event in itertools.chain([first], events):
@@ -101,11 +103,20 @@ def _relay(
         return _sse("error", {"error": _generation_error(exc)})
 
     def on_close() -> None:
-        close = getattr(events, "close", None)
-        if close is not None:
-            close()
+        try:
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
+        finally:
+            slot.release()
 
-    return relay_in_thread(chunks(), on_error=on_error, on_close=on_close, name="llm-stream")
+    return relay_in_thread(
+        chunks(),
+        on_error=on_error,
+        on_close=on_close,
+        name="llm-stream",
+        on_abandon=slot.cancellation.cancel,
+    )
 
 
 def _first_event(events: Iterator[dict[str, Any]]) -> dict[str, Any]:
@@ -117,6 +128,25 @@ def _first_event(events: Iterator[dict[str, Any]]) -> dict[str, Any]:
         raise ApiError(422, "the model produced nothing") from None
 
 
+def _open_stream(
+    state: ServerState, key: LlmKey, prompt: str, sampling: dict[str, Any], slot: Slot
+) -> tuple[dict[str, Any], Iterator[dict[str, Any]]]:
+    """Take the model, start the stream and read its first event, in one thread call: a second
+    call would need a free thread while this request holds the model."""
+    loaded = state.llm.acquire(key)
+    try:
+        slot.cancellation.check()
+    except ApiError:
+        state.llm.release(loaded)
+        raise
+    events = state.llm.stream_loaded(loaded, prompt, sampling, key, slot.cancellation)
+    try:
+        return _first_event(events), events
+    except BaseException:
+        events.close()
+        raise
+
+
 @router.post(
     "/generate",
     response_model=GenerateResponse,
@@ -126,29 +156,51 @@ def _first_event(events: Iterator[dict[str, Any]]) -> dict[str, Any]:
 )
 async def generate(request: Request, body: GenerateRequest) -> Any:
     state = _state(request)
+    if body.backend != "mock":
+        state.generation.check_room()
     _validate(state, body)
     key = LlmKey(body.backend, body.model, body.quantization, body.n_ctx, body.n_gpu_layers)
     sampling = {name: getattr(body, name) for name in SAMPLING_FIELDS}
     extra = {"model": body.model, "prompt": body.prompt, "params": _params(body)}
-    if body.stream:
-        # load (and report load errors as plain 4xx JSON) before the stream starts
-        loaded = await run_in_threadpool(state.llm.acquire, key)
-        events = state.llm.stream_loaded(loaded, body.prompt, sampling, key)
-        # the first event is taken before answering, so that a prompt the model cannot take
-        # (longer than its context, say) is a plain 422 rather than an error event after a 200
-        first = await run_in_threadpool(_first_event, events)
-        return StreamingResponse(
-            _relay(first, events, extra),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-    try:
-        result = state.llm.complete_now(key, body.prompt, sampling)
-        if result is None:  # a model worker, or the first request: in a thread
-            result = await run_in_threadpool(state.llm.complete, key, body.prompt, sampling)
-    except (UserError, ApiError):
-        raise
-    except ValueError as exc:  # llama.cpp: prompt longer than the context, and the like
-        raise ApiError(422, _generation_error(exc)) from None
+    result = None if body.stream else state.llm.complete_now(key, body.prompt, sampling)
+    if result is None:  # a model worker, or the first request: its turn, then a thread
+        slot = await state.generation.enter(request)
+        if body.stream:
+            return await _stream(request, state, key, body.prompt, sampling, extra, slot)
+        try:
+            work = partial(state.llm.complete, key, body.prompt, sampling, slot.cancellation)
+            result = await run_until_gone(request, work, slot.cancellation)
+            slot.cancellation.check()  # cut short: the client left, or the server is stopping
+        except (UserError, ApiError):
+            raise
+        except ValueError as exc:  # llama.cpp: prompt longer than the context, and the like
+            raise ApiError(422, _generation_error(exc)) from None
+        finally:
+            slot.release()
     output = result.pop("text")
     return {**extra, **result, "output": output}
+
+
+async def _stream(
+    request: Request,
+    state: ServerState,
+    key: LlmKey,
+    prompt: str,
+    sampling: dict[str, Any],
+    extra: dict[str, Any],
+    slot: Slot,
+) -> StreamingResponse:
+    # load (and report load errors as plain 4xx JSON) before the stream starts; the first
+    # event is taken before answering, so that a prompt the model cannot take (longer than its
+    # context, say) is a plain 422 rather than an error event after a 200
+    try:
+        work = partial(_open_stream, state, key, prompt, sampling, slot)
+        first, events = await run_until_gone(request, work, slot.cancellation)
+    except BaseException:
+        slot.release()
+        raise
+    return StreamingResponse(
+        _relay(first, events, extra, slot),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

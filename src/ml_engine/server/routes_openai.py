@@ -17,15 +17,16 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field
 
 from ml_engine.errors import UserError
 from ml_engine.server.errors import ApiError, openai_error
+from ml_engine.server.generation_queue import Slot, run_until_gone
 from ml_engine.server.guards import check_range, require_json
 from ml_engine.server.llm_process import (
     ProcessStream,
@@ -209,26 +210,73 @@ class Generation:
             self._stream.close()  # cancels the worker's generation between two tokens
         finally:
             self._service.release(self._loaded)
+        self._count()
+
+    def _count(self) -> None:
+        """The tokens into /metrics, as /llm/generate counts its own."""
+        stats = self._stream.stats or {}
+        timings = stats.get("timings") or {}
+        rate = timings.get("gen_tokens_per_s")
+        tokens = int(stats.get("completion_tokens") or 0)
+        self._service.metrics.generated("llama_cpp", tokens, rate)
 
 
-def _open(state: ServerState, model: str, sampling: dict, stops: list[str], **prompt) -> Generation:
-    """Take the model and start the generation (blocking: run in a thread)."""
+def _open(
+    state: ServerState, model: str, sampling: dict, stops: list[str], slot: Slot, **prompt
+) -> Generation:
+    """Take the model and start the generation (blocking: run in a thread); the slot's
+    cancellation stops it between two tokens."""
     service = state.llm
     key = LlmKey("llama_cpp", model, None, None, None)
     loaded = service.acquire(key)
     try:
+        slot.cancellation.check()
         text = prompt.pop("prompt", None)
         options = {**sampling, **service.request_options(loaded, key), **prompt}
         stream = loaded.backend.stream(text, **options)
     except BaseException:
         service.release(loaded)
         raise
+    slot.cancellation.on_cancel(stream.cancel)
     return Generation(service, loaded, stream, stops)
 
 
-async def _start(state: ServerState, model: str, sampling: dict, stops: list, **prompt) -> Any:
-    _check_model(state, model)
-    return await run_in_threadpool(_open, state, model, sampling, stops, **prompt)
+def _whole(
+    state: ServerState, model: str, sampling: dict, stops: list[str], slot: Slot, **prompt
+) -> tuple[Generation, str]:
+    """Open and read the whole generation in one thread call: a second call would need a free
+    thread while this request holds the model."""
+    generation = _open(state, model, sampling, stops, slot, **prompt)
+    return generation, _collect(generation)
+
+
+async def _generate(
+    request: Request,
+    state: ServerState,
+    body: _Request,
+    sampling: dict,
+    stops: list[str],
+    **prompt: Any,
+) -> tuple[Generation, str | None, Slot | None]:
+    """The generation (and its whole text when not streamed) once the request's turn has
+    come; a stream keeps its slot, given back when the stream ends."""
+    _check_model(state, body.model)
+    slot = await state.generation.enter(request)
+    work = _open if body.stream else _whole
+    try:
+        done = await run_until_gone(
+            request,
+            partial(work, state, body.model, sampling, stops, slot, **prompt),
+            slot.cancellation,
+        )
+    except BaseException:
+        slot.release()
+        raise
+    if body.stream:
+        return done, None, slot
+    slot.release()
+    slot.cancellation.check()  # cut short: the client left, or the server is stopping
+    return done[0], done[1], None
 
 
 def _stream_error(exc: Exception) -> dict[str, Any]:
@@ -247,21 +295,34 @@ def _sse(data: dict[str, Any] | str) -> bytes:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
-def _relay(generation: Generation, events: Iterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+def _relay(
+    generation: Generation, events: Iterator[dict[str, Any]], slot: Slot
+) -> AsyncIterator[bytes]:
     """The chunks as SSE, then ``[DONE]`` (or an error object); the worker's generation is
-    cancelled when the stream ends, the client's leaving included."""
+    cancelled when the stream ends, the client's leaving included, and the request's place in
+    the generation queue given back."""
     chunks = itertools.chain((_sse(event) for event in events), [_sse("[DONE]")])
+
+    def on_close() -> None:
+        try:
+            generation.close()
+        finally:
+            slot.release()
+
     return relay_in_thread(
         chunks,
         on_error=lambda exc: _sse(_stream_error(exc)),
-        on_close=generation.close,
+        on_close=on_close,
         name="openai-stream",
+        on_abandon=slot.cancellation.cancel,
     )
 
 
-def _streaming(generation: Generation, events: Iterator[dict[str, Any]]) -> StreamingResponse:
+def _streaming(
+    generation: Generation, events: Iterator[dict[str, Any]], slot: Slot
+) -> StreamingResponse:
     return StreamingResponse(
-        _relay(generation, events),
+        _relay(generation, events, slot),
         media_type="text/event-stream",
         headers={
             "Cache-Control": "no-cache",
@@ -305,14 +366,15 @@ def _chunks(
 )
 async def chat_completions(request: Request, body: ChatRequest) -> Any:
     state = _state(request)
+    state.generation.check_room()
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     for message in messages:  # llama.cpp's templates know "system", not OpenAI's newer name
         message["role"] = "system" if message["role"] == "developer" else message["role"]
     _check_prompt(state, sum(len(m["content"]) for m in messages))
     max_tokens = body.max_completion_tokens or body.max_tokens
     sampling = _sampling(state, body, max_tokens, default=256)
-    generation = await _start(
-        state, body.model, sampling, _stops(body), mode="chat", messages=messages
+    generation, text, slot = await _generate(
+        request, state, body, sampling, _stops(body), mode="chat", messages=messages
     )
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
@@ -330,8 +392,7 @@ async def chat_completions(request: Request, body: ChatRequest) -> Any:
 
         include = bool(body.stream_options and body.stream_options.include_usage)
         events = _chunks(generation, {**head, "object": "chat.completion.chunk"}, choice, include)
-        return _streaming(generation, events)
-    text = await run_in_threadpool(_collect, generation)
+        return _streaming(generation, events, slot)
     message = {"role": "assistant", "content": text, "refusal": None}
     return _answer(
         generation,
@@ -358,13 +419,14 @@ async def chat_completions(request: Request, body: ChatRequest) -> Any:
 )
 async def completions(request: Request, body: CompletionRequest) -> Any:
     state = _state(request)
+    state.generation.check_room()
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
         raise ApiError(400, f"prompt: give one string (got a list of {len(prompts)})")
     _check_prompt(state, len(prompts[0]))
     sampling = _sampling(state, body, body.max_tokens, default=16)
-    generation = await _start(
-        state, body.model, sampling, _stops(body), mode="raw", prompt=prompts[0]
+    generation, text, slot = await _generate(
+        request, state, body, sampling, _stops(body), mode="raw", prompt=prompts[0]
     )
     head = {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}",
@@ -381,8 +443,7 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
             return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
 
         include = bool(body.stream_options and body.stream_options.include_usage)
-        return _streaming(generation, _chunks(generation, head, choice, include))
-    text = await run_in_threadpool(_collect, generation)
+        return _streaming(generation, _chunks(generation, head, choice, include), slot)
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": generation.finish_reason}
     return _answer(generation, {**head, "choices": [choice], "usage": generation.usage()})
 

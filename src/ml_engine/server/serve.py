@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 from typing import Any
@@ -32,6 +33,24 @@ def _check_bindable(host: str, port: int) -> None:
             ) from None
 
 
+def _graceful_server_class() -> type:
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, which on SIGTERM or Ctrl-C first has the app end what it has in
+        flight (waiting generations refused, running ones cancelled between two tokens) before
+        uvicorn waits for the open connections: a stream would otherwise keep the server, and
+        its jobs-database lock, until its last token."""
+
+        async def shutdown(self, sockets: Any = None) -> None:
+            state = getattr(self.config.app.state, "server", None)
+            if state is not None:
+                state.begin_shutdown()
+            await super().shutdown(sockets)
+
+    return GracefulServer
+
+
 def serve(cfg: DictConfig) -> dict[str, Any]:
     import uvicorn
 
@@ -43,5 +62,7 @@ def serve(cfg: DictConfig) -> dict[str, Any]:
             "listening on %s without api_key: anyone who can reach it can train", settings.host
         )
     print(f"serving on http://{settings.host}:{settings.port} (docs at /docs)", flush=True)
-    uvicorn.run(app, **uvicorn_options(settings))
+    server = _graceful_server_class()(uvicorn.Config(app, **uvicorn_options(settings)))
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a user stops it
+        server.run()
     return {"host": settings.host, "port": settings.port}

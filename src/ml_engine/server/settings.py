@@ -71,6 +71,10 @@ class Settings:
     llm_worker_timeout_s: float | None = 300.0
     llm_stream_interval_ms: float = 20.0
     llm_produce_missing: bool = False
+    # generations running at once, and waiting beyond them, before a 429 (Retry-After)
+    llm_max_running: int = 2
+    llm_max_queued: int = 8
+    llm_retry_after_s: int = 5
     llm_exports_dir: Path | None = None
     llm_files: tuple[Path, ...] = ()
     # sweep kind (train, generate) → the dir its sweeps are written under, for GET /ml/sweeps
@@ -134,6 +138,12 @@ def _stream_interval(value: Any) -> float:
     return float(value)
 
 
+def _count(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise UserError(f"{name}={value!r} is not valid; expected an integer ≥ {low}")
+    return value
+
+
 def _window_ms(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1000:
         raise UserError(
@@ -191,6 +201,9 @@ def _forwarded_allow_ips(value: Any) -> tuple[str, ...]:
     return addresses
 
 
+SHUTDOWN_GRACE_S = 3
+
+
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """uvicorn's settings for this server, the ones ``serve.py`` runs it with.
 
@@ -202,6 +215,9 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "log_level": settings.log_level,
         "proxy_headers": bool(settings.forwarded_allow_ips),
         "forwarded_allow_ips": list(settings.forwarded_allow_ips),
+        # on SIGTERM/Ctrl-C the app cancels its generations at once (GracefulServer); what is
+        # still open after this many seconds is cut, so the server always stops
+        "timeout_graceful_shutdown": SHUTDOWN_GRACE_S,
     }
 
 
@@ -268,6 +284,9 @@ def load_settings(cfg: DictConfig) -> Settings:
         llm_worker_timeout_s=_worker_timeout(llm.get("worker_timeout_s", 300.0)),
         llm_stream_interval_ms=_stream_interval(llm.get("stream_interval_ms", 20.0)),
         llm_produce_missing=bool(llm.get("produce_missing", False)),
+        llm_max_running=_count("llm.max_running", llm.get("max_running", 2), low=1),
+        llm_max_queued=_count("llm.max_queued", llm.get("max_queued", 8), low=0),
+        llm_retry_after_s=_count("llm.retry_after_s", llm.get("retry_after_s", 5), low=1),
         llm_exports_dir=(
             Path(llm["exports_dir"]).expanduser().resolve() if llm.get("exports_dir") else None
         ),

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from ml_engine.run.files import clean_stale_partials_under
+from ml_engine.server.generation_queue import GenerationQueue
 from ml_engine.server.job_runner import JobRunner
 from ml_engine.server.jobs_store import JobStore
 from ml_engine.server.llm_service import LlmService
@@ -30,6 +31,7 @@ class ServerState:
     runs: RunIndex
     predictor: PredictService
     llm: LlmService
+    generation: GenerationQueue
     metrics: ServerMetrics
 
     @classmethod
@@ -86,6 +88,9 @@ class ServerState:
                 log_dir=settings.jobs_db.parent / "llm_workers",
                 metrics=metrics,
             ),
+            generation=GenerationQueue(
+                settings.llm_max_running, settings.llm_max_queued, settings.llm_retry_after_s
+            ),
             metrics=metrics,
         )
 
@@ -101,7 +106,14 @@ class ServerState:
             torch.set_num_threads(threads)
         self.jobs.start()
 
+    def begin_shutdown(self) -> None:
+        """The server was told to stop (SIGTERM, Ctrl-C): generations waiting are refused,
+        running ones cancelled between two tokens, so that open streams end now rather than
+        when their last token is made. Idempotent."""
+        self.generation.close()
+
     def stop(self) -> None:
+        self.begin_shutdown()
         self.jobs.stop()
-        self.llm.close()
+        self.llm.close(grace_s=3.0)  # a worker still busy after that is killed
         self.store.close()
