@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -231,3 +234,45 @@ def corrupt_gguf(path: Path, fault: str) -> Path:
     name, replacement = faults[fault]
     with mock.patch.object(gguf.GGUFWriter, name, replacement):
         return write_random_llama(path, shape, name=path.stem)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
+    """``tmpfs(name, size)`` → a folder on a fresh tmpfs of ``size`` (a real filesystem that
+    fills up); the test is skipped where mounting one is not permitted (needs root)."""
+    mounted: list[Path] = []
+
+    def mount(name: str, size: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        except OSError as exc:
+            pytest.skip(f"cannot mount a tmpfs to fill up here: {exc}")
+        if result.returncode != 0:
+            pytest.skip(f"mounting a tmpfs is not permitted here: {result.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False, timeout=30)
+
+
+def fill_disk(folder: Path) -> Path:
+    """A file that takes every free byte of ``folder``'s filesystem."""
+    filler = folder / "filler"
+    chunk = b"\0" * (1 << 16)
+    with filler.open("wb", buffering=0) as handle:
+        with contextlib.suppress(OSError):
+            while True:
+                handle.write(chunk)
+        with contextlib.suppress(OSError):
+            while True:  # the last partial chunk
+                handle.write(b"\0" * 512)
+    with pytest.raises(OSError) as full:
+        (folder / "probe").write_bytes(b"\0" * 4096)
+    assert full.value.errno == errno.ENOSPC
+    (folder / "probe").unlink(missing_ok=True)
+    return filler

@@ -5,11 +5,8 @@ the folder, and everything works again once space is freed, without a restart.""
 from __future__ import annotations
 
 import contextlib
-import errno
 import sqlite3
-import subprocess
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -24,7 +21,13 @@ from ml_engine.server.jobs_store import (
     RUNNING,
     JobStore,
 )
-from tests.serve.conftest import held_job_overrides, live_server, serve_config, wait_for_job
+from tests.serve.conftest import (
+    fill_disk,
+    held_job_overrides,
+    live_server,
+    serve_config,
+    wait_for_job,
+)
 
 # ---- a damaged job store --------------------------------------------------------------------
 
@@ -142,53 +145,11 @@ def test_a_damaged_running_job_does_not_keep_the_server_from_starting(tmp_path) 
 # ---- a full disk ----------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, str], Path]]:
-    """``tmpfs(name, size)`` → a folder on a fresh tmpfs of ``size`` (a real filesystem that
-    fills up); the test is skipped where mounting one is not permitted (needs root)."""
-    mounted: list[Path] = []
-
-    def mount(name: str, size: str) -> Path:
-        folder = tmp_path / name
-        folder.mkdir()
-        command = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=30)
-        except OSError as exc:
-            pytest.skip(f"cannot mount a tmpfs to fill up here: {exc}")
-        if result.returncode != 0:
-            pytest.skip(f"mounting a tmpfs is not permitted here: {result.stderr.strip()}")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", "-l", str(folder)], check=False, timeout=30)
-
-
-def _fill(folder: Path) -> Path:
-    """A file that takes every free byte of ``folder``'s filesystem."""
-    filler = folder / "filler"
-    chunk = b"\0" * (1 << 16)
-    with filler.open("wb", buffering=0) as handle:
-        with contextlib.suppress(OSError):
-            while True:
-                handle.write(chunk)
-        with contextlib.suppress(OSError):
-            while True:  # the last partial chunk
-                handle.write(b"\0" * 512)
-    with pytest.raises(OSError) as full:
-        (folder / "probe").write_bytes(b"\0" * 4096)
-    assert full.value.errno == errno.ENOSPC
-    (folder / "probe").unlink(missing_ok=True)
-    return filler
-
-
 def test_a_full_jobs_database_folder_is_a_507_until_space_is_freed(tmp_path, tmpfs) -> None:
     disk = tmpfs("jobs-disk", "2m")
     cfg = serve_config(tmp_path, jobs_db=str(disk / "jobs.sqlite"))
     with live_server(create_app(cfg)) as url, httpx.Client(base_url=url, timeout=30) as client:
-        filler = _fill(disk)
+        filler = fill_disk(disk)
         for path, body in (("/ml/train", {"model": "mlp_mnist"}), ("/ml/train-all", {})):
             response = client.post(path, json=body)
             assert response.status_code == 507, response.text
@@ -215,7 +176,7 @@ def test_a_full_runs_folder_fails_the_job_with_why_and_recovers(tmp_path, tmpfs)
     runs = tmpfs("runs-disk", "64m")
     cfg = serve_config(tmp_path, runs_dir=runs)
     with live_server(create_app(cfg)) as url, httpx.Client(base_url=url, timeout=30) as client:
-        filler = _fill(runs)
+        filler = fill_disk(runs)
         job = client.post("/ml/train", json={"model": "mlp_mnist", "epochs": 1}).json()
         failed = wait_for_job(client, job["id"], ("failed", "succeeded", "cancelled"))
         assert failed["status"] == "failed"
@@ -240,7 +201,7 @@ def test_a_job_that_ends_while_the_jobs_database_is_full_is_recorded_once_freed(
         job = client.post("/ml/train", json={"model": "mlp_mnist", "epochs": 1}).json()
         wait_for_job(client, job["id"], ("running",))
         pid = _raw_pid(Path(cfg.jobs_db), job["id"])
-        filler = _fill(disk)
+        filler = fill_disk(disk)
         release.touch()
         # the training ends and the runner reaps it, but cannot write its outcome
         deadline = time.monotonic() + 300

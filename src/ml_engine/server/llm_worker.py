@@ -17,6 +17,7 @@ step may answer ``{"error": message, "user": bool}`` instead.
 from __future__ import annotations
 
 import codecs
+import errno
 import json
 import math
 import os
@@ -174,6 +175,11 @@ class Worker:
             except UserError as exc:
                 self.send({"error": str(exc), "user": True})
             except Exception as exc:
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    # a model written on first use (the embedded one) into a full disk
+                    where = Path(exc.filename).parent if exc.filename else "the models folder"
+                    self.send({"error": str(exc), "user": False, "no_space": str(where)})
+                    continue
                 import traceback
 
                 traceback.print_exc()
