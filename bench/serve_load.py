@@ -162,6 +162,9 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         f"port={port}",
         "log_level=warning",
         f"jobs_db={jobs_db}",
+        # every client waits its turn rather than being refused: the bench measures serving,
+        # not the queue's 429s (docs/serving.md)
+        f"llm.max_queued={args.clients}",
         *args.override,
     ]
     if args.runs_dir:
