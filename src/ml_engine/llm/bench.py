@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ml_engine.errors import UserError
+from ml_engine.llm import progress
 from ml_engine.llm.backends import Generation, LlmBackend, Sampling
 from ml_engine.run.helpers import is_finite_number
 
@@ -78,21 +79,33 @@ def run_benchmark(
     repetitions: int,
 ) -> dict[str, Any]:
     """Warm up ``warmup`` times, then run every prompt ``repetitions`` times; aggregate rates."""
-    for _ in range(warmup):
-        backend.generate(prompts[0], sampling)
-    per_prompt = []
-    for prompt in prompts:
-        records = [backend.generate(prompt, sampling) for _ in range(repetitions)]
-        per_prompt.append(
-            {
-                "prompt": prompt,
-                "text": records[0].text,
-                "finish_reason": records[0].finish_reason,
-                "repetitions": [_repetition(r) for r in records],
-            }
-        )
+    total = warmup + len(prompts) * repetitions
+    with progress.phase("generating (warm-up + repetitions)", total, "runs") as shown:
+        for _ in range(warmup):
+            backend.generate(prompts[0], sampling)
+            shown.advance()
+        per_prompt = [_prompt_runs(backend, p, sampling, repetitions, shown) for p in prompts]
     stats = aggregate([r for p in per_prompt for r in p["repetitions"]])
     return {"prompts": per_prompt, "sampling": sampling_kind(sampling), **stats}
+
+
+def _prompt_runs(
+    backend: LlmBackend,
+    prompt: str,
+    sampling: Sampling,
+    repetitions: int,
+    shown: progress.Phase,
+) -> dict[str, Any]:
+    records = []
+    for _ in range(repetitions):
+        records.append(backend.generate(prompt, sampling))
+        shown.advance()
+    return {
+        "prompt": prompt,
+        "text": records[0].text,
+        "finish_reason": records[0].finish_reason,
+        "repetitions": [_repetition(r) for r in records],
+    }
 
 
 def aggregate(reps: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -247,8 +260,13 @@ def run_llama_bench(
     prompts, gens = as_sizes(n_prompt), as_sizes(n_gen)
     check_fits(prompts, gens, backend.n_ctx, getattr(backend, "n_ctx_requested", backend.n_ctx))
     rng = np.random.default_rng(TOKEN_SEED)
-    tests = [_one_test(backend, n, 0, repetitions, warmup, rng) for n in prompts]
-    tests += [_one_test(backend, 0, n, repetitions, warmup, rng) for n in gens]
+    sizes = [(n, 0) for n in prompts] + [(0, n) for n in gens]
+    names = ", ".join(test_name(p, g) for p, g in sizes)
+    with progress.phase(f"llama-bench tests ({names})", len(sizes), "tests") as shown:
+        tests = []
+        for n_p, n_g in sizes:
+            tests.append(_one_test(backend, n_p, n_g, repetitions, warmup, rng))
+            shown.advance()
     return tests
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from ml_engine.llm.metrics import (
     row_of,
 )
 from ml_engine.llm.tensorboard_log import log_run
+from ml_engine.run.extras import apply_extras
 from ml_engine.run.files import (
     RESOLVED_CONFIG,
     save_resolved_config,
@@ -232,15 +232,6 @@ def _log_to_tensorboard(cfg: DictConfig, work: dict[str, Any], metrics: dict[str
     )
 
 
-def _print_config(cfg: DictConfig) -> None:
-    import rich
-    import rich.syntax
-
-    shown = OmegaConf.to_container(cfg, resolve=False)
-    shown.pop("hydra", None)
-    rich.print(rich.syntax.Syntax(OmegaConf.to_yaml(shown), "yaml"))
-
-
 def _report_line(metrics: dict[str, Any]) -> str:
     if metrics["backend"] == "mock":
         return f"MOCK echo backend (no model): {metrics['completion_tokens']} words echoed"
@@ -253,6 +244,50 @@ def _report_line(metrics: dict[str, Any]) -> str:
     )
 
 
+# a text is shown up to this many lines and characters; the rest is in its file
+TEXT_LINES = 20
+TEXT_CHARS = 1200
+PROMPT_CHARS = 60
+
+
+def _is_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+# a model's text may hold any character: control ones (an escape sequence) would act on the
+# terminal instead of being shown
+_CONTROL = {code: "\ufffd" for code in [*range(0x20), 0x7F] if chr(code) not in "\n\t"}
+
+
+def _shortened(text: str, limit: int) -> str:
+    one_line = " ".join(text.split())
+    return one_line if len(one_line) <= limit else one_line[: limit - 1] + "…"
+
+
+def shown_text(text: str, path: Path) -> str:
+    """``text`` as a terminal shows it: its first ``TEXT_LINES`` lines and ``TEXT_CHARS``
+    characters, then how much more there is and where."""
+    kept = "\n".join(text.splitlines()[:TEXT_LINES])[:TEXT_CHARS]
+    rest = len(text) - len(kept)
+    shown = kept.translate(_CONTROL)
+    if rest > len(text) - len(text.rstrip()):  # more than trailing blanks was left out
+        shown += f"\n[… {rest} more characters in {path}]"
+    return shown
+
+
+def _print_texts(prompts: list[dict[str, Any]], names: list[str], output_dir: Path) -> None:
+    for index, (entry, name) in enumerate(zip(prompts, names, strict=True), start=1):
+        header = (
+            f"--- text {index}/{len(prompts)} (finish: {entry['finish_reason']}), "
+            f"prompt {_shortened(entry['prompt'], PROMPT_CHARS)!r} ---"
+        )
+        print(header, flush=True)
+        print(shown_text(entry["text"], output_dir / name), flush=True)
+
+
 def generate(cfg: DictConfig) -> dict[str, Any]:
     """Benchmark generation for the configured model and settings; returns the flat metrics.
 
@@ -262,17 +297,13 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     ``llm.rules.GENERATE_RULES`` by the entrypoint (``run_job``) before this runs.
     """
     prompts = selected_prompts(cfg)
-    extras = cfg.get("extras") or {}
-    if extras.get("ignore_warnings"):
-        warnings.filterwarnings("ignore")
-    if extras.get("print_config"):
-        _print_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     _resolve_file_model(cfg)
     _quality_for_file_model(cfg)
     _check_quality_text(cfg)
     _check_bench_fits(cfg)
+    apply_extras(cfg)  # after the checks: the summary names the file's own model and quantization
 
     work = _run_model_work(cfg, _job_spec(cfg, prompts), output_dir)
     metrics = flat_metrics(cfg, work)
@@ -303,6 +334,8 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     rows = rows_of(result)
     write_formats(output_dir, rows, cfg.bench.get("formats") or ())
     _log_to_tensorboard(cfg, work, metrics)
+    if not _is_multirun():  # a sweep's jobs keep to their summaries; texts/ holds them all
+        _print_texts(work["bench"]["prompts"], result["texts"], output_dir)
     if rows:
         print(markdown(rows), flush=True)
     print(_report_line(metrics), flush=True)

@@ -17,11 +17,13 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
 
 from ml_engine.errors import UserError
+from ml_engine.llm import progress
 from ml_engine.run.files import remove_partials_of, write_text_atomic
 from ml_engine.run.helpers import error_summary, import_callable, with_user_omp_policy
 
@@ -68,14 +70,22 @@ def run_isolated(
     result_path.unlink(missing_ok=True)
     env = worker_env()
     request = json.dumps({"target": target, "payload": payload, "result": str(result_path)})
+    # the child's stdout is the log file: its progress comes back through a pipe of its own
+    progress_read, progress_write = os.pipe()
+    env[progress.PROGRESS_FD_ENV] = str(progress_write)
     with log_path.open("ab") as log:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "ml_engine.llm.isolation"],
-            stdin=subprocess.PIPE,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        try:
+            child = subprocess.Popen(
+                [sys.executable, "-m", "ml_engine.llm.isolation"],
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=(progress_write,),
+            )
+        finally:
+            os.close(progress_write)
+        relaying = _relay_progress(progress_read)
         try:
             child.communicate(request.encode(), timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -85,6 +95,8 @@ def run_isolated(
             raise WorkerFailed(
                 f"model work exceeded worker.timeout_s={timeout_s:g} and was stopped"
             ) from None
+        finally:
+            relaying.join(timeout=5)
     if not result_path.is_file():
         _cleanup(cleanup_dirs, child.pid)
         last = _last_log_line(log_path)
@@ -99,6 +111,19 @@ def run_isolated(
     if outcome["status"] == "user_error":
         raise UserError(outcome["message"])
     raise WorkerFailed(f"model worker failed: {outcome['message']}")
+
+
+def _relay_progress(fd: int) -> threading.Thread:
+    """Shows the child's progress events until it closes its end (by exiting)."""
+
+    def relay_all() -> None:
+        with os.fdopen(fd, encoding="utf-8", errors="replace") as events:
+            for line in events:
+                progress.relay(line)
+
+    thread = threading.Thread(target=relay_all, name="worker-progress", daemon=True)
+    thread.start()
+    return thread
 
 
 def _cleanup(directories: tuple[Path, ...], pid: int) -> None:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ml_engine.llm import measure_cache
+from ml_engine.llm import measure_cache, progress
 from ml_engine.llm.backends import SAMPLING_FIELDS, Sampling, open_backend
 from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.bench import run_benchmark, run_llama_bench
@@ -36,7 +36,7 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     llm, models_dir = spec["llm"], Path(spec["models_dir"])
     bench = spec["bench"]
-    with open_backend(llm, models_dir) as backend:
+    with _open(llm, models_dir) as backend:
         facts = backend.describe()
         resolved = getattr(backend, "model_file", None)
         facts["model_origin"] = resolved.origin if resolved else None
@@ -66,6 +66,19 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
         # kept as the model ran it, so a re-run (or a resumed search) need not load it again
         measure_cache.store(spec, resolved.path, work)
     return work
+
+
+def _open(llm: dict[str, Any], models_dir: Path) -> Any:
+    """The backend, its file produced first when missing (quantizing reports its own phase)."""
+    backend = llm.get("backend")
+    if (backend.get("name") if isinstance(backend, dict) else backend) == "mock":
+        return open_backend(llm, models_dir)  # nothing to load
+    model = llm.get("model") or {}
+    name = Path(model["path"]).name if model.get("path") else model.get("name", "the model")
+    quantization = llm.get("quantization")
+    label = f"loading {name}" + (f" {quantization}" if quantization else "")
+    with progress.phase(label):
+        return open_backend(llm, models_dir)
 
 
 def _llama_bench(backend: Any, bench: dict[str, Any]) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ml_engine.errors import UserError
+from ml_engine.llm import progress
 from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.kld import (
     PositionScores,
@@ -160,11 +161,13 @@ def quality_chunks(backend: LlamaCppBackend, text: str, settings: QualitySetting
 
 
 def _chunk_logprobs(
-    backend: LlamaCppBackend, chunks: np.ndarray, first: int
+    backend: LlamaCppBackend, chunks: np.ndarray, first: int, label: str
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(log-probabilities, next tokens)`` of each chunk's scored half."""
-    for chunk in chunks:
-        yield backend.chunk_logprobs(chunk.tolist(), first), chunk[first + 1 :]
+    """``(log-probabilities, next tokens)`` of each chunk's scored half, shown as ``label``."""
+    with progress.phase(label, len(chunks), "chunks") as shown:
+        for chunk in chunks:
+            yield backend.chunk_logprobs(chunk.tolist(), first), chunk[first + 1 :]
+            shown.advance()
 
 
 def cache_path(models_dir: Path, base_file: Path, chunks: np.ndarray, first: int) -> Path:
@@ -192,7 +195,8 @@ def _score_base(
 ) -> np.ndarray:
     """The base's negative log-likelihoods; its log-probabilities go to ``cache`` when given,
     a memory-mapped .npy filled chunk by chunk (memory stays at one chunk) and renamed whole."""
-    scored = _chunk_logprobs(backend, chunks, first)
+    label = f"quality: scoring {backend.model_path.name}"
+    scored = _chunk_logprobs(backend, chunks, first, label)
     if cache is None:
         return np.concatenate([own_scores(logprobs, targets) for logprobs, targets in scored])
     shape = (len(chunks) * (chunks.shape[1] - 1 - first), backend.n_vocab)
@@ -218,7 +222,8 @@ def _compare_with_base(
             f"{base.shape[1]}: they are not the same model"
         )
     parts, row = [], 0
-    for logprobs, targets in _chunk_logprobs(backend, chunks, first):
+    label = f"quality: comparing {backend.model_path.name} with its base"
+    for logprobs, targets in _chunk_logprobs(backend, chunks, first, label):
         parts.append(score_positions(logprobs, base[row : row + len(logprobs)], targets))
         row += len(logprobs)
     return PositionScores.concatenate(parts)

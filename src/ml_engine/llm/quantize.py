@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import ctypes
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ml_engine.errors import UnknownNameError, UserError
+from ml_engine.llm import progress
 from ml_engine.run.files import atomic_path
 
 # Name → llama_ftype (llama.h), highest precision first: this order is also the order in which
@@ -96,7 +100,8 @@ def quantize_gguf(
     params.ftype = QUANTIZATIONS[quantization]
     params.nthread = n_threads or 0  # 0: llama.cpp uses all hardware threads
     params.allow_requantize = requantize
-    with atomic_path(target) as tmp:
+    label = f"quantizing {source.name} to {quantization}"
+    with atomic_path(target) as tmp, _tensor_progress(label, source):
         status = llama_cpp.llama_model_quantize(
             str(source).encode(), str(tmp).encode(), ctypes.byref(params)
         )
@@ -107,3 +112,48 @@ def quantize_gguf(
                 f"{reason}"
             )
     return target
+
+
+# llama.cpp's quantizer logs "[  3/ 21] blk.0.attn_k.weight - [...]" as it starts each tensor
+_TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
+
+
+def _tensor_count(path: Path) -> int | None:
+    """The GGUF header's tensor count (magic, version, then the count as a little-endian u64);
+    None where the header is not readable: the quantizer says what is wrong."""
+    try:
+        with Path(path).open("rb") as handle:
+            header = handle.read(16)
+    except OSError:
+        return None
+    if len(header) < 16 or header[:4] != b"GGUF":
+        return None
+    return int.from_bytes(header[8:16], "little") or None
+
+
+@contextmanager
+def _tensor_progress(label: str, source: Path) -> Iterator[None]:
+    """Progress in tensors, read from the quantizer's own log lines (it has no callback); the
+    lines still reach the log capture, which names what went wrong when quantizing fails."""
+    import llama_cpp
+
+    from ml_engine.llm.backends import llama_cpp as backend
+
+    forward = backend._log_callback
+    with progress.phase(label, total=_tensor_count(source), unit="tensors") as shown:
+
+        @llama_cpp.llama_log_callback
+        def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            started = _TENSOR_LINE.match(text.decode("utf-8", errors="replace"))
+            if started:
+                shown.set(int(started.group(1)) - 1)
+            if forward is not None:
+                forward(level, text, user_data)
+
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        try:
+            yield
+            if shown.done:
+                shown.set(shown.done + 1)
+        finally:
+            llama_cpp.llama_log_set(forward, ctypes.c_void_p(0))

@@ -284,6 +284,17 @@ class TargetSearch:
                 lo = mid + 1
         return best
 
+    def probe_budget(self, n_layer: int | None = None) -> int:
+        """The most jobs the search runs where speed and quality are monotonic in precision:
+        a binary search over the quantizations and one neighbour checked, each with every
+        thread candidate at worst, then (offloading) a binary search over the layers."""
+        tries = math.floor(math.log2(max(len(self.quantizations), 1))) + 2
+        others = [t for t in self.thread_candidates if t != self.default_threads]
+        jobs = min(tries, len(self.quantizations)) * (1 + len(others))
+        if self.offload and n_layer is not None:
+            jobs += math.ceil(math.log2(n_layer + 2))
+        return jobs
+
     def run(self) -> Verdict:
         if not self.quantizations:
             raise UserError("llm.target.quantizations is empty; expected at least one name")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ml_engine.errors import UserError
 from ml_engine.llm.metrics import METRICS, std_of
+from ml_engine.llm.progress import duration
 from ml_engine.llm.target_report import RunContext, probe_line, shown_path, write_verdict
 from ml_engine.llm.target_search import (
     CPU_ONLY_NOTE,
@@ -67,6 +69,9 @@ class TargetSweeper(Sweeper):
         self.hydra_context: HydraContext | None = None
         self.launcher: Any = None
         self.job_index = 0
+        self.search: TargetSearch | None = None
+        self.n_layer: int | None = None
+        self.started = time.monotonic()
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -117,8 +122,22 @@ class TargetSweeper(Sweeper):
 
     # ---- one measurement = one job
 
+    def _announce(self, setting: Setting) -> None:
+        """Which job starts, and how long the search may still take: a probe's job reports
+        its own phases, this line the search's."""
+        assert self.search is not None
+        budget = self.search.probe_budget(self.n_layer)
+        pace = ""
+        if self.job_index:
+            each = (time.monotonic() - self.started) / self.job_index
+            left = max(budget - self.job_index, 1) * each
+            pace = f" ({duration(each)} per job so far, ETA ≤ {duration(left)})"
+        shown = " ".join(setting.overrides())
+        print(f"search job {self.job_index + 1} of ≤ {budget}: {shown}{pace}", flush=True)
+
     def _measure(self, base: list[str], setting: Setting, target: Target) -> Probe:
         assert self.launcher is not None
+        self._announce(setting)
         overrides = [*base, *setting.overrides()]
         (job,) = self.launcher.launch([overrides], initial_job_idx=self.job_index)
         self.job_index += 1
@@ -132,6 +151,7 @@ class TargetSweeper(Sweeper):
             # other settings of the same file would only repeat it
             raise UserError(str(record.get("error") or f"job {run_dir} failed"))
         probe = probe_from_records(setting, target, record, _read_result(run_dir), run_dir)
+        self.n_layer = self.n_layer or probe.n_layer
         print(f"[{run_dir.name}] {probe_line(probe, target)}", flush=True)
         return probe
 
@@ -158,7 +178,7 @@ class TargetSweeper(Sweeper):
         sweep_dir = Path(cfg.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, sweep_dir / "multirun.yaml")
-        search = TargetSearch(
+        self.search = TargetSearch(
             target,
             quantizations,
             threads,
@@ -166,7 +186,8 @@ class TargetSweeper(Sweeper):
             measure=lambda setting: self._measure(base, setting, target),
             default_threads=cfg.llm.n_threads,
         )
-        verdict = search.run()
+        self.started = time.monotonic()
+        verdict = self.search.run()
         context = self._context(cfg, base)
         path = write_verdict(sweep_dir, verdict, context, header)
         from ml_engine.llm.target_report import verdict_lines
