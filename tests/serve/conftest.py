@@ -164,6 +164,19 @@ def live_server(app: FastAPI) -> Iterator[str]:
         thread.join(timeout=30)
 
 
+def wait_healthy(server: subprocess.Popen, url: str, timeout_s: float = 120) -> None:
+    """Wait until a started ``serve.py`` answers ``/health``; fails when it exits first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert server.poll() is None, "serve.py exited"
+        try:
+            httpx.get(f"{url}/health", timeout=1)
+            return
+        except httpx.HTTPError:
+            assert time.monotonic() < deadline, "serve.py did not answer"
+            time.sleep(0.3)
+
+
 def wait_for_job(
     client: httpx.Client | TestClient,
     job_id: str,

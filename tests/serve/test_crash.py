@@ -18,7 +18,7 @@ import pytest
 from ml_engine.run.files import read_job_record
 from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.training.progress import PROGRESS_FILE
-from tests.serve.conftest import JOB_OVERRIDES, free_port, wait_for_job
+from tests.serve.conftest import JOB_OVERRIDES, free_port, wait_for_job, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -50,18 +50,6 @@ def _start_server(tmp_path: Path, port: int, poll_interval_s: float) -> subproce
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-
-
-def _wait_healthy(server: subprocess.Popen, url: str) -> None:
-    deadline = time.monotonic() + 120
-    while True:
-        assert server.poll() is None, "serve.py exited"
-        try:
-            httpx.get(f"{url}/health", timeout=1)
-            return
-        except httpx.HTTPError:
-            assert time.monotonic() < deadline, "serve.py did not answer"
-            time.sleep(0.3)
 
 
 def _children(pid: int) -> list[int]:
@@ -113,7 +101,7 @@ def test_kill_9_of_the_server_ends_its_trainings_and_a_restart_tells_the_truth(t
     server = _start_server(tmp_path, port, poll_interval_s=600)
     trainings: list[int] = []
     try:
-        _wait_healthy(server, url)
+        wait_healthy(server, url)
         body = {"model": "mlp_mnist", "device": "cpu", "data_source": "bundled"}
         short = httpx.post(f"{url}/ml/train", json={**body, "epochs": 1}).json()
         long = httpx.post(f"{url}/ml/train", json={**body, "epochs": 100}).json()
@@ -143,7 +131,7 @@ def test_kill_9_of_the_server_ends_its_trainings_and_a_restart_tells_the_truth(t
 
     restarted = _start_server(tmp_path, port, poll_interval_s=0.2)
     try:
-        _wait_healthy(restarted, url)
+        wait_healthy(restarted, url)
         with httpx.Client(base_url=url, timeout=30) as client:
             done = wait_for_job(client, short["id"], ("succeeded", "failed"), timeout=30)
             assert done["status"] == "succeeded", done

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from ml_engine.run.locations import PROJECT_ROOT
-from tests.serve.conftest import free_port
+from tests.serve.conftest import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -49,15 +49,7 @@ def serve_py(tmp_path: Path, models_dir: Path, *overrides: str) -> Iterator[tupl
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / f"serve-{port}.log").read_text()
-            try:
-                httpx.get(f"{url}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "serve.py did not start"
-                time.sleep(0.3)
+        wait_healthy(server, url)
         yield url, server
     finally:
         if server.poll() is None:
@@ -203,7 +195,7 @@ def test_a_flood_of_generations_leaves_the_server_answering(
     assert statuses.get(429, 0) >= clients - 10 - statuses.get(0, 0), statuses
     assert set(statuses) <= {0, 200, 429}, statuses
     assert probe.probes >= 2 and probe.unanswered == 0, vars(probe)
-    assert probe.slowest < 1.0, f"/health took {probe.slowest:.2f} s under the flood"
+    assert probe.slowest < 1.0, f"/health took {probe.slowest:.2f} s under the flood: {statuses}"
     # everything given back: a new request is served in full
     after = httpx.post(f"{server}{path}", json=_request(path, False, max_tokens=4), timeout=120)
     assert after.status_code == 200, after.text

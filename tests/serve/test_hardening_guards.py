@@ -23,7 +23,7 @@ from ml_engine.errors import UserError
 from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.server import create_app
 from ml_engine.server.settings import Settings, load_settings, uvicorn_options
-from tests.serve.conftest import free_port, live_server, serve_config
+from tests.serve.conftest import free_port, live_server, serve_config, wait_healthy
 
 JSON = {"content-type": "application/json"}
 TRAIN = {"model": "mlp_mnist", "epochs": 1}
@@ -180,15 +180,8 @@ def _serve_py(tmp_path: Path, key_argument: list[str], env: dict[str, str]) -> s
         text=True,
     )
     try:
-        base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stdout.read()
-            try:
-                httpx.get(f"{base}/health", timeout=1)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline, "serve.py did not answer"
-                time.sleep(0.3)
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(server, base)
         assert httpx.get(f"{base}/ml/jobs").status_code == 401
         spoofed = {"Authorization": f"Bearer {SECRET}", "X-Forwarded-For": "203.0.113.99"}
         assert httpx.get(f"{base}/ml/jobs", headers=spoofed).status_code == 200

@@ -124,18 +124,10 @@ class GenerationQueue:
             waiter: asyncio.Future[Slot] = loop.create_future()
             self._waiting.append((loop, waiter))
         try:
-            if request is None:
-                return await waiter
-            async with client_watch(request) as gone:
-                left = asyncio.ensure_future(gone.wait())
-                try:
-                    await asyncio.wait({waiter, left}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    left.cancel()
-                if not waiter.done():
-                    waiter.cancel()
-                    raise ClientGone()
-                return waiter.result()
+            if request is not None and await _client_left_first(request, waiter):
+                waiter.cancel()
+                raise ClientGone()
+            return await waiter
         except BaseException:
             self._withdraw(loop, waiter)
             raise
@@ -229,12 +221,18 @@ async def run_until_gone(
     from starlette.concurrency import run_in_threadpool
 
     job = asyncio.ensure_future(run_in_threadpool(work))
+    if await _client_left_first(request, job):
+        cancellation.cancel()
+    return await asyncio.shield(job)
+
+
+async def _client_left_first(request: Request, pending: asyncio.Future[Any]) -> bool:
+    """Wait for ``pending`` or the client's leaving, whichever comes first; whether the client
+    left before ``pending`` was done."""
     async with client_watch(request) as gone:
         left = asyncio.ensure_future(gone.wait())
         try:
-            await asyncio.wait({job, left}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({pending, left}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             left.cancel()
-        if not job.done():
-            cancellation.cancel()
-    return await asyncio.shield(job)
+    return not pending.done()
