@@ -23,6 +23,17 @@ _DIR_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_POINTS = 2000
 SUMMARY_JSON, SUMMARY_PNG = "summary.json", "summary.png"
 CSV_METRICS = "metrics.csv"
+# LearningRateMonitor's series (lr-AdamW, lr-SGD-momentum, ...): logged at the step the
+# schedule has reached (every log_every_n_steps for a per-step schedule, conf lr_monitor), a
+# block of their own ("lr") beside the per-step losses, whose steps they mostly miss
+LR_PREFIX = "lr-"
+KINDS = ("step", "epoch", "lr")
+
+
+def _kind(name: str) -> str:
+    if name.startswith(LR_PREFIX):
+        return "lr"
+    return "step" if name.endswith(STEP_SUFFIX) else "epoch"
 
 
 def is_dir_name(name: str) -> bool:
@@ -56,7 +67,7 @@ def _from_progress(run_dir: Path) -> dict[str, dict[int, dict[str, float]]] | No
         lines = (run_dir / CURVES_FILE).read_text().splitlines()
     except OSError:
         return None
-    points: dict[str, dict[int, dict[str, float]]] = {"step": {}, "epoch": {}}
+    points: dict[str, dict[int, dict[str, float]]] = {kind: {} for kind in KINDS}
     for line in lines:
         try:
             point = json.loads(line)
@@ -71,11 +82,12 @@ def _from_progress(run_dir: Path) -> dict[str, dict[int, dict[str, float]]] | No
 
 def _from_csv(run_dir: Path) -> dict[str, dict[int, dict[str, float]]] | None:
     """The CSV logger's ``csv/version_*/metrics.csv`` (the newest version): rows with a
-    ``*_step`` value are step points, the others epoch points (its epochs count from 0)."""
+    ``*_step`` value are step points, ``lr-*`` learning-rate points (by step), the others
+    epoch points (its epochs count from 0)."""
     files = sorted(run_dir.glob(f"csv/version_*/{CSV_METRICS}"), key=lambda p: p.stat().st_mtime)
     if not files:
         return None
-    points: dict[str, dict[int, dict[str, float]]] = {"step": {}, "epoch": {}}
+    points: dict[str, dict[int, dict[str, float]]] = {kind: {} for kind in KINDS}
     with files[-1].open(newline="") as handle:
         for row in csv.DictReader(handle):
             # hp/* repeat the final metrics for TensorBoard's HParams view: not a curve
@@ -85,10 +97,14 @@ def _from_csv(run_dir: Path) -> dict[str, dict[int, dict[str, float]]] | None:
                 if k not in ("epoch", "step") and not k.startswith("hp/") and v not in ("", None)
             }
             values = {k: v for k, v in values.items() if finite_or_none(v) is not None}
-            step = {k: v for k, v in values.items() if k.endswith(STEP_SUFFIX)}
-            epoch = {k: v for k, v in values.items() if k not in step and not k.endswith("_best")}
-            if step and row.get("step"):
-                points["step"].setdefault(int(float(row["step"])), {}).update(step)
+            step = {k: v for k, v in values.items() if _kind(k) == "step"}
+            rates = {k: v for k, v in values.items() if _kind(k) == "lr"}
+            epoch = {
+                k: v for k, v in values.items() if _kind(k) == "epoch" and not k.endswith("_best")
+            }
+            for kind, found in (("step", step), ("lr", rates)):
+                if found and row.get("step"):
+                    points[kind].setdefault(int(float(row["step"])), {}).update(found)
             if epoch and row.get("epoch") and not any(k.startswith("test/") for k in epoch):
                 points["epoch"].setdefault(int(float(row["epoch"])) + 1, {}).update(epoch)
     return points
@@ -96,8 +112,9 @@ def _from_csv(run_dir: Path) -> dict[str, dict[int, dict[str, float]]] | None:
 
 def _from_tensorboard(run_dir: Path) -> dict[str, dict[int, dict[str, float]]] | None:
     """The TensorBoard logger's event files under ``tensorboard/`` (a ``python train.py`` run's
-    default logger), read with TensorBoard's own reader: ``*_step`` tags are step points; the
-    others become epoch points through Lightning's ``epoch`` scalar logged at the same step."""
+    default logger), read with TensorBoard's own reader: ``*_step`` tags are step points,
+    ``lr-*`` learning-rate points (by step); the others become epoch points through
+    Lightning's ``epoch`` scalar logged at the same step."""
     folder = run_dir / "tensorboard"
     files = sorted(folder.rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
     if not files:
@@ -111,22 +128,22 @@ def _from_tensorboard(run_dir: Path) -> dict[str, dict[int, dict[str, float]]] |
     events.Reload()
     tags = events.Tags().get("scalars", [])
     epoch_at = {e.step: int(e.value) for e in events.Scalars("epoch")} if "epoch" in tags else {}
-    points: dict[str, dict[int, dict[str, float]]] = {"step": {}, "epoch": {}}
+    points: dict[str, dict[int, dict[str, float]]] = {kind: {} for kind in KINDS}
     for tag in tags:
         if tag == "epoch" or tag.startswith(("hp/", "test/")) or tag.endswith("_best"):
             continue
         for event in events.Scalars(tag):
             if finite_or_none(event.value) is None:
                 continue
-            if tag.endswith(STEP_SUFFIX):
-                points["step"].setdefault(event.step, {})[tag] = float(event.value)
+            if _kind(tag) != "epoch":
+                points[_kind(tag)].setdefault(event.step, {})[tag] = float(event.value)
             elif event.step in epoch_at:
                 points["epoch"].setdefault(epoch_at[event.step] + 1, {})[tag] = float(event.value)
     return points
 
 
 def read_curves(run_dir: Path) -> dict[str, Any]:
-    """A run's per-step and per-epoch series, from the job progress callback's
+    """A run's per-step, per-epoch and learning-rate series, from the job progress callback's
     ``curves.jsonl``, else the CSV logger's file, else the TensorBoard logger's event files;
     empty series when none exists."""
     readers = (("progress", _from_progress), ("csv", _from_csv))
@@ -137,8 +154,7 @@ def read_curves(run_dir: Path) -> dict[str, Any]:
             points = None
         if points is not None:
             return {"source": source, **{kind: _aligned(p) for kind, p in points.items()}}
-    empty = _aligned({})
-    return {"source": None, "step": empty, "epoch": empty}
+    return {"source": None, **{kind: _aligned({}) for kind in KINDS}}
 
 
 # ---- sweeps -------------------------------------------------------------------------------

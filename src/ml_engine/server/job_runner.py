@@ -94,9 +94,43 @@ def _quoted(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _size(value: Any) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(str(int(v)) for v in value) + "]"
+    return "null" if value is None else str(int(value))
+
+
+def _number(value: Any) -> str:
+    return "null" if value is None else str(int(value))
+
+
+def data_overrides(data: dict[str, Any] | None) -> list[str]:
+    """The datamodule overrides that read a listed run's data again (``data_from``). Its
+    folder is the one path a job is given: taken from the run's recorded config and checked
+    to be under ``train.data_dirs`` (routes_ml), never from the request; sizes are numbers."""
+    if not data or data.get("kind") == "mnist":
+        source = (data or {}).get("source")
+        return [f"datamodule.source={source}"] if source else []
+    shape = [
+        f"datamodule.image_size={_size(data.get('image_size'))}",
+        f"datamodule.channels={_number(data.get('channels'))}",
+    ]
+    if data["kind"] == "image_folder":
+        return ["datamodule=image_folder", f"datamodule.root={_quoted(data['root'])}", *shape]
+    return [
+        "datamodule=torchvision",
+        f"datamodule.name={data['name']}",
+        f"datamodule.data_dir={_quoted(data['data_dir'])}",
+        # the files the run trained on are there: a job fetches nothing
+        "datamodule.download=false",
+        *shape,
+    ]
+
+
 def training_overrides(model: str, request: dict[str, Any], run_dir: Path) -> list[str]:
-    """The ``train.py`` overrides for a validated request: names and numbers, never paths."""
-    overrides = [f"model={model}"]
+    """The ``train.py`` overrides for a validated request: names and numbers; the one path
+    is a listed run's data folder (``data_overrides``)."""
+    overrides = [f"model={model}", *data_overrides(request.get("data"))]
     for field, key in REQUEST_TO_OVERRIDE.items():
         value = request.get(field)
         if value is not None:

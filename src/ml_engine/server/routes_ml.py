@@ -1,4 +1,5 @@
-"""``/ml``: networks and their best runs, training jobs, digit prediction."""
+"""``/ml``: networks and their best runs, every run with what it trained, training jobs,
+digit prediction."""
 
 from __future__ import annotations
 
@@ -12,19 +13,20 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 from starlette.datastructures import UploadFile
 
-from ml_engine.errors import UnknownNameError
 from ml_engine.run.rules import rules_by_key
 from ml_engine.server.errors import ApiError, NotFound
 from ml_engine.server.guards import check_range, require_json
 from ml_engine.server.job_runner import REQUEST_TO_OVERRIDE
 from ml_engine.server.jobs_store import FINAL_STATUSES, JOB_STATUSES, Job, QueueFull
 from ml_engine.server.predict_service import arrays_to_digits, check_pixel_budget, decode_image
+from ml_engine.server.runs import RunInfo, data_refusal, model_configs, training_refusal
 from ml_engine.server.schemas import (
     JobList,
     JobView,
     ModelList,
     PredictJson,
     PredictResponse,
+    RunList,
     TrainAllResponse,
     TrainOptions,
     TrainRequest,
@@ -103,9 +105,36 @@ def list_models(request: Request) -> dict[str, Any]:
     default_device = state.settings.train_defaults.get("device")
     return {
         "models": models,
+        "train_models": train_models(state),
         "devices": list(state.devices),
         "default_device": default_device if default_device in state.devices else None,
     }
+
+
+def train_models(state: ServerState) -> list[str]:
+    """What ``POST /ml/train`` may name: the trainable networks, then the classifier configs of
+    ``conf/model`` (resnet18, ...) that ``train.models`` allows."""
+    allowed = state.settings.train_models
+    presets = [m for m in model_configs() if allowed is None or m in allowed]
+    return [*state.trainable, *(m for m in presets if m not in state.trainable)]
+
+
+def _run_view(state: ServerState, info: RunInfo, models: list[str]) -> dict[str, Any]:
+    why = training_refusal(info, models, state.settings.train_data_dirs)
+    return {
+        **info.to_dict(),
+        "curves": f"/ml/runs/{info.run}/curves",
+        "trainable": why is None,
+        "train_model": info.architecture if why is None else None,
+        "not_trainable": why,
+    }
+
+
+@router.get("/runs", response_model=RunList, summary="Every finished run, newest first")
+def list_runs(request: Request) -> dict[str, Any]:
+    state = _state(request)
+    models = train_models(state)
+    return {"runs": [_run_view(state, info, models) for info in state.runs.newest_first()]}
 
 
 # ---- training jobs --------------------------------------------------------------------------
@@ -147,12 +176,15 @@ def _owner(request: Request, state: ServerState) -> str:
 
 
 def _submit_all(
-    request: Request, state: ServerState, models: list[str], options: TrainOptions
+    request: Request,
+    state: ServerState,
+    models: list[str],
+    options: TrainOptions,
+    data: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
-    for model in models:
-        if model not in state.trainable:
-            raise UnknownNameError("model", model, state.trainable)
     values = _training_request(state, options)
+    if data is not None:
+        values = _with_data(values, data, options.data_source)
     jobs = [(model, {"model": model, **values}) for model in models]
     try:
         created = state.jobs.submit_many(jobs, _owner(request, state))
@@ -184,7 +216,45 @@ def _queue_full(state: ServerState, full: QueueFull, asked: int) -> ApiError:
     dependencies=[Depends(require_json)],
 )
 def train(request: Request, body: TrainRequest) -> dict[str, Any]:
-    return _submit_all(request, _state(request), [body.model], body)[0]
+    state = _state(request)
+    accepted = train_models(state)
+    if body.model not in accepted:
+        # in the server's order (networks first), not sorted as UnknownNameError would
+        raise ApiError(
+            422,
+            f"unknown model '{body.model}'; accepted: {', '.join(accepted)}",
+            accepted=accepted,
+        )
+    data = _data_from(state, body.data_from) if body.data_from else None
+    return _submit_all(request, state, [body.model], body, data)[0]
+
+
+def _data_from(state: ServerState, run: str) -> dict[str, Any]:
+    """The data run ``run`` trained on, when the server may train on it again."""
+    try:
+        info = state.runs.get(run)
+    except LookupError:
+        raise ApiError(422, f"data_from: no run '{run}'; give a run of GET /ml/runs") from None
+    why = data_refusal(info.data or {}, state.settings.train_data_dirs)
+    if why is not None:
+        raise ApiError(422, f"data_from: the server cannot train on run '{run}''s data: {why}")
+    return {k: v for k, v in (info.data or {}).items() if k != "label"}
+
+
+def _with_data(values: dict[str, Any], data: dict[str, Any], asked: str | None) -> dict[str, Any]:
+    """The request's values training on ``data``: an MNIST source only applies to MNIST runs
+    (one asked for wins over the run's)."""
+    if data["kind"] != "mnist":
+        if asked is not None:
+            raise ApiError(
+                422,
+                f"data_source={asked} applies to MNIST digits; the run named by data_from "
+                f"trained on {data['kind']} (leave data_source out)",
+            )
+    elif asked is not None:
+        data = {**data, "source": asked}
+    # the data carries its source: a configured default must not override the run's
+    return {**{k: v for k, v in values.items() if k != "data_source"}, "data": data}
 
 
 @router.post(

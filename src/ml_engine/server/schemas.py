@@ -103,7 +103,14 @@ class TrainOptions(StrictBody):
 
 
 class TrainRequest(TrainOptions):
-    model: Name = Field(description="a registered network, see GET /ml/models")
+    model: Name = Field(
+        description="a network or model config the server trains, see GET /ml/models: train_models"
+    )
+    data_from: Name | None = Field(
+        None,
+        description="a run of GET /ml/runs whose data this job trains on (its image folder, "
+        "torchvision dataset or MNIST source); default: MNIST digits (data_source)",
+    )
 
 
 class JobView(BaseModel):
@@ -141,6 +148,20 @@ class BestRun(BaseModel):
     date: str
     epochs_run: int | None
     data_source: str | None
+    architecture: str = Field(description="its torchvision architecture (resnet18, ...) or network")
+    data: dict[str, Any] = Field(description="what it trained on: kind, label and its settings")
+
+
+class RunView(BestRun):
+    network: str
+    curves: str = Field(description="its loss, accuracy and learning-rate curves")
+    trainable: bool = Field(description="POST /ml/train with data_from=<run> trains it again")
+    train_model: str | None = Field(description="the model such a request names")
+    not_trainable: str | None = Field(description="why the server cannot train it again")
+
+
+class RunList(BaseModel):
+    runs: list[RunView]
 
 
 class NetworkView(BaseModel):
@@ -152,6 +173,7 @@ class NetworkView(BaseModel):
 
 class ModelList(BaseModel):
     models: list[NetworkView]
+    train_models: list[str] = Field(description="what POST /ml/train may name as model")
     devices: list[str] = Field(description="devices a training request may name on this machine")
     default_device: str | None = Field(description="the device a request naming none trains on")
 

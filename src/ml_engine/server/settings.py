@@ -59,6 +59,8 @@ class Settings:
     extra_overrides: tuple[str, ...] = ()
     train_models: tuple[str, ...] | None = None
     train_defaults: dict[str, Any] = field(default_factory=dict)
+    # folders whose image data a job may train on again (POST /ml/train data_from)
+    train_data_dirs: tuple[Path, ...] = ()
     predict_cache_size: int = 4
     predict_batch_window_ms: float = 5.0
     predict_max_batch: int = 64
@@ -272,6 +274,7 @@ def load_settings(cfg: DictConfig) -> Settings:
         extra_overrides=tuple(str(o) for o in jobs.get("extra_overrides") or ()),
         train_models=_names(train.get("models")),
         train_defaults=dict(train.get("defaults") or {}),
+        train_data_dirs=tuple(Path(str(d)).expanduser() for d in train.get("data_dirs") or ()),
         predict_cache_size=int(predict.get("cache_size", 4)),
         predict_batch_window_ms=_window_ms(predict.get("batch_window_ms", 5.0)),
         predict_max_batch=_max_batch(predict.get("max_batch", 64)),

@@ -58,7 +58,8 @@ async function loadModels() {
   const { models, devices, default_device: defaultDevice } = await getJson("/ml/models");
   fillDevices(devices, defaultDevice);
   const rows = models.map((m) => `<tr data-model="${m.name}">
-      <td>${m.name}</td><td class="val-acc">${pct(m.best && m.best.val_acc)}</td>
+      <td>${m.name}${m.best ? `<div class="trained muted">best: ${trainedText(m.best)}</div>` : ""}</td>
+      <td class="val-acc">${pct(m.best && m.best.val_acc)}</td>
       <td>${pct(m.best && m.best.test_acc)}</td>
       <td>${m.best ? m.best.date.replace("T", " ") : "—"}</td><td>${m.runs}</td>
       <td>${m.trainable ? `<button class="train-btn" data-model="${m.name}">Train</button>` : ""}</td>
@@ -74,9 +75,30 @@ async function loadModels() {
   if (current) select.value = current;
 }
 
-async function startTraining(model) {
+// a network's name says little for torchvision's: the run names its architecture and data
+const trainedText = (run) => `${escapeHtml(run.architecture)} on ${escapeHtml(run.data.label)}`;
+
+async function loadRuns() {
+  const { runs } = await getJson("/ml/runs");
+  $("#runs-table tbody").innerHTML = runs.map((r) => `<tr data-run="${escapeHtml(r.run)}">
+      <td class="run-name">${escapeHtml(r.run)}</td><td class="architecture">${escapeHtml(r.architecture)}</td>
+      <td class="data">${escapeHtml(r.data.label)}</td><td>${pct(r.val_acc)}</td>
+      <td><button class="curves-btn">Curves</button> ${r.trainable
+        ? `<button class="retrain-btn">Train again</button>`
+        : `<span class="not-trainable muted">${escapeHtml(r.not_trainable)}</span>`}</td>
+    </tr>`).join("") || `<tr><td colspan="5" class="muted">no finished runs yet</td></tr>`;
+  runs.forEach((r, i) => {
+    const row = $("#runs-table tbody").rows[i];
+    row.querySelector(".curves-btn").onclick = () => showRunCurves(r.run).catch((e) => showError(e.message));
+    const again = row.querySelector(".retrain-btn");
+    if (again) again.onclick = () => startTraining(r.train_model, r.run).catch((e) => showError(e.message));
+  });
+}
+
+async function startTraining(model, dataFrom) {
   showError("");
   const body = { model, epochs: Number($("#epochs").value), device: $("#device").value };
+  if (dataFrom) body.data_from = dataFrom;
   const job = await (await postJson("/ml/train", body)).json();
   renderJob(job);
   watchJob(job.id);
@@ -134,7 +156,7 @@ function watchJob(id) {
       if (job.final) {
         clearInterval(watched.get(id));
         watched.delete(id);
-        if (job.status === "succeeded") await loadModels();
+        if (job.status === "succeeded") await Promise.all([loadModels(), loadRuns()]);
       }
     } catch (e) { showError(e.message); }
   };
@@ -155,15 +177,20 @@ async function loadJobs() {
 
 // one chart per x axis (training step, epoch) and quantity; each reads the series whose names
 // hold its word (train/loss_step, val/loss, train/acc, val/acc)
+// The learning rate has a block of its own ("lr", by step: logged every few steps) and
+// appears per epoch in a server job's progress file.
 const CHARTS = [
-  { kind: "step", word: "loss", title: "Loss per step" },
-  { kind: "epoch", word: "loss", title: "Loss per epoch" },
-  { kind: "epoch", word: "acc", title: "Accuracy per epoch" },
+  { key: "step-loss", kind: "step", word: "loss", title: "Loss per step" },
+  { key: "epoch-loss", kind: "epoch", word: "loss", title: "Loss per epoch" },
+  { key: "epoch-acc", kind: "epoch", word: "acc", title: "Accuracy per epoch" },
+  { key: "lr", kind: "lr", axis: "step", word: "lr-", title: "Learning rate per step" },
+  { key: "epoch-lr", kind: "epoch", word: "lr-", title: "Learning rate per epoch" },
 ];
+const NO_POINTS = { x: [], series: {} };
 const COLORS = ["#c33", "#36c", "#393", "#c93", "#939", "#399"];
 // uPlot writes series labels into its legend itself: names outside this pattern stay out
 const SAFE_NAME = /^[\w\/.-]{1,64}$/;
-const curves = { job: null, timer: null, charts: new Map() }; // chart key → uPlot
+const curves = { shown: null, timer: null, charts: new Map() }; // chart key → uPlot
 
 function chartData(block, word) {
   const names = Object.keys(block.series).filter((n) => SAFE_NAME.test(n) && n.includes(word));
@@ -171,8 +198,9 @@ function chartData(block, word) {
 }
 
 function drawChart(spec, block) {
-  const key = `${spec.kind}-${spec.word}`;
-  const { names, data } = chartData(block, spec.word);
+  const key = spec.key;
+  const axis = spec.axis || spec.kind;
+  const { names, data } = chartData(block || NO_POINTS, spec.word);
   let chart = curves.charts.get(key);
   const sameSeries = chart && chart.series.slice(1).map((s) => s.label).join() === names.join();
   if (chart && (!names.length || !sameSeries)) {
@@ -193,8 +221,8 @@ function drawChart(spec, block) {
       width: chartWidth(), height: 180,
       scales: { x: { time: false } },
       // epochs are whole numbers: no 1.5 tick between them
-      axes: [{ label: spec.kind, ...(spec.kind === "epoch" ? { incrs: [1, 2, 5, 10, 20, 50, 100] } : {}) }, {}],
-      series: [{ label: spec.kind }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], spanGaps: true }))],
+      axes: [{ label: axis, ...(axis === "epoch" ? { incrs: [1, 2, 5, 10, 20, 50, 100] } : {}) }, {}],
+      series: [{ label: axis }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], spanGaps: true }))],
     };
     chart = new uPlot(opts, data, box);
     curves.charts.set(key, chart);
@@ -209,30 +237,38 @@ window.addEventListener("resize", () => {
   curves.charts.forEach((chart) => chart.setSize({ width: chartWidth(), height: 180 }));
 });
 
-async function drawCurves(id) {
-  const result = await getJson(`/ml/jobs/${encodeURIComponent(id)}/curves`);
-  if (curves.job !== id) return; // another job was picked meanwhile
+const SOURCES = { progress: "its progress file", csv: "its CSV log", tensorboard: "its TensorBoard log" };
+
+// what the Curves card shows: a job (polled while it runs) or a finished run (read once)
+async function drawCurves(target) {
+  const result = await getJson(target.path);
+  if (curves.shown !== target) return false; // another job or run was picked meanwhile
   CHARTS.forEach((spec) => drawChart(spec, result[spec.kind]));
-  const points = result.step.x.length + result.epoch.x.length;
-  const where = result.source === "progress" ? "its progress file" : result.source === "csv" ? "its CSV log" : "";
+  const lr = result.lr || NO_POINTS;
+  const points = result.step.x.length + result.epoch.x.length + lr.x.length;
+  const what = target.job ? `job ${target.job} (run ${result.run})` : `run ${result.run}`;
+  const rates = lr.x.length ? `, ${lr.x.length} learning rates` : "";
   $("#curves-title").textContent = points
-    ? `job ${id} (run ${result.run}): ${result.step.x.length} steps, ${result.epoch.x.length} epochs, from ${where}`
-    : `job ${id}: no curves recorded${result.final ? "" : " yet"}`;
-  return result.final;
+    ? `${what}: ${result.step.x.length} steps, ${result.epoch.x.length} epochs${rates}, from ${SOURCES[result.source] || "its logs"}`
+    : `${what}: no curves recorded${result.final === false ? " yet" : ""}`;
+  return result.final !== false;
 }
 
-async function showCurves(id) {
+async function showTarget(target) {
   clearInterval(curves.timer);
-  curves.job = id;
+  curves.shown = target;
   // a running job's curves grow: poll until it is final, then draw once more
   const poll = async () => {
     try {
-      if (await drawCurves(id)) clearInterval(curves.timer);
+      if (await drawCurves(target)) clearInterval(curves.timer);
     } catch (e) { clearInterval(curves.timer); showError(e.message); }
   };
   curves.timer = setInterval(poll, 1000);
   await poll();
 }
+
+const showCurves = (id) => showTarget({ job: id, path: `/ml/jobs/${encodeURIComponent(id)}/curves` });
+const showRunCurves = (run) => showTarget({ run, path: `/ml/runs/${encodeURIComponent(run)}/curves` });
 
 // ---- sweeps -----------------------------------------------------------------------------------
 
@@ -377,7 +413,7 @@ async function start() {
   try {
     const health = await (await fetch("/health")).json();
     $("#health").textContent = health.status;
-    await Promise.all([loadModels(), loadJobs(), loadSweeps()]);
+    await Promise.all([loadModels(), loadRuns(), loadJobs(), loadSweeps()]);
     await loadLlmModels().catch((e) => showError(`LLM: ${e.message}`));
   } catch (e) { showError(e.message); }
 }
