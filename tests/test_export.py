@@ -309,8 +309,9 @@ def test_a_classifier_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines == [
-        f"error: {ckpt} is a classifier checkpoint; export takes a language-model checkpoint "
-        "from experiment=shakespeare_char"
+        f"error: {ckpt} is a ClassifierModule checkpoint (an image classifier), the wrong kind "
+        "for export.py: it takes a CausalLMModule checkpoint (a language model, as python "
+        "train.py experiment=shakespeare_char writes)"
     ]
     assert not list(tmp_path.rglob("*.gguf")) and not (tmp_path / "export").exists()
 

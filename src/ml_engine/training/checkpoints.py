@@ -35,15 +35,71 @@ MODULE_CLASSES: dict[str, type[L.LightningModule]] = {
 }
 
 
-def latest_last_checkpoint(runs_dir: Path) -> Path:
-    """The newest ``<runs_dir>/*/checkpoints/last.ckpt`` by modification time."""
+# each module class in words, and the command that trains one: the "wrong kind" errors name both
+KINDS: dict[str, tuple[str, str]] = {
+    ClassifierModule.__name__: ("an image classifier", "python train.py model=<cnn_mnist|…>"),
+    CausalLMModule.__name__: ("a language model", "python train.py experiment=shakespeare_char"),
+}
+
+
+def kind_name(checkpoint: dict[str, Any]) -> str:
+    """The name of the module class that wrote ``checkpoint`` (before the name was saved, only
+    classifiers existed)."""
+    return str(checkpoint.get(MODULE_CLASS_KEY, ClassifierModule.__name__))
+
+
+def _kind(name: str) -> str:
+    words = KINDS.get(name, ("an unknown model", ""))[0]
+    return f"{name} checkpoint ({words})"
+
+
+def configured_module(model_cfg: DictConfig | None) -> type[L.LightningModule] | None:
+    """The module class a ``model`` node builds; None for one outside ours (a plugin's)."""
+    target = str((model_cfg or {}).get("_target_", ""))
+    return MODULE_CLASSES.get(target.rsplit(".", 1)[-1])
+
+
+def wrong_kind(path: Path, found: str, expected: type[L.LightningModule], use: str) -> UserError:
+    """One line: what ``path`` holds, for what it was given, and what that takes instead."""
+    words, command = KINDS[expected.__name__]
+    return UserError(
+        f"{path} is a {_kind(found)}, the wrong kind for {use}: it takes a "
+        f"{expected.__name__} checkpoint ({words}, as {command} writes)"
+    )
+
+
+def _last_checkpoints(runs_dir: Path) -> list[Path]:
+    """``<runs_dir>/*/checkpoints/last.ckpt``, newest (modification time) first."""
     candidates = [p for p in runs_dir.glob("*/checkpoints/last.ckpt") if p.is_file()]
     if not candidates:
         raise UserError(
             f"ckpt_path=last: no last.ckpt under {runs_dir}/*/checkpoints/ "
             "(train once first, or give ckpt_path=<path to a .ckpt>)"
         )
-    return max(candidates, key=lambda p: p.stat().st_mtime)
+    return sorted(candidates, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def latest_last_checkpoint(
+    runs_dir: Path, expected: type[L.LightningModule] | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """The newest ``last.ckpt`` under ``runs_dir`` written by ``expected`` (any module where
+    None), read. Classifier and language-model runs share the runs folder, so the newest run
+    overall may well be of the other kind."""
+    candidates = _last_checkpoints(runs_dir)
+    newest: tuple[Path, str] | None = None
+    for path in candidates:
+        checkpoint = read_checkpoint(path)
+        found = kind_name(checkpoint)
+        if expected is None or found == expected.__name__:
+            return path, checkpoint
+        newest = newest or (path, found)
+    assert newest is not None and expected is not None
+    words, command = KINDS[expected.__name__]
+    raise UserError(
+        f"ckpt_path=last: no {expected.__name__} run ({words}) under {runs_dir}; the newest "
+        f"last.ckpt, {newest[0]}, is a {_kind(newest[1])}; train one first ({command}) or "
+        "give ckpt_path=<path to a .ckpt>"
+    )
 
 
 def resolve_checkpoint(
@@ -53,14 +109,14 @@ def resolve_checkpoint(
 ) -> Path:
     """``path`` as an existing file, or a UserError naming what was looked at.
 
-    ``last`` means the newest ``last.ckpt`` under ``runs_dir`` (where given).
+    ``last`` means the newest ``last.ckpt`` under ``runs_dir`` (where given), of any kind.
     """
     if not path:
         raise UserError(
             f"ckpt_path is required; give {accepted}, e.g. ckpt_path=outputs/.../best.ckpt"
         )
     if str(path) == LATEST and runs_dir is not None:
-        return latest_last_checkpoint(runs_dir)
+        return _last_checkpoints(runs_dir)[0]
     resolved = Path(path).expanduser()
     if not resolved.is_file():
         raise UserError(f"checkpoint not found: {resolved} (expected {accepted})")
@@ -106,12 +162,21 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
 
 
 def checked_checkpoint(
-    path: str | None, runs_dir: Path | None = None
+    path: str | None,
+    runs_dir: Path | None = None,
+    expected: type[L.LightningModule] | None = None,
+    use: str = "this task",
 ) -> tuple[Path, dict[str, Any]]:
-    """Resolve ``path`` (``last`` included) and read it: the cheap checks that run before the
-    config is printed or anything is built."""
+    """Resolve ``path`` and read it: the cheap checks that run before the config is printed or
+    anything is built. ``last`` (with ``runs_dir``) is the newest run of the ``expected`` kind;
+    a checkpoint of another kind than ``expected`` is refused, naming ``use``."""
+    if str(path) == LATEST and runs_dir is not None:
+        return latest_last_checkpoint(runs_dir, expected)
     resolved = resolve_checkpoint(path, runs_dir=runs_dir)
-    return resolved, read_checkpoint(resolved)
+    checkpoint = read_checkpoint(resolved)
+    if expected is not None and kind_name(checkpoint) != expected.__name__:
+        raise wrong_kind(resolved, kind_name(checkpoint), expected, use)
+    return resolved, checkpoint
 
 
 def module_class(checkpoint: dict[str, Any]) -> type[L.LightningModule]:
@@ -128,28 +193,29 @@ def load_module(
     path: str | Path,
     map_location: str | torch.device = "cpu",
     expected: type[L.LightningModule] | None = None,
+    use: str = "this task",
 ) -> L.LightningModule:
     """The module (classifier or language model) rebuilt from its checkpoint alone, in eval
     mode; corrupt files, and another kind than ``expected`` where given, end in a UserError."""
-    checkpoint = resolve_checkpoint(str(path))
-    cls = module_class(read_checkpoint(checkpoint))
-    if expected is not None and cls is not expected:
-        raise UserError(
-            f"{checkpoint} is a {cls.__name__} checkpoint; this task needs a "
-            f"{expected.__name__} one"
-        )
+    resolved, checkpoint = checked_checkpoint(str(path), expected=expected, use=use)
+    cls = module_class(checkpoint)
     try:
-        model = cls.load_from_checkpoint(str(checkpoint), map_location=map_location)
+        model = cls.load_from_checkpoint(str(resolved), map_location=map_location)
     except UserError:
         raise
     except Exception as exc:
-        raise _unreadable(checkpoint, _short_reason(exc)) from exc
+        raise _unreadable(resolved, _short_reason(exc)) from exc
     return model.eval()
 
 
-def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> ClassifierModule:
-    """A ClassifierModule rebuilt from its checkpoint alone; corrupt files end in a UserError."""
-    return load_module(path, map_location, expected=ClassifierModule)
+def load_classifier(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    use: str = "classifying images",
+) -> ClassifierModule:
+    """A ClassifierModule rebuilt from its checkpoint alone; corrupt files, and checkpoints of
+    another kind, end in a UserError."""
+    return load_module(path, map_location, expected=ClassifierModule, use=use)
 
 
 def _command_line_keys() -> set[str]:
@@ -179,6 +245,47 @@ def _keep_off_bundled_digits(cfg: DictConfig, path: Path) -> None:
         with open_dict(cfg):
             cfg.datamodule.source = "torchvision"
         log.info("%s was trained on full MNIST: testing on its official test set", path.name)
+
+
+def config_choice(group: str, cfg_node: DictConfig | None = None) -> str:
+    """``group=<option>`` as the run chose it (``model=llama_char``); the node's class where
+    Hydra did not compose this config."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        option = HydraConfig.get().runtime.choices.get(group)
+        if option:
+            return f"{group}={option}"
+    target = str((cfg_node or {}).get("_target_", "?"))
+    return f"{group} {target.rsplit('.', 1)[-1]}"
+
+
+def _datamodule_options(text: bool) -> list[str]:
+    """The ``datamodule`` options that read text (or, with ``text=False``, images)."""
+    options = []
+    for option in sorted((CONFIG_DIR / DATAMODULE_GROUP).glob("*.yaml")):
+        target = str(OmegaConf.load(option).get("_target_", ""))
+        if target.endswith(".TextDataModule") == text:
+            options.append(option.stem)
+    return options
+
+
+def check_datamodule_fits(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) -> None:
+    """A language model is evaluated on text and a classifier on images: a datamodule named on
+    the command line that does not fit the checkpoint is refused before anything loads."""
+    found = kind_name(checkpoint)
+    if found not in KINDS:
+        return
+    is_lm = found == CausalLMModule.__name__
+    on_text = str(cfg.datamodule.get("_target_", "")).endswith(".TextDataModule")
+    if is_lm == on_text:
+        return
+    fits = ", ".join(f"datamodule={o}" for o in _datamodule_options(text=is_lm))
+    raise UserError(
+        f"{path} is a {_kind(found)}, the wrong kind for eval.py with "
+        f"{config_choice(DATAMODULE_GROUP, cfg.datamodule)}: it is evaluated on {fits}; leave "
+        "datamodule out to use the one it was trained with"
+    )
 
 
 def trained_datamodule(checkpoint: dict[str, Any]) -> str | None:

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 from ml_engine.training.checkpoints import (
     adopt_data_settings,
     adopt_datamodule,
+    check_datamodule_fits,
     checked_checkpoint,
     load_module,
 )
@@ -34,6 +35,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     started = time.perf_counter()
     ckpt_path, checkpoint = checked_checkpoint(cfg.ckpt_path)
     adopt_datamodule(cfg, checkpoint, ckpt_path)
+    check_datamodule_fits(cfg, checkpoint, ckpt_path)
     adopt_data_settings(cfg, checkpoint, ckpt_path)
     prepare_lightning_run(cfg)
     model = load_module(ckpt_path)

@@ -234,23 +234,21 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     """Write the GGUF of ``cfg.ckpt_path`` (and its validation text); prints ``gguf: <path>``
     last. ``cfg`` was checked against EXPORT_RULES by the job wrapper."""
     from ml_engine.run.extras import apply_extras
-    from ml_engine.training.checkpoints import checked_checkpoint, load_module, module_class
+    from ml_engine.training.checkpoints import checked_checkpoint, load_module
     from ml_engine.training.lm_module import CausalLMModule
 
     started = time.perf_counter()
     runs_dir = Path(cfg.paths.log_dir) / "train" / "runs"
-    ckpt_path, checkpoint = checked_checkpoint(cfg.ckpt_path, runs_dir=runs_dir)
-    if module_class(checkpoint) is not CausalLMModule:
-        raise UserError(
-            f"{ckpt_path} is a classifier checkpoint; export takes a language-model checkpoint "
-            f"from {LM_EXPERIMENT}"
-        )
+    # ckpt_path=last: the newest language-model run, wherever classifier runs came after it
+    ckpt_path, checkpoint = checked_checkpoint(
+        cfg.ckpt_path, runs_dir=runs_dir, expected=CausalLMModule, use="export.py"
+    )
     apply_extras(cfg)
     run_dir = training_run_dir(ckpt_path)
     name = str(cfg.name) if cfg.get("name") else default_name(run_dir)
     quantization = str(cfg.quantization)
     output = Path(cfg.output) if cfg.get("output") else run_dir / f"{name}-{quantization}.gguf"
-    module = load_module(ckpt_path, expected=CausalLMModule)
+    module = load_module(ckpt_path, expected=CausalLMModule, use="export.py")
 
     log.info("writing %s (%s) from %s", output, quantization, ckpt_path)
     # the gguf package logs the temp file's name, which is never the file a user gets

@@ -79,7 +79,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     output = Path(to_absolute_path(str(cfg.output)))
     check_output_file(output)  # before any work: a bad output must not cost the predictions
     clean_stale_partials(output.parent)  # what an earlier, killed predict left half-written
-    model = load_classifier(to_absolute_path(cfg.ckpt_path), map_location=cfg.device)
+    model = load_classifier(
+        to_absolute_path(cfg.ckpt_path), map_location=cfg.device, use="predict.py"
+    )
     source = Path(to_absolute_path(str(cfg.input)))
     paths = list_images(source)
     skipped = report_skipped(source)

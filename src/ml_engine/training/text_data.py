@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Iterator
 from importlib.resources import files
 from pathlib import Path
@@ -51,6 +52,23 @@ def read_text(path: Path, max_chars: int | None = None) -> str:
             f"0x{raw[exc.start]:02x}); give {ACCEPTED}"
         ) from None
     return text[:max_chars] if max_chars is not None else text
+
+
+def split_sizes(n_chars: int, val_fraction: float) -> tuple[int, int]:
+    """Characters of the training and validation splits of an ``n_chars`` text."""
+    val = round(n_chars * val_fraction)
+    return n_chars - val, val
+
+
+def min_corpus_chars(block_size: int, val_fraction: float) -> int:
+    """The fewest characters whose training and validation splits each hold one whole window
+    (``block_size + 1`` characters: ``block_size`` predictions, the last with full context).
+    A validation split shorter than that measures ``val/loss`` on a handful of characters."""
+    window = block_size + 1
+    n_chars = math.floor((window - 1) / min(val_fraction, 1 - val_fraction))
+    while min(split_sizes(n_chars, val_fraction)) < window:  # round() decides the exact edge
+        n_chars += 1
+    return n_chars
 
 
 class RandomWindowSampler(Sampler[Tensor]):
@@ -168,24 +186,38 @@ class TextDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Nothing to restore: the text is read again by ``setup``."""
 
+    def prepare_data(self) -> None:
+        # Lightning calls this before loggers and checkpoints write into the run dir: a text
+        # too short to learn from is refused while the run dir can still be removed
+        self._checked_text()
+
     def setup(self, stage: str | None = None) -> None:
         if self.text is not None:
             return
-        text = read_text(self.file, self.hparams.max_chars)
+        text = self._checked_text()
         self._sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
-        train_chars = len(text) - round(len(text) * self.hparams.val_fraction)
-        block = self.hparams.block_size
-        # a training window needs block + 1 tokens, validation at least one prediction
-        if train_chars < block + 1 or len(text) - train_chars < 2:
-            raise UserError(
-                f"datamodule.path: {self.file} has {len(text):,} characters, too few for "
-                f"block_size={block} with val_fraction={self.hparams.val_fraction} (training "
-                f"needs {block + 1}, validation 2); give {ACCEPTED} of at least "
-                f"{int((block + 1) / (1 - self.hparams.val_fraction)) + 2} characters"
-            )
-        self.text, self._train_chars = text, train_chars
+        self.text = text
+        self._train_chars = split_sizes(len(text), self.hparams.val_fraction)[0]
         if self.tokenizer is None:
             self.tokenizer = CharTokenizer.from_text(text)
+
+    def _checked_text(self) -> str:
+        """The text, or a UserError when either split would be shorter than one window."""
+        max_chars = self.hparams.max_chars
+        text = read_text(self.file, max_chars)
+        block, val_fraction = self.hparams.block_size, self.hparams.val_fraction
+        needed = min_corpus_chars(block, val_fraction)
+        if len(text) >= needed:
+            return text
+        train_chars, val_chars = split_sizes(len(text), val_fraction)
+        cut = f" (datamodule.max_chars={max_chars})" if len(text) == max_chars else ""
+        raise UserError(
+            f"datamodule.path: {self.file}{cut} has {len(text):,} characters, too few for "
+            f"block_size={block} with val_fraction={val_fraction}: the training and validation "
+            f"splits each need one whole window of {block + 1} characters (block_size + 1) and "
+            f"would get {train_chars:,} and {val_chars:,}; give a text of at least "
+            f"{needed:,} characters or a smaller datamodule.block_size"
+        )
 
     @property
     def val_text(self) -> str:

@@ -12,7 +12,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ml_engine.errors import UserError
-from ml_engine.training.checkpoints import adopt_data_settings, checked_checkpoint
+from ml_engine.training.checkpoints import (
+    adopt_data_settings,
+    checked_checkpoint,
+    config_choice,
+    configured_module,
+)
 from ml_engine.training.instantiators import instantiate_callbacks, instantiate_loggers
 from ml_engine.training.lightning_run import (
     collect_metrics,
@@ -81,11 +86,17 @@ def data_arguments(datamodule: L.LightningDataModule, model_cfg: DictConfig) -> 
 
 def _checkpoint_to_resume(cfg: DictConfig) -> Path | None:
     """``cfg.ckpt_path`` checked before anything is printed or built; ``last`` is the newest
-    ``last.ckpt`` of this task's runs. The run resumes on the checkpoint's data split."""
+    ``last.ckpt`` of this task's runs that the configured model wrote (classifier and language
+    model runs share the folder). The run resumes on the checkpoint's data split."""
     if not cfg.get("ckpt_path"):
         return None
     runs_dir = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
-    path, checkpoint = checked_checkpoint(cfg.ckpt_path, runs_dir=runs_dir)
+    path, checkpoint = checked_checkpoint(
+        cfg.ckpt_path,
+        runs_dir=runs_dir,
+        expected=configured_module(cfg.get("model")),
+        use=f"resuming {config_choice('model', cfg.get('model'))}",
+    )
     adopt_data_settings(cfg, checkpoint, path)
     log.info("resuming from %s", path)
     return path
