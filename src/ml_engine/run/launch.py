@@ -21,7 +21,6 @@ from ml_engine.errors import UserError
 from ml_engine.run.distributed import is_rank_zero, shared_run_dir_override
 from ml_engine.run.files import (
     JOB_RECORD,
-    RESOLVED_CONFIG,
     redact_override,
     save_resolved_config,
     write_json_atomic,
@@ -40,8 +39,8 @@ from ml_engine.run.rules import Rule, check_config
 
 log = logging.getLogger(__name__)
 
-# What a job leaves in its run dir before it does any work of its own.
-BOOKKEEPING_FILES = frozenset({".hydra", RESOLVED_CONFIG, JOB_RECORD})
+# Files of a run's work: a refused run's dir holding one is kept.
+WORK_SUFFIXES = frozenset({".ckpt", ".gguf"})
 
 Task = Callable[[DictConfig], dict[str, Any]]
 # "package.module:function": imported only once the config composed, so config mistakes are
@@ -201,13 +200,29 @@ def _run_dir_of(cfg: DictConfig) -> Path | None:
         return None
 
 
-def remove_unused_run_dir(run_dir: Path | None, task_name: str) -> None:
-    """Delete a run dir that holds nothing but Hydra's and our bookkeeping, and its empty
-    ``runs/`` and task folders: a run refused before any work leaves nothing behind."""
+def is_fresh_run_dir(run_dir: Path | None, task_name: str) -> bool:
+    """Whether ``run_dir`` holds only what Hydra put there for this job: ``.hydra/`` and an
+    empty ``<task>.log``. Checked when the job starts; a dir the user pointed a run at
+    (``hydra.run.dir=<an earlier run>``, a shared torchrun dir another rank made) is not fresh."""
+    if run_dir is None or not run_dir.is_dir():
+        return False
+    for entry in run_dir.iterdir():
+        if entry.name == f"{task_name}.log" and entry.is_file() and entry.stat().st_size == 0:
+            continue
+        if entry.name != ".hydra":
+            return False
+    return True
+
+
+def remove_refused_run_dir(run_dir: Path | None) -> None:
+    """Delete the run dir of a run refused before its work, and its empty ``runs/`` and task
+    folders: the runs folder is left as it was. The caller knows the dir was fresh when the job
+    started (:func:`is_fresh_run_dir`), so only this run's files go: its bookkeeping and what
+    its loggers made before the refusal (TensorBoard opens its event file before Lightning
+    sets the data up). A checkpoint or model file in it would be work: then it stays."""
     if run_dir is None or not run_dir.is_dir() or not _is_rank_zero():
         return
-    allowed = BOOKKEEPING_FILES | {f"{task_name}.log"}
-    if any(entry.name not in allowed for entry in run_dir.iterdir()):
+    if any(path.suffix in WORK_SUFFIXES for path in run_dir.rglob("*")):
         return
     shutil.rmtree(run_dir, ignore_errors=True)
     for parent in (run_dir.parent, run_dir.parent.parent):
@@ -238,7 +253,8 @@ def launch(
     Hydra is made to raise (``HYDRA_FULL_ERROR=1`` internally) so that its multi-line reports
     can be condensed; the user's own ``HYDRA_FULL_ERROR=1`` still gets the full traceback.
     Group options are checked before Hydra creates a run dir; a single run refused for a
-    config mistake once it started removes its run dir again (sweep jobs keep their record).
+    config mistake once it started removes the run dir Hydra made for it (sweep jobs keep
+    their record; a dir that held anything when the job started is never removed).
     ``before_compose`` hooks run before Hydra composes (e.g. plugin networks adding config
     options), so the harness needs no knowledge of any task.
     """
@@ -256,16 +272,18 @@ def launch(
     show_traceback = full_errors_requested()
     os.environ["HYDRA_FULL_ERROR"] = "1"
 
-    failures: list[tuple[BaseException, Path | None, str]] = []
+    failures: list[tuple[BaseException, Path | None]] = []
 
     def hydra_task(cfg: DictConfig) -> float | None:
+        run_dir = _run_dir_of(cfg)
+        fresh = is_fresh_run_dir(run_dir, str(cfg.get("task_name", config_name)))
         try:
             return run_job(task, cfg, rules)
         except Exception as exc:
             if _is_multirun():  # run_job keeps a job's own failure: this one ends the sweep
                 raise StopSweep(exc) from exc
             # single run: reported below as one line, not by Hydra
-            failures.append((exc, _run_dir_of(cfg), str(cfg.get("task_name", config_name))))
+            failures.append((exc, run_dir if fresh else None))
             return None
 
     for hook in before_compose:
@@ -278,9 +296,9 @@ def launch(
             sys.argv.append(shared_dir)
         main(hydra_task)()
         if failures:
-            exc, run_dir, task_name = failures[0]
+            exc, fresh_run_dir = failures[0]
             if is_config_mistake(exc):
-                remove_unused_run_dir(run_dir, task_name)
+                remove_refused_run_dir(fresh_run_dir)
             raise exc
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

@@ -11,6 +11,7 @@ import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
+from ml_engine.run.extras import apply_extras
 from ml_engine.run.files import atomic_write, check_output_file, clean_stale_partials
 from ml_engine.training.checkpoints import load_classifier
 from ml_engine.training.image_data import read_image
@@ -84,6 +85,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     )
     source = Path(to_absolute_path(str(cfg.input)))
     paths = list_images(source)
+    apply_extras(cfg)  # the checks passed: say what runs
     skipped = report_skipped(source)
     images = load_inputs(model, paths, cfg.invert)
     probabilities = predict_digits(model, images, cfg.batch_size)
