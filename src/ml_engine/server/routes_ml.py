@@ -237,7 +237,7 @@ def _data_from(state: ServerState, run: str) -> dict[str, Any]:
         raise ApiError(422, f"data_from: no run '{run}'; give a run of GET /ml/runs") from None
     why = data_refusal(info.data or {}, state.settings.train_data_dirs)
     if why is not None:
-        raise ApiError(422, f"data_from: the server cannot train on run '{run}''s data: {why}")
+        raise ApiError(422, f"data_from: cannot train on the data of run '{run}': {why}")
     return {k: v for k, v in (info.data or {}).items() if k != "label"}
 
 

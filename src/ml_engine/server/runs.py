@@ -91,7 +91,7 @@ class RunIndex:
             config = OmegaConf.load(run_dir / RUN_CONFIG)
             network = OmegaConf.select(config, "model.net.name")
             arch = OmegaConf.select(config, "model.net.arch", default=None)
-            datamodule = OmegaConf.to_container(config.get("datamodule") or {}, resolve=False)
+            datamodule = _datamodule(config)
             stamp = datetime.fromtimestamp((run_dir / JOB_RECORD).stat().st_mtime, tz=timezone.utc)
         except Exception:  # a half-written or foreign run dir is not a run to offer
             return None
@@ -164,6 +164,19 @@ class RunIndex:
 
 
 # ---- what a run trained on, and training on it again ---------------------------------------
+
+
+def _datamodule(config: Any) -> dict[str, Any]:
+    """The run's datamodule node, its interpolations (``data_dir: ${paths.data_dir}``)
+    resolved where the recorded config allows it."""
+    node = config.get("datamodule") or {}
+    values = OmegaConf.to_container(node, resolve=False)
+    for key in values:
+        try:
+            values[key] = OmegaConf.to_container(OmegaConf.create({"v": node[key]}))["v"]
+        except Exception:  # one that needs Hydra's runtime: the value as recorded
+            continue
+    return values
 
 
 def _run_cwd(run_dir: Path) -> Path | None:
