@@ -241,3 +241,24 @@ def test_runs_linked_in_or_pointing_out_are_not_runs(make_client, tmp_path: Path
     models = make_client(runs_dir=runs).get("/ml/models").json()["models"]
     cnn = next(m for m in models if m["name"] == "cnn_mnist")
     assert cnn["runs"] == 1 and cnn["best"]["run"] == own.name
+
+
+def test_a_copied_runs_folder_serves_its_own_checkpoints(make_client, tmp_path: Path) -> None:
+    """A record keeps the absolute path its run was written at: a runs folder copied (or moved)
+    elsewhere is listed with the copy's checkpoint, never the original's."""
+    import shutil
+
+    original = tmp_path / "original" / "runs"
+    _fake_run(
+        original / "2025-01-01_00-00-00_run",
+        0.9,
+        original / "2025-01-01_00-00-00_run" / "checkpoints" / "best.ckpt",
+    )
+    copy = tmp_path / "copy" / "runs"
+    shutil.copytree(original, copy)
+    client = make_client(runs_dir=copy)
+    models = client.get("/ml/models").json()["models"]
+    cnn = next(m for m in models if m["name"] == "cnn_mnist")
+    assert cnn["runs"] == 1
+    run = client.app.state.server.runs.get("2025-01-01_00-00-00_run")
+    assert Path(run.checkpoint) == copy / "2025-01-01_00-00-00_run" / "checkpoints" / "best.ckpt"

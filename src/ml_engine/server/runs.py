@@ -62,6 +62,19 @@ class RunInfo:
         return (number(self.val_acc), number(self.test_acc), self.date)
 
 
+def _in_run_dir(run_dir: Path, recorded: Any) -> str | None:
+    """The recorded checkpoint as it lies in this run dir: a record keeps the absolute path the
+    run was written at, and a runs folder moved or copied elsewhere must serve its own files,
+    never the ones it was copied from."""
+    if not recorded:
+        return None
+    path = Path(str(recorded))
+    local = run_dir / path.parent.name / path.name
+    if path.parent.name == "checkpoints" and local.is_file():
+        return str(local)
+    return str(path)
+
+
 class RunIndex:
     """Reads each ``<runs_dir>/*/job.json`` of a successful run (+ the run's composed config for
     the network name); parsed runs are cached by the record's mtime so listing stays cheap as
@@ -97,7 +110,7 @@ class RunIndex:
             return None
         if not isinstance(metrics, dict):
             return None
-        checkpoint = metrics.get("best_ckpt") or metrics.get("last_ckpt")
+        checkpoint = _in_run_dir(run_dir, metrics.get("best_ckpt") or metrics.get("last_ckpt"))
         if not network or not checkpoint or not Path(checkpoint).is_file():
             return None
         # a checkpoint is unpickled when served: only one that lives in this folder
@@ -169,7 +182,9 @@ class RunIndex:
 def _datamodule(config: Any) -> dict[str, Any]:
     """The run's datamodule node, its interpolations (``data_dir: ${paths.data_dir}``)
     resolved where the recorded config allows it."""
-    node = config.get("datamodule") or {}
+    node = config.get("datamodule")
+    if not OmegaConf.is_dict(node):  # a run written by other means: no data to show
+        return {}
     values = OmegaConf.to_container(node, resolve=False)
     for key in values:
         try:
