@@ -28,6 +28,7 @@ def _bad_checkpoints(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train.py", "eval.py"])
 @pytest.mark.parametrize("kind", ["missing", "text", "corrupt", "plain weights"])
 def test_bad_checkpoint_is_reported_in_at_most_three_lines(
@@ -59,6 +60,7 @@ def split_11_run(make_cfg, tmp_path: Path) -> dict:
     return train(cfg)
 
 
+@pytest.mark.slow
 def test_eval_tests_on_the_split_the_checkpoint_held_out(split_11_run: dict, tmp_path: Path):
     best = split_11_run["best_ckpt"]
     result = run_entrypoint(

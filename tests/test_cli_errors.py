@@ -27,6 +27,7 @@ def eval_common(tmp_path: Path) -> list[str]:
     return [f"paths.log_dir={tmp_path}", "datamodule.source=bundled", "extras.print_config=false"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "fragments"),
     [
@@ -65,17 +66,20 @@ def test_full_traceback_when_asked(tmp_path: Path) -> None:
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+@pytest.mark.slow
 def test_missing_checkpoint(tmp_path: Path) -> None:
     missing = tmp_path / "nope.ckpt"
     result = run_entrypoint("eval.py", *eval_common(tmp_path), f"ckpt_path={missing}")
     assert_one_line_error(result, "checkpoint not found", str(missing))
 
 
+@pytest.mark.slow
 def test_resume_from_missing_checkpoint(tmp_path: Path) -> None:
     result = run_entrypoint("train.py", *common(tmp_path), f"ckpt_path={tmp_path}/last.ckpt")
     assert_one_line_error(result, "checkpoint not found")
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint(tmp_path: Path) -> None:
     corrupt = tmp_path / "best.ckpt"
     corrupt.write_bytes(b"PK\x03\x04 this is not a checkpoint" * 10)
@@ -85,6 +89,7 @@ def test_corrupt_checkpoint(tmp_path: Path) -> None:
     assert_one_line_error(result, "could not load checkpoint", str(corrupt))
 
 
+@pytest.mark.slow
 def test_eval_without_ckpt_path(tmp_path: Path) -> None:
     result = run_entrypoint("eval.py", *eval_common(tmp_path))
     assert_one_line_error(result, "ckpt_path")
@@ -136,6 +141,7 @@ def test_slurm_launcher_without_its_extra_names_the_install(tmp_path: Path) -> N
     assert runs_listing(tmp_path) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("script", "override", "fragment"),
     [

@@ -71,6 +71,7 @@ def test_trainers_available_here_instantiate(trainer: str, tmp_path: Path) -> No
     assert built.num_devices == (2 if trainer == "ddp_cpu" else 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("callbacks", ["default", "none"])
 @pytest.mark.parametrize("logger", options("logger"))
 def test_callback_and_logger_options_instantiate(

@@ -303,6 +303,7 @@ def _classifier_checkpoint(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_classifier_checkpoint_is_refused_in_one_line(tmp_path: Path) -> None:
     ckpt = _classifier_checkpoint(tmp_path / "digits.ckpt")
     result = run_entrypoint("export.py", f"ckpt_path={ckpt}", f"paths.log_dir={tmp_path}")

@@ -198,6 +198,7 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(idx_bytes(array))
 
 
+@pytest.mark.slow
 def test_torchvision_dataset_from_files_on_disk(make_cfg, tmp_path: Path, digits) -> None:
     images, labels = digits
     raw = tmp_path / "data" / "FashionMNIST" / "raw"

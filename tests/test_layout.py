@@ -59,6 +59,7 @@ def test_package_root_holds_only_its_face() -> None:
     assert modules == ["__init__.py", "__main__.py", "errors.py"]
 
 
+@pytest.mark.slow
 def test_a_training_job_does_not_load_the_web_app() -> None:
     # the server adds this callback to each training job it starts
     script = (

@@ -283,6 +283,7 @@ def trained(tmp_path_factory) -> tuple[dict, Path]:
     return metrics, out
 
 
+@pytest.mark.slow
 def test_short_training_beats_the_unigram_and_reloads_from_the_checkpoint_alone(trained) -> None:
     metrics, _ = trained
     assert metrics["epochs_run"] == 2 and metrics["data_source"] == "tinyshakespeare.txt"

@@ -40,6 +40,7 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", guarded)
 
 
+@pytest.mark.slow
 def test_mlflow_run_has_params_metric_history_and_the_checkpoint(make_cfg, tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 
@@ -66,6 +67,7 @@ def test_mlflow_run_has_params_metric_history_and_the_checkpoint(make_cfg, tmp_p
     assert Path(experiment.artifact_location.removeprefix("file://")).is_relative_to(tmp_path)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_holds_history_and_summary(
     make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -136,6 +138,7 @@ def _record_kinds(path: Path) -> set[str]:
     return {record.WhichOneof("record_type") for record in _wandb_records(path)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("logger, package", [("mlflow", "mlflow"), ("wandb", "wandb")])
 def test_missing_logger_package_is_one_line_naming_the_extra(
     logger: str, package: str, tmp_path: Path

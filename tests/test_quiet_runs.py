@@ -324,6 +324,7 @@ def tree_of(root: Path) -> list[str]:
     return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("script", "args", "fragment", "env"), README_MISTAKES)
 def test_a_refused_run_leaves_the_runs_folder_as_it_was(
     tmp_path: Path,

@@ -102,6 +102,7 @@ def test_ddp_cpu_two_processes_with_the_default_model(tmp_path: Path) -> None:
     assert last["global_step"] == 2 * 10
 
 
+@pytest.mark.slow
 def test_sync_batchnorm_on_cpu_is_refused_once(tmp_path: Path) -> None:
     result = run_entrypoint(
         "train.py",
@@ -152,6 +153,7 @@ def test_resume_last_with_more_epochs_replans_the_schedule(tmp_path: Path) -> No
     assert scheduler["total_steps"] == 10 and scheduler["last_epoch"] == 10
 
 
+@pytest.mark.slow
 def test_resume_last_without_runs_is_one_line(tmp_path: Path) -> None:
     result = _train_steps(tmp_path, "ckpt_path=last")
     assert result.returncode == 1
@@ -202,6 +204,7 @@ def test_readme_training_example_runs(tmp_path: Path, command: str) -> None:
     assert read_job_record(run_dir_of(result))["status"] == "ok"
 
 
+@pytest.mark.slow
 def test_a_schedule_too_short_to_plan_is_one_line(tmp_path: Path) -> None:
     result = _train_steps(tmp_path, "trainer.max_epochs=1", "trainer.limit_train_batches=4")
     assert result.returncode == 1

@@ -234,6 +234,7 @@ def test_two_optuna_sweeps_share_one_study(tmp_path: Path) -> None:
     assert "6 trials" in table and table.count("| COMPLETE |") >= 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("storage", "expected"),
     [

@@ -172,6 +172,7 @@ def _unknown_architecture(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage, fragments",
     [

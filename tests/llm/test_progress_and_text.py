@@ -95,6 +95,7 @@ def test_a_long_text_is_cut_and_says_where_the_rest_is(models_dir: Path, tmp_pat
     assert counted and len(finished) == 1, done.stdout[-3000:]
 
 
+@pytest.mark.slow
 def test_a_sweep_keeps_its_summary_and_prints_no_texts(models_dir: Path, tmp_path: Path) -> None:
     done = generate_cli(
         "llm/backend=mock",

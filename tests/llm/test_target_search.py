@@ -228,6 +228,7 @@ def _own_models(tmp_path: Path, tiny_f32: Path) -> Path:
     return models
 
 
+@pytest.mark.slow
 def test_search_meets_a_reachable_target_with_the_most_precise_quantization(
     tmp_path: Path, models_dir: Path
 ) -> None:
@@ -269,6 +270,7 @@ def test_quality_bound_no_quantization_meets(tmp_path: Path, models_dir: Path) -
     assert "misses max_kld=1e-12" in closest["misses"][0]
 
 
+@pytest.mark.slow
 def test_unreachable_target_writes_the_verdict_and_ends_in_one_error(
     tmp_path: Path, models_dir: Path
 ) -> None:
@@ -327,6 +329,7 @@ def test_missing_file_stops_at_the_first_job(tmp_path: Path, models_dir: Path) -
     assert len(list(tmp_path.rglob("job.json"))) == 1
 
 
+@pytest.mark.slow
 def test_rerun_is_all_cached_and_loads_no_model(tmp_path: Path, tiny_f32: Path) -> None:
     models = _own_models(tmp_path, tiny_f32)
     args = ("llm.target.tokens_per_s=1", "llm.target.quantizations=[q8_0,q4_k_m]")
@@ -341,6 +344,7 @@ def test_rerun_is_all_cached_and_loads_no_model(tmp_path: Path, tiny_f32: Path) 
     assert not list((tmp_path / "b").rglob("worker.log"))  # no model worker ever started
 
 
+@pytest.mark.slow
 def test_killed_search_resumes_from_what_it_measured(tmp_path: Path, tiny_f32: Path) -> None:
     models = _own_models(tmp_path, tiny_f32)
     search_args = [

@@ -235,6 +235,7 @@ def test_predict_before_any_training_is_404(make_client) -> None:
     assert "no trained checkpoint for model 'cnn_mnist'" in response.json()["error"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("body", "expected"),
     [

@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.serve.conftest import held_job_overrides, write_sweeps
 
 
+@pytest.mark.slow
 def test_a_job_records_its_curves_per_step_and_per_epoch(make_client, tmp_path: Path) -> None:
     # the job waits after step 30 (in its second epoch) until the test has seen its curves
     release = tmp_path / "release"

@@ -28,6 +28,7 @@ def _tokens_generated(client) -> float:
     )
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_a_507_naming_the_folder_until_space_returns(
     make_client, tmp_path, tmpfs, models_dir
 ) -> None:
@@ -57,6 +58,7 @@ def test_a_full_disk_is_a_507_naming_the_folder_until_space_returns(
     assert client.app.state.server.llm.load_count == 1
 
 
+@pytest.mark.slow
 def test_a_worker_that_died_while_idle_is_replaced_by_the_next_request(
     make_client, models_dir
 ) -> None:
@@ -79,6 +81,7 @@ def test_a_worker_that_died_while_idle_is_replaced_by_the_next_request(
     assert service.load_count == 3 and service.worker_count() == 1
 
 
+@pytest.mark.slow
 def test_every_route_that_generates_counts_its_tokens(make_client, models_dir) -> None:
     client = make_client(**{"paths.models_dir": str(models_dir)})
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5}

@@ -130,6 +130,7 @@ def http(server: str) -> Iterator[httpx.Client]:
 # ---- what is listed
 
 
+@pytest.mark.slow
 def test_listing_serves_only_regular_files_inside_and_logs_why_not(
     make_client, runs: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -149,6 +150,7 @@ def test_listing_serves_only_regular_files_inside_and_logs_why_not(
         assert len(said) == 1 and reason in said[0], (name, said)
 
 
+@pytest.mark.slow
 def test_unreadable_files_are_listed_unusable_with_what_is_wrong(http: httpx.Client) -> None:
     entries = {m["name"]: m for m in http.get("/llm/models").json()["models"]}
     for name, problem in UNREADABLE.items():
@@ -160,6 +162,7 @@ def test_unreadable_files_are_listed_unusable_with_what_is_wrong(http: httpx.Cli
 # ---- what a request for an entry gets
 
 
+@pytest.mark.slow
 def test_only_a_request_for_a_refused_entry_fails(
     http: httpx.Client, client: openai.OpenAI
 ) -> None:
@@ -188,6 +191,7 @@ def test_a_file_that_is_no_readable_gguf_says_what_is_wrong(
 # ---- a chat template Jinja cannot parse
 
 
+@pytest.mark.slow
 def test_a_bad_chat_template_refuses_chats_and_keeps_completions(
     http: httpx.Client, client: openai.OpenAI
 ) -> None:
@@ -243,6 +247,7 @@ def test_runs_linked_in_or_pointing_out_are_not_runs(make_client, tmp_path: Path
     assert cnn["runs"] == 1 and cnn["best"]["run"] == own.name
 
 
+@pytest.mark.slow
 def test_a_copied_runs_folder_serves_its_own_checkpoints(make_client, tmp_path: Path) -> None:
     """A record keeps the absolute path its run was written at: a runs folder copied (or moved)
     elsewhere is listed with the copy's checkpoint, never the original's."""

@@ -195,6 +195,7 @@ def _serve_py(tmp_path: Path, key_argument: list[str], env: dict[str, str]) -> s
 SECRET = "k3y-that-must-stay-in-memory-4f1c"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("given_by", ["environment", "command line"])
 def test_serve_py_writes_no_secret_into_its_run_dir(tmp_path: Path, given_by: str) -> None:
     if given_by == "environment":

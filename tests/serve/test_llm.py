@@ -53,6 +53,7 @@ def test_generate_stream_mock(client) -> None:
     assert done["output"] == "a b c" and done["engine"] == "mock" and done["pieces"] == 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["llama_cpp", "llama"])
 def test_generate_tiny_gguf(client, backend: str) -> None:
     body = {"backend": backend, "model": "tiny", "prompt": "Hello", "max_tokens": 12, "seed": 7}
@@ -66,6 +67,7 @@ def test_generate_tiny_gguf(client, backend: str) -> None:
     assert client.post("/llm/generate", json=body).json()["output"] == result["output"]
 
 
+@pytest.mark.slow
 def test_generate_tiny_gguf_streams_the_same_text(client) -> None:
     body = {"model": "tiny", "prompt": "Hello", "max_tokens": 10, "seed": 3, "temperature": 0}
     whole = client.post("/llm/generate", json=body).json()["output"]
@@ -76,6 +78,7 @@ def test_generate_tiny_gguf_streams_the_same_text(client) -> None:
     assert streamed == events[-1][1]["output"] == whole
 
 
+@pytest.mark.slow
 def test_pieces_sent_together_still_stream_one_token_event_each(
     make_client, models_dir, tmp_path: Path
 ) -> None:
@@ -123,6 +126,7 @@ def test_the_worker_sends_the_first_piece_at_once_then_a_message_per_interval() 
     assert sent(60.0) == [{"t": "<0>"}, {"ts": ["<1>", "<2>", "<3>", "<4>"]}]
 
 
+@pytest.mark.slow
 def test_llm_models_lists_quantizations_on_disk(client) -> None:
     client.post("/llm/generate", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
     body = client.get("/llm/models").json()
@@ -222,6 +226,7 @@ def test_requests_to_one_model_are_serialized(client, models_dir) -> None:
     assert overlaps[0] == 1
 
 
+@pytest.mark.slow
 def test_a_stream_releases_the_model_however_it_ends(client) -> None:
     """Read to the end, stopped early (client hung up) or never started: the lock is free."""
     service = client.app.state.server.llm
@@ -240,6 +245,7 @@ def test_a_stream_releases_the_model_however_it_ends(client) -> None:
     assert not lock_after(lambda stream: stream.close())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_prompt_longer_than_the_context_is_a_422(client, stream: bool) -> None:
     body = {"model": "tiny", "prompt": "word " * 400, "n_ctx": 128, "stream": stream}
@@ -254,6 +260,7 @@ def test_a_prompt_longer_than_the_context_is_a_422(client, stream: bool) -> None
 # ---- any GGUF: llm.files
 
 
+@pytest.mark.slow
 def test_a_given_gguf_is_a_model_named_by_its_metadata(make_client, chat_gguf, tmp_path) -> None:
     client = make_client(
         **{"paths.models_dir": str(tmp_path / "models"), "llm.files": [str(chat_gguf)]}

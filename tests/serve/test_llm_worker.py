@@ -54,6 +54,7 @@ def _serve(tmp_path: Path, *overrides: str) -> tuple[subprocess.Popen, str]:
             time.sleep(0.3)
 
 
+@pytest.mark.slow
 def test_a_gguf_that_aborts_llama_cpp_fails_its_request_not_the_server(
     tmp_path: Path, chat_gguf: Path
 ) -> None:
@@ -109,6 +110,7 @@ def client(make_client, tmp_path_factory):
     return make_client(**{"paths.models_dir": str(tmp_path_factory.getbasetemp() / "models")})
 
 
+@pytest.mark.slow
 def test_cancelling_a_stream_stops_the_worker_between_tokens(client) -> None:
     service = client.app.state.server.llm
     key = LlmKey("llama_cpp", "tiny", None, None, None)
@@ -127,6 +129,7 @@ def test_cancelling_a_stream_stops_the_worker_between_tokens(client) -> None:
     assert service.load_count == 1
 
 
+@pytest.mark.slow
 def test_a_client_hanging_up_mid_stream_frees_the_model(make_client, tmp_path) -> None:
     from ml_engine.server import create_app
     from tests.serve.conftest import live_server, serve_config
@@ -149,6 +152,7 @@ def test_a_client_hanging_up_mid_stream_frees_the_model(make_client, tmp_path) -
     assert service.load_count == 1
 
 
+@pytest.mark.slow
 def test_contexts_of_different_sizes_reuse_a_loaded_one_and_stay_bounded(make_client, tmp_path):
     client = make_client(**{"paths.models_dir": str(tmp_path / "models"), "llm.cache_size": 2})
     service = client.app.state.server.llm
@@ -166,6 +170,7 @@ def test_contexts_of_different_sizes_reuse_a_loaded_one_and_stay_bounded(make_cl
     assert refused.status_code == 422 and "context holds 128" in refused.json()["error"]
 
 
+@pytest.mark.slow
 def test_the_memory_budget_drops_the_least_recently_used_worker(make_client, tmp_path, chat_gguf):
     client = make_client(
         **{
@@ -185,6 +190,7 @@ def test_the_memory_budget_drops_the_least_recently_used_worker(make_client, tmp
     assert {m["name"]: m["usable"] for m in models}["Chat-Model-0.1-test"] is True
 
 
+@pytest.mark.slow
 def test_a_worker_that_stops_answering_is_killed_and_the_next_request_gets_a_fresh_one(
     make_client, tmp_path
 ) -> None:

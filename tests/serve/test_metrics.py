@@ -44,6 +44,7 @@ TOKENS = "ml_engine_llm_tokens_generated_total"
 LOADS = "ml_engine_model_loads_total"
 
 
+@pytest.mark.slow
 def test_metrics_count_requests_tokens_and_loads(
     make_client, trained_runs: Path, tmp_path_factory, bundled_digits
 ) -> None:

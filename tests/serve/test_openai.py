@@ -40,6 +40,7 @@ MESSAGES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model", "template"), [(CHAT, "model"), ("tiny", "chatml")])
 def test_chat_whole_and_streamed(client: openai.OpenAI, model: str, template: str) -> None:
     raw = client.chat.completions.with_raw_response.create(
@@ -109,6 +110,7 @@ def test_models_lists_every_usable_gguf(client: openai.OpenAI) -> None:
     assert "llama3_1_8b" not in ids  # configured, but no file on disk
 
 
+@pytest.mark.slow
 def test_errors_have_openai_shape(client: openai.OpenAI, server: str) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
         client.chat.completions.create(model="tiny", messages=MESSAGES, n=2)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from ml_engine.run.files import read_job_record
 from tests.conftest import run_entrypoint
 from tests.serve.conftest import JOB_OVERRIDES
@@ -16,6 +18,7 @@ from tests.test_image_classification import (
 )
 
 
+@pytest.mark.slow
 def test_rgb_image_folder_model_predicts_like_predict_py(
     make_client, tmp_path: Path, bundled_digits
 ) -> None:

@@ -10,12 +10,14 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from ml_engine.run.locations import PROJECT_ROOT
 from tests.conftest import run_entrypoint
 from tests.serve.conftest import free_port
 
 
+@pytest.mark.slow
 def test_bad_values_end_in_one_line() -> None:
     for override, expected in (
         ("port=99999", "error: port=99999 is not valid; expected an integer in [0, 65535]"),
@@ -28,6 +30,7 @@ def test_bad_values_end_in_one_line() -> None:
         assert result.stderr.startswith(expected), result.stderr
 
 
+@pytest.mark.slow
 def test_port_in_use_is_one_line() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -41,6 +44,7 @@ def test_port_in_use_is_one_line() -> None:
     )
 
 
+@pytest.mark.slow
 def test_serve_py_serves_on_loopback(tmp_path) -> None:
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "ML_ENGINE_API_KEY": "k"}
