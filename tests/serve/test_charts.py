@@ -36,6 +36,11 @@ def test_a_job_records_its_curves_per_step_and_per_epoch(make_client, tmp_path: 
     assert epoch["x"] == [1, 2]
     assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(epoch["series"])
     assert all(0 <= acc <= 1 for acc in epoch["series"]["val/acc"])
+    # the one-cycle schedule changes every step: its whole curve, rising then falling
+    rates = curves["lr"]["series"]["lr-AdamW"]
+    assert curves["lr"]["x"] == list(range(1, 51)) and len(rates) == 50
+    peak = rates.index(max(rates))
+    assert 0 < peak < 49 and rates[0] < rates[peak] > rates[-1]
     # the same run by its name
     by_run = client.get(f"/ml/runs/{current['run']}/curves").json()
     assert by_run["epoch"] == epoch

@@ -64,6 +64,7 @@ class JobProgress(L.Callback):
         self._stage = "starting"
         self._epochs_done = 0
         self._validated = False
+        self._last_rates: dict[str, float] = {}
 
     def _write(self, trainer: L.Trainer, force: bool = False) -> None:
         now = time.monotonic()
@@ -112,7 +113,21 @@ class JobProgress(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         metrics = _step_metrics(_scalars(dict(trainer.callback_metrics)))
         self._append_point(trainer, "step", trainer.global_step, metrics)
+        self._append_rates(trainer)
         self._write(trainer)
+
+    def _append_rates(self, trainer: L.Trainer) -> None:
+        """The learning rates by step, named as LearningRateMonitor names them (``lr-AdamW``),
+        a point whenever one changed: a per-step schedule (one-cycle) draws its whole curve,
+        a constant one a single point."""
+        rates = {}
+        for index, optimizer in enumerate(trainer.optimizers):
+            suffix = f"-{index}" if len(trainer.optimizers) > 1 else ""
+            rates[f"lr-{type(optimizer).__name__}{suffix}"] = optimizer.param_groups[0]["lr"]
+        rates = _scalars(rates)
+        if rates and rates != self._last_rates:
+            self._last_rates = rates
+            self._append_point(trainer, "lr", trainer.global_step, rates)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
