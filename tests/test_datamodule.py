@@ -12,12 +12,13 @@ import torch
 
 from ml_engine.errors import UserError
 from ml_engine.training.augment import random_affine
+from ml_engine.training.batches import ShardedBatchSampler
 from ml_engine.training.data_sources import (
     load_digits,
     stratified_fold_split,
     stratified_split,
 )
-from ml_engine.training.datamodules import MNISTDataModule, ShardedBatchSampler
+from ml_engine.training.datamodules import MNISTDataModule
 
 
 def test_bundled_split_is_stratified_deterministic_and_disjoint() -> None:

@@ -2,85 +2,18 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from ml_engine.training.augment import augment_batch, checked_augment
+from ml_engine.training.batches import BatchIndexedDataset, ShardedBatchSampler, plain_container
 from ml_engine.training.data_sources import DigitSplits, load_digits
 from ml_engine.training.image_data import mnist_spec
-from ml_engine.training.module import plain_container
-
-
-class BatchIndexedDataset(Dataset):
-    """Indexing with a list of indices returns the whole batch: one tensor gather per batch."""
-
-    def __init__(self, images: Tensor, labels: Tensor) -> None:
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, indices: list[int] | Tensor) -> tuple[Tensor, Tensor]:
-        return self.images[indices], self.labels[indices]
-
-
-class ShardedBatchSampler(Sampler[Tensor]):
-    """Yields index batches, shuffled per epoch and sharded across distributed ranks.
-
-    Training shards are padded by wrapping around so every rank steps the same number of times
-    (gradient all-reduce needs that); evaluation shards are not padded, so no digit counts twice.
-    """
-
-    def __init__(
-        self,
-        size: int,
-        batch_size: int,
-        shuffle: bool,
-        seed: int,
-        rank: int = 0,
-        world_size: int = 1,
-        pad: bool = False,
-        drop_last: bool = False,
-    ) -> None:
-        self.size, self.batch_size, self.shuffle, self.seed = size, batch_size, shuffle, seed
-        self.rank, self.world_size, self.pad, self.drop_last = rank, world_size, pad, drop_last
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _shard_indices(self) -> Tensor:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.size, generator=generator)
-        else:
-            order = torch.arange(self.size)
-        if self.pad and self.world_size > 1:
-            total = math.ceil(self.size / self.world_size) * self.world_size
-            order = torch.cat([order, order[: total - self.size]])
-        return order[self.rank :: self.world_size]
-
-    def _shard_size(self) -> int:
-        if self.pad:
-            return math.ceil(self.size / self.world_size)
-        return len(range(self.rank, self.size, self.world_size))
-
-    def __len__(self) -> int:
-        n = self._shard_size()
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self) -> Iterator[Tensor]:
-        indices = self._shard_indices()
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield indices[start : start + self.batch_size]
-
 
 # what an ``augment`` node that leaves a key out gets for digits
 MNIST_AUGMENT_DEFAULTS = {"degrees": 10.0, "translate": 0.1, "scale": (0.9, 1.1)}

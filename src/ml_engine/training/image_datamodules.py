@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ml_engine.errors import UserError
 from ml_engine.training.augment import augment_batch, checked_augment
+from ml_engine.training.batches import BatchIndexedDataset, ShardedBatchSampler, plain_container
 from ml_engine.training.data_sources import stratified_split
-from ml_engine.training.datamodules import BatchIndexedDataset, ShardedBatchSampler
 from ml_engine.training.image_data import (
     channel_statistics,
     convert_image,
@@ -37,7 +37,6 @@ from ml_engine.training.image_data import (
     size_pair,
 )
 from ml_engine.training.images import IMAGE_SUFFIXES
-from ml_engine.training.module import plain_container
 
 log = logging.getLogger(__name__)
 

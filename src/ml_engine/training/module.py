@@ -6,21 +6,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import Tensor
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from ml_engine.training.batches import plain_container
 from ml_engine.training.image_data import MNIST_MEAN, MNIST_STD, mnist_spec
 from ml_engine.training.optimizers import ConfiguredOptimizers
 from ml_engine.training.registry import build_network
-
-
-def plain_container(node: Any) -> Any:
-    """DictConfig → plain containers, so checkpoints hold no OmegaConf objects."""
-    if OmegaConf.is_config(node):
-        return OmegaConf.to_container(node, resolve=True)
-    return node
 
 
 def to_model_input(

@@ -17,8 +17,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ml_engine.errors import UserError
+from ml_engine.training.batches import BatchIndexedDataset, ShardedBatchSampler
 from ml_engine.training.char_tokenizer import CharTokenizer
-from ml_engine.training.datamodules import BatchIndexedDataset, ShardedBatchSampler
 
 log = logging.getLogger(__name__)
 
