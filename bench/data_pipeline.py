@@ -18,8 +18,8 @@ import torch
 from _common import ratio_line
 from torch.utils.data import DataLoader
 
-from ml_engine.training.datamodules import MNISTDataModule
-from ml_engine.training.module import to_model_input
+from ml_engine.training.vision.mnist import MNISTDataModule
+from ml_engine.training.vision.module import to_model_input
 
 
 def write_torchvision_layout(root: Path) -> None:

@@ -28,7 +28,7 @@ from ml_engine.llm.backends import Sampling
 from ml_engine.llm.backends.llama_cpp import LlamaCppBackend, exact_logits
 from ml_engine.llm.gguf_writer import held_out_text_path
 from ml_engine.training.checkpoints import DATAMODULE_HPARAMS, load_module, read_checkpoint
-from ml_engine.training.text_data import TextDataModule
+from ml_engine.training.lm.text_data import TextDataModule
 
 ODD_TEXT = "  Ünïcødé 🙂 tabs\tand  double  spaces  \n\n\n trailing   "
 

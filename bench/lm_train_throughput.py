@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from _common import compose_train_config, lightning_steps_per_s, quiet_lightning, ratio_line
 from hydra.utils import instantiate
 
-from ml_engine.training.lm_module import CausalLMModule
+from ml_engine.training.lm.module import CausalLMModule
 
 
 def tokens_per_step(cfg) -> int:

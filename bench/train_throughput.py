@@ -33,8 +33,8 @@ from _common import (
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from ml_engine.training.augment import random_affine
-from ml_engine.training.module import to_model_input
+from ml_engine.training.vision.augment import random_affine
+from ml_engine.training.vision.module import to_model_input
 
 
 def compose_mnist_config(model: str, batch_size: int, steps: int, output_dir: Path):

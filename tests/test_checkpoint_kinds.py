@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 from ml_engine.errors import UserError
-from ml_engine.training.text_data import TextDataModule, min_corpus_chars
+from ml_engine.training.lm.text_data import TextDataModule, min_corpus_chars
 from ml_engine.training.train import train
 from tests.conftest import compose_config, ok_job_records, run_entrypoint, shrink
 

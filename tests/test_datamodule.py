@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from ml_engine.errors import UserError
-from ml_engine.training.augment import random_affine
 from ml_engine.training.batches import ShardedBatchSampler
-from ml_engine.training.data_sources import (
+from ml_engine.training.vision.augment import random_affine
+from ml_engine.training.vision.data_sources import (
     load_digits,
     stratified_fold_split,
     stratified_split,
 )
-from ml_engine.training.datamodules import MNISTDataModule
+from ml_engine.training.vision.mnist import MNISTDataModule
 
 
 def test_bundled_split_is_stratified_deterministic_and_disjoint() -> None:
@@ -108,7 +108,7 @@ def test_random_affine_moves_pixels_but_keeps_shape_and_range() -> None:
 
 
 def test_elastic_distortion_bends_strokes_smoothly_and_is_off_at_zero() -> None:
-    from ml_engine.training.augment import augment_batch, elastic_displacement
+    from ml_engine.training.vision.augment import augment_batch, elastic_displacement
 
     images = torch.zeros(8, 1, 28, 28)
     images[:, :, 4:24, 13:15] = 1.0  # a vertical stroke

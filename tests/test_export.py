@@ -24,11 +24,11 @@ from ml_engine.run.files import PARTIAL_SUFFIX
 from ml_engine.run.launch import describe_error
 from ml_engine.server import create_app
 from ml_engine.server.llm_service import LlmService
-from ml_engine.training.char_tokenizer import CharTokenizer
 from ml_engine.training.checkpoints import DATAMODULE_HPARAMS, load_module, read_checkpoint
-from ml_engine.training.export import EXPORT_RULES, export, rope_permute, write_gguf
-from ml_engine.training.lm_module import CausalLMModule
-from ml_engine.training.text_data import TextDataModule
+from ml_engine.training.lm.export import EXPORT_RULES, export, rope_permute, write_gguf
+from ml_engine.training.lm.module import CausalLMModule
+from ml_engine.training.lm.text_data import TextDataModule
+from ml_engine.training.lm.tokenizer import CharTokenizer
 from tests.conftest import run_as_job, run_dir_of, run_entrypoint
 from tests.serve.conftest import serve_config
 
@@ -338,7 +338,7 @@ def test_export_mistakes_are_one_line(make_cfg, tmp_path: Path, overrides, messa
 
 @pytest.mark.slow
 def test_a_failed_quantization_leaves_nothing(module, tmp_path: Path, monkeypatch) -> None:
-    import ml_engine.training.export as exporter
+    import ml_engine.training.lm.export as exporter
 
     def fail(*args, **kwargs):
         raise RuntimeError("quantizer died")

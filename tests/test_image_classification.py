@@ -15,8 +15,8 @@ from PIL import Image
 from ml_engine.errors import UserError
 from ml_engine.training.checkpoints import load_classifier
 from ml_engine.training.evaluate import evaluate
-from ml_engine.training.image_datamodules import ImageFolderDataModule
 from ml_engine.training.train import train
+from ml_engine.training.vision.image_datamodules import ImageFolderDataModule
 from tests.conftest import run_entrypoint
 
 CLASS_NAMES = [
@@ -226,7 +226,7 @@ def test_torchvision_dataset_from_files_on_disk(make_cfg, tmp_path: Path, digits
 
 
 def test_torchvision_errors_are_one_line(make_cfg, tmp_path: Path) -> None:
-    from ml_engine.training.image_datamodules import TorchvisionDataModule
+    from ml_engine.training.vision.image_datamodules import TorchvisionDataModule
 
     def error(**kwargs) -> str:
         with pytest.raises(UserError) as caught:
@@ -273,7 +273,7 @@ def fashion_mnist_archives(monkeypatch, digits) -> dict[str, bytes]:
 
 
 def test_a_torchvision_download_lands_whole(monkeypatch, tmp_path: Path, digits) -> None:
-    from ml_engine.training.image_datamodules import TorchvisionDataModule
+    from ml_engine.training.vision.image_datamodules import TorchvisionDataModule
 
     serve_downloads(monkeypatch, fashion_mnist_archives(monkeypatch, digits))
     data_dir = tmp_path / "data"
@@ -291,7 +291,7 @@ def test_a_torchvision_download_lands_whole(monkeypatch, tmp_path: Path, digits)
 def test_a_dropped_torchvision_download_leaves_nothing(
     monkeypatch, tmp_path: Path, digits, data_dir_exists: bool
 ) -> None:
-    from ml_engine.training.image_datamodules import TorchvisionDataModule
+    from ml_engine.training.vision.image_datamodules import TorchvisionDataModule
 
     serve_downloads(monkeypatch, fashion_mnist_archives(monkeypatch, digits), drop_after=100)
     data_dir = tmp_path / "data" / "vision"

@@ -17,7 +17,18 @@ from omegaconf import open_dict
 from ml_engine.errors import UserError
 from ml_engine.run.files import read_job_record
 from ml_engine.training import registry
-from ml_engine.training.char_tokenizer import (
+from ml_engine.training.checkpoints import load_classifier, load_module
+from ml_engine.training.lm.llama import Llama, RMSNorm, apply_rope, rope_tables
+from ml_engine.training.lm.module import CausalLMModule
+from ml_engine.training.lm.text_data import (
+    IGNORE_INDEX,
+    RandomWindowSampler,
+    TextDataModule,
+    WindowDataset,
+    bundled_corpus_path,
+    consecutive_windows,
+)
+from ml_engine.training.lm.tokenizer import (
     BYTE_OFFSET,
     FIRST_CHAR_ID,
     SPACE_PIECE,
@@ -26,17 +37,6 @@ from ml_engine.training.char_tokenizer import (
     TOKEN_TYPE_NORMAL,
     TOKEN_TYPE_UNKNOWN,
     CharTokenizer,
-)
-from ml_engine.training.checkpoints import load_classifier, load_module
-from ml_engine.training.llama import Llama, RMSNorm, apply_rope, rope_tables
-from ml_engine.training.lm_module import CausalLMModule
-from ml_engine.training.text_data import (
-    IGNORE_INDEX,
-    RandomWindowSampler,
-    TextDataModule,
-    WindowDataset,
-    bundled_corpus_path,
-    consecutive_windows,
 )
 from ml_engine.training.train import train
 from tests.conftest import run_dir_of, run_entrypoint

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml_engine.training.images import to_mnist_digit
 from ml_engine.training.train import train
+from ml_engine.training.vision.images import to_mnist_digit
 from tests.conftest import run_dir_of, run_entrypoint
 from tests.test_cli_errors import assert_one_line_error
 

@@ -153,7 +153,7 @@ def test_wheel_runs_every_entrypoint_outside_the_repo(tmp_path: Path, digit_pngs
     }
     assert configs and configs <= names, sorted(configs - names)
     assert {f"ml_engine/server/static/{f}" for f in STATIC_FILES} <= names
-    assert "ml_engine/training/corpora/tinyshakespeare.txt" in names
+    assert "ml_engine/training/lm/corpora/tinyshakespeare.txt" in names
     assert any(n.endswith("entry_points.txt") for n in names)
 
     venv = tmp_path / "venv"

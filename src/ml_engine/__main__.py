@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from ml_engine.llm.rules import GENERATE_RULES
 from ml_engine.run.rules import Rule
-from ml_engine.training.export import EXPORT_RULES
+from ml_engine.training.lm.export import EXPORT_RULES
 from ml_engine.training.rules import PREDICT_RULES, TRAIN_RULES
 
 # installed plugin networks become model/net=<name> options before the config composes, and
@@ -49,14 +49,14 @@ ENTRYPOINTS: dict[str, Entrypoint] = {
         _TRAINING_HOOKS,
     ),
     "predict": Entrypoint(
-        "ml_engine.training.predict:predict",
+        "ml_engine.training.vision.predict:predict",
         "predict",
         PREDICT_RULES,
         "predict digits (ckpt_path=... input=<image|folder>)",
         _TRAINING_HOOKS,
     ),
     "export": Entrypoint(
-        "ml_engine.training.export:export",
+        "ml_engine.training.lm.export:export",
         "export",
         EXPORT_RULES,
         "a language-model checkpoint as a GGUF (ckpt_path=...)",

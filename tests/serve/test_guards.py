@@ -166,7 +166,7 @@ def test_large_images_are_decoded_reduced(fmt) -> None:
 
     from PIL import Image
 
-    from ml_engine.training.images import REDUCED_SIDE, load_reduced, to_mnist_digit
+    from ml_engine.training.vision.images import REDUCED_SIDE, load_reduced, to_mnist_digit
 
     data = _encoded(4096, fmt)
     with Image.open(io.BytesIO(data)) as image:

@@ -30,9 +30,9 @@ _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 _PLAIN_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 # the datamodule classes the server trains classifiers on, by the kind a run's data is shown as
 DATAMODULES = {
-    "ml_engine.training.datamodules.MNISTDataModule": "mnist",
-    "ml_engine.training.image_datamodules.ImageFolderDataModule": "image_folder",
-    "ml_engine.training.image_datamodules.TorchvisionDataModule": "torchvision",
+    "ml_engine.training.vision.mnist.MNISTDataModule": "mnist",
+    "ml_engine.training.vision.image_datamodules.ImageFolderDataModule": "image_folder",
+    "ml_engine.training.vision.image_datamodules.TorchvisionDataModule": "torchvision",
 }
 
 

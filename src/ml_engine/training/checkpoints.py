@@ -13,9 +13,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ml_engine.errors import UserError
 from ml_engine.run.helpers import error_summary
 from ml_engine.run.locations import CONFIG_DIR
-from ml_engine.training.lm_module import CausalLMModule
-from ml_engine.training.module import ClassifierModule
+from ml_engine.training.lm.module import CausalLMModule
 from ml_engine.training.optimizers import MODULE_CLASS_KEY
+from ml_engine.training.vision.module import ClassifierModule
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,8 @@ web UI (through the API) and the modules that act on a choice all read these lis
 
 from __future__ import annotations
 
-# datamodule.source (training/data_sources.py): full MNIST if available, else the bundled digits
+# datamodule.source (training/vision/data_sources.py): full MNIST if available, else the
+# bundled digits
 SOURCES: tuple[str, ...] = ("auto", "torchvision", "bundled")
 
 # Lightning accelerator name (trainer.accelerator, the server's ``device``) → the torch device

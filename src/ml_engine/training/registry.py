@@ -61,9 +61,9 @@ def _plugin_entry_points() -> list[EntryPoint]:
 
 def _load_builtin_and_plugins() -> None:
     # the built-in networks register themselves on import
-    import ml_engine.training.llama
-    import ml_engine.training.networks
-    import ml_engine.training.torchvision_nets  # noqa: F401
+    import ml_engine.training.lm.llama
+    import ml_engine.training.vision.networks
+    import ml_engine.training.vision.torchvision_nets  # noqa: F401
 
     for entry in _plugin_entry_points():
         if entry.name not in _NETWORKS:

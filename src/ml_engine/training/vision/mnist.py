@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from ml_engine.training.augment import augment_batch, checked_augment
 from ml_engine.training.batches import BatchIndexedDataset, ShardedBatchSampler, plain_container
-from ml_engine.training.data_sources import DigitSplits, load_digits
-from ml_engine.training.image_data import mnist_spec
+from ml_engine.training.vision.augment import augment_batch, checked_augment
+from ml_engine.training.vision.data_sources import DigitSplits, load_digits
+from ml_engine.training.vision.image_data import mnist_spec
 
 # what an ``augment`` node that leaves a key out gets for digits
 MNIST_AUGMENT_DEFAULTS = {"degrees": 10.0, "translate": 0.1, "scale": (0.9, 1.1)}

@@ -25,10 +25,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from ml_engine.errors import UserError
-from ml_engine.training.augment import augment_batch, checked_augment
 from ml_engine.training.batches import BatchIndexedDataset, ShardedBatchSampler, plain_container
-from ml_engine.training.data_sources import stratified_split
-from ml_engine.training.image_data import (
+from ml_engine.training.vision.augment import augment_batch, checked_augment
+from ml_engine.training.vision.data_sources import stratified_split
+from ml_engine.training.vision.image_data import (
     channel_statistics,
     convert_image,
     data_spec,
@@ -36,7 +36,7 @@ from ml_engine.training.image_data import (
     read_image,
     size_pair,
 )
-from ml_engine.training.images import IMAGE_SUFFIXES
+from ml_engine.training.vision.images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ml_engine.training.batches import plain_container
-from ml_engine.training.image_data import MNIST_MEAN, MNIST_STD, mnist_spec
 from ml_engine.training.optimizers import ConfiguredOptimizers
 from ml_engine.training.registry import build_network
+from ml_engine.training.vision.image_data import MNIST_MEAN, MNIST_STD, mnist_spec
 
 
 def to_model_input(

@@ -13,10 +13,10 @@ from torchmetrics import MeanMetric, MinMetric
 
 from ml_engine.errors import UserError
 from ml_engine.training.batches import plain_container
-from ml_engine.training.char_tokenizer import CharTokenizer
+from ml_engine.training.lm.text_data import IGNORE_INDEX
+from ml_engine.training.lm.tokenizer import CharTokenizer
 from ml_engine.training.optimizers import ConfiguredOptimizers
 from ml_engine.training.registry import build_network
-from ml_engine.training.text_data import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 

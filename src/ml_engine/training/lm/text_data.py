@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ml_engine.errors import UserError
 from ml_engine.training.batches import BatchIndexedDataset, ShardedBatchSampler
-from ml_engine.training.char_tokenizer import CharTokenizer
+from ml_engine.training.lm.tokenizer import CharTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ IGNORE_INDEX = -100
 
 def bundled_corpus_path() -> Path:
     """The tinyshakespeare text shipped inside the package (public domain, 1,115,394 bytes)."""
-    return Path(str(files("ml_engine.training") / "corpora" / BUNDLED_CORPUS))
+    return Path(str(files("ml_engine.training.lm") / "corpora" / BUNDLED_CORPUS))
 
 
 def read_text(path: Path, max_chars: int | None = None) -> str:

@@ -42,7 +42,7 @@ from ml_engine.run.files import write_text_atomic
 from ml_engine.run.rules import Rule, int_at_least, one_of, optional
 
 if TYPE_CHECKING:  # torch loads once the config is checked
-    from ml_engine.training.lm_module import CausalLMModule
+    from ml_engine.training.lm.module import CausalLMModule
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def gguf_shape(net: Any) -> LlamaShape:
 
 
 def gguf_vocabulary(tokenizer: Any) -> Vocabulary:
-    from ml_engine.training.char_tokenizer import BOS, EOS, UNK
+    from ml_engine.training.lm.tokenizer import BOS, EOS, UNK
 
     pieces, scores, types = tokenizer.vocabulary()
     return Vocabulary(pieces, scores, types, unk_id=UNK, bos_id=BOS, eos_id=EOS)
@@ -211,7 +211,7 @@ def validation_text(checkpoint: dict[str, Any]) -> str | None:
     """The validation split the checkpoint was measured on, re-cut from its text file; None
     (with a warning) when that file is gone or has changed since training."""
     from ml_engine.training.checkpoints import DATAMODULE_HPARAMS
-    from ml_engine.training.text_data import TextDataModule
+    from ml_engine.training.lm.text_data import TextDataModule
 
     settings = checkpoint.get(DATAMODULE_HPARAMS) or {}
     trained = checkpoint.get(TextDataModule.__name__) or {}
@@ -235,7 +235,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     last. ``cfg`` was checked against EXPORT_RULES by the job wrapper."""
     from ml_engine.run.extras import apply_extras
     from ml_engine.training.checkpoints import checked_checkpoint, load_module
-    from ml_engine.training.lm_module import CausalLMModule
+    from ml_engine.training.lm.module import CausalLMModule
 
     started = time.perf_counter()
     runs_dir = Path(cfg.paths.log_dir) / "train" / "runs"
