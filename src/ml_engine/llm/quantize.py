@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ml_engine.errors import UnknownNameError, UserError
 from ml_engine.llm import progress
+from ml_engine.llm.llama_log import capture_llama_logs, installed_callback, llama_load_reason
 from ml_engine.run.files import atomic_path
 
 # Name → llama_ftype (llama.h), highest precision first: this order is also the order in which
@@ -92,8 +93,6 @@ def quantize_gguf(
     """
     import llama_cpp
 
-    from ml_engine.llm.backends.llama_cpp import capture_llama_logs, llama_load_reason
-
     check_quantization(quantization)
     capture_llama_logs()
     params = llama_cpp.llama_model_quantize_default_params()
@@ -137,9 +136,7 @@ def _tensor_progress(label: str, source: Path) -> Iterator[None]:
     lines still reach the log capture, which names what went wrong when quantizing fails."""
     import llama_cpp
 
-    from ml_engine.llm.backends import llama_cpp as backend
-
-    forward = backend._log_callback
+    forward = installed_callback()
     with progress.phase(label, total=_tensor_count(source), unit="tensors") as shown:
 
         @llama_cpp.llama_log_callback

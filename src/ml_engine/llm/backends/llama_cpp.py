@@ -1,4 +1,4 @@
-"""llama.cpp through llama-cpp-python: log capture, build facts, and the measured token loop."""
+"""llama.cpp through llama-cpp-python: build facts, devices, and the measured token loop."""
 
 from __future__ import annotations
 
@@ -27,112 +27,22 @@ from ml_engine.llm.backends.base import (
     LlmBackend,
     Sampling,
 )
+from ml_engine.llm.llama_log import (
+    capture_llama_logs,
+    last_llama_error,
+    llama_load_reason,
+    load_failure,
+    load_report,
+)
 
-_LOG_TAIL: deque[str] = deque(maxlen=40)
 # llama.cpp's penalties sampler looks back this many generated tokens (common's default)
 PENALTY_LAST_N = 64
-_log_callback = None  # kept referenced: llama.cpp calls it from C
-# llama.cpp logs a model's load in the thread that loads it: each load collects its own lines
-_loading = threading.local()
 # llama.cpp's own account of where the layers went (llama-model.cpp, load_tensors)
 _LAYER_LINE = re.compile(r"load_tensors: layer\s+(\d+) assigned to device (\S+?),")
 _OFFLOADED_LINE = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 # llama-context.cpp's verdict on flash_attn=auto ("resolve_fused_ops: Flash Attention enabled";
 # older builds: "Flash Attention was auto, set to enabled")
 _FLASH_ATTN_LINE = re.compile(r"Flash Attention (?:was auto, set to )?(enabled|disabled)")
-_LOAD_REPORT_MARKERS = ("assigned to device", "layers to GPU", "Flash Attention")
-
-
-def capture_llama_logs(echo: bool = False) -> None:
-    """Route llama.cpp's log lines into a ring buffer, so a failed load can say why in one line,
-    and a loading thread's placement lines into that load's report."""
-    global _log_callback
-    import llama_cpp
-
-    if _log_callback is not None and not echo:
-        return
-
-    @llama_cpp.llama_log_callback
-    def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        line = text.decode("utf-8", errors="replace")
-        # Every level is kept: the numbering of ggml's levels differs between versions.
-        _LOG_TAIL.append(line.strip())
-        report = getattr(_loading, "lines", None)
-        if report is not None and any(marker in line for marker in _LOAD_REPORT_MARKERS):
-            report.append(line.strip())
-        if echo:
-            import sys
-
-            sys.stderr.write(line)
-
-    _log_callback = callback
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-
-
-def last_llama_error() -> str:
-    """llama.cpp's latest error line, e.g. "tensor '…' data is not within the file bounds"."""
-    for line in reversed(_LOG_TAIL):
-        if "error" in line.lower():
-            return line.split("error loading model: ")[-1]
-    return ""
-
-
-# llama.cpp's loader ends every failed read of a file with this line; the reason is a line before
-_GENERIC_LOAD_FAILURE = "failed to load model from"
-
-
-def llama_load_reason() -> str:
-    """Why llama.cpp could not read a model file, in its own words: the specific line
-    ("invalid magic characters: 'not ', expected 'GGUF'") rather than the generic one after it."""
-    lines = list(_LOG_TAIL)
-    for index in range(len(lines) - 1, -1, -1):
-        line = lines[index]
-        if "error loading model: " not in line:
-            continue
-        reason = line.split("error loading model: ")[-1]
-        if _GENERIC_LOAD_FAILURE not in reason:
-            return reason
-        # gguf_init_from_reader/gguf_init_from_file_impl said what was wrong just before
-        for earlier in reversed(lines[:index]):
-            if earlier.startswith("gguf_init"):
-                return earlier.split(": ", 1)[-1]
-        return reason
-    return last_llama_error()
-
-
-def load_failure(path: Path, reason: str) -> str:
-    """One line naming the file, what the reason means, and llama.cpp's own reason."""
-    lowered = reason.lower()
-    if "invalid magic" in lowered:
-        meaning = "not a GGUF file"
-    elif "unknown model architecture" in lowered:
-        import llama_cpp
-
-        meaning = (
-            "an architecture this llama.cpp build does not know; llama-cpp-python "
-            f"{llama_cpp.__version__}"
-        )
-    elif "file bounds" in lowered or "failed to read" in lowered:
-        meaning = "corrupt or truncated GGUF"
-    else:
-        meaning = "corrupt or truncated GGUF?"
-    return f"llama.cpp could not load {path} ({meaning}): {reason or 'no reason logged'}"
-
-
-def probe_gguf(path: Path) -> None:
-    """Let llama.cpp read the file's metadata and vocabulary only (no weights; a fraction of a
-    second even for a 7B file): a file it cannot use fails here in one line, before any
-    quantization starts from it."""
-    import llama_cpp
-
-    capture_llama_logs()
-    _LOG_TAIL.clear()
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        raise UserError(load_failure(Path(path), llama_load_reason()))
-    llama_cpp.llama_model_free(model)
 
 
 def gpu_offload_supported() -> bool:
@@ -434,26 +344,23 @@ class LlamaCppBackend(LlmBackend):
         self.flash_attn_requested = flash_attn_choice(flash_attn)
         self.use_mmap = bool(use_mmap)
         started = time.perf_counter()
-        _LOG_TAIL.clear()
-        _loading.lines = []
-        try:
-            with _flash_attn_type(self.flash_attn_requested), _unparsed_templates_kept():
-                self._llama = llama_cpp.Llama(
-                    str(self.model_path),
-                    n_gpu_layers=n_gpu_layers,
-                    n_ctx=n_ctx,
-                    n_batch=n_batch,
-                    n_ubatch=n_batch,
-                    n_threads=n_threads,
-                    n_threads_batch=n_threads_batch,
-                    flash_attn=self.flash_attn_requested == "on",
-                    use_mmap=use_mmap,
-                    verbose=verbose,
-                )
-        except (ValueError, RuntimeError) as exc:
-            raise UserError(load_failure(self.model_path, llama_load_reason())) from exc
-        finally:
-            load_lines, _loading.lines = _loading.lines, None
+        with load_report() as load_lines:
+            try:
+                with _flash_attn_type(self.flash_attn_requested), _unparsed_templates_kept():
+                    self._llama = llama_cpp.Llama(
+                        str(self.model_path),
+                        n_gpu_layers=n_gpu_layers,
+                        n_ctx=n_ctx,
+                        n_batch=n_batch,
+                        n_ubatch=n_batch,
+                        n_threads=n_threads,
+                        n_threads_batch=n_threads_batch,
+                        flash_attn=self.flash_attn_requested == "on",
+                        use_mmap=use_mmap,
+                        verbose=verbose,
+                    )
+            except (ValueError, RuntimeError) as exc:
+                raise UserError(load_failure(self.model_path, llama_load_reason())) from exc
         self.flash_attn = flash_attn_outcome(self.flash_attn_requested, load_lines)
         self.load_s = time.perf_counter() - started
         self.offload = offload_account(load_lines, llama_devices(), gpu_offload_supported())
