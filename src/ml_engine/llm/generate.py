@@ -9,8 +9,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ml_engine.errors import UserError
+from ml_engine.llm import measure_cache
 from ml_engine.llm.backends.base import CHAT_TEMPLATE_MISSING, CHAT_TEMPLATE_UNKNOWN
 from ml_engine.llm.bench import as_sizes, check_fits, first_tests
+from ml_engine.llm.gguf_writer import held_out_text_path
 from ml_engine.llm.isolation import call_target, run_isolated
 from ml_engine.llm.llama_bench_format import markdown, rows_of, write_formats
 from ml_engine.llm.metrics import (
@@ -21,6 +23,7 @@ from ml_engine.llm.metrics import (
     report_text,
     row_of,
 )
+from ml_engine.llm.models import file_model_node, is_file_model, read_gguf_facts
 from ml_engine.llm.tensorboard_log import log_run
 from ml_engine.run.extras import apply_extras
 from ml_engine.run.files import (
@@ -60,8 +63,6 @@ def selected_prompts(cfg: DictConfig) -> list[str]:
 def _resolve_file_model(cfg: DictConfig) -> None:
     """With ``llm.model.path``, the model node becomes the file's own (name and quantization
     from its GGUF metadata), so every record of the run names what actually ran."""
-    from ml_engine.llm.models import file_model_node, is_file_model
-
     if not is_file_model(cfg.llm.model):
         return
     node = file_model_node(cfg.llm.model)
@@ -77,9 +78,6 @@ def _quality_for_file_model(cfg: DictConfig) -> None:
     (``<stem>.val.txt``, as ``export.py`` writes) and no ``quality.text_path`` is given, in
     chunks no longer than the context it was trained on: positions past it measure how the
     model extrapolates, not how a quantization changes it."""
-    from ml_engine.llm.gguf_writer import held_out_text_path
-    from ml_engine.llm.models import is_file_model, read_gguf_facts
-
     quality = cfg.get("quality")
     if not is_file_model(cfg.llm.model) or not quality or not quality.get("enabled", True):
         return
@@ -154,8 +152,6 @@ def _job_spec(cfg: DictConfig, prompts: list[str]) -> dict[str, Any]:
 
 
 def _run_model_work(cfg: DictConfig, spec: dict[str, Any], output_dir: Path) -> dict[str, Any]:
-    from ml_engine.llm import measure_cache
-
     # looked up here, before a worker starts: a cached measurement loads no model at all
     cached = measure_cache.lookup(spec)
     if cached is not None:

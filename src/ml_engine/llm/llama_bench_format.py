@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ml_engine.run.files import write_text_atomic
+
 FORMATS = ("md", "csv", "json", "jsonl")
 
 # llama-bench's fields (tools/llama-bench, test::get_fields), in its order, those this job has
@@ -120,8 +122,6 @@ def write_formats(
     directory: Path, rows: Sequence[Mapping[str, Any]], formats: Iterable[str]
 ) -> list[Path]:
     """``llama-bench.<fmt>`` in ``directory`` for each format."""
-    from ml_engine.run.files import write_text_atomic
-
     paths = []
     for fmt in formats:
         path = Path(directory) / f"llama-bench.{fmt}"

@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ml_engine.errors import UserError
+from ml_engine.llm.models import base_quantization, default_quantization, model_path
 from ml_engine.run.files import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -109,8 +111,6 @@ def measured_settings(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _quality_base_file(spec: Mapping[str, Any]) -> Path | None:
-    from ml_engine.llm.models import base_quantization, model_path
-
     if not (spec.get("quality") or {}).get("enabled", True):
         return None
     model, models_dir = spec["llm"]["model"], Path(spec["models_dir"])
@@ -135,9 +135,6 @@ def measurement_key(spec: Mapping[str, Any], model_file: Path) -> str:
 
 def file_on_disk(spec: Mapping[str, Any]) -> Path | None:
     """The file this job would run, when it is already on disk (nothing is produced here)."""
-    from ml_engine.errors import UserError
-    from ml_engine.llm.models import default_quantization, model_path
-
     model = spec["llm"]["model"]
     quantization = spec["llm"].get("quantization") or default_quantization(model)
     if quantization is None:

@@ -39,7 +39,7 @@ from ml_engine.llm.quantize import (
     precision_rank,
     quantize_gguf,
 )
-from ml_engine.run.locations import install_command
+from ml_engine.run.locations import CONFIG_DIR, install_command
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +252,6 @@ def _derived_path(source: Path, quantization: str, models_dir: Path) -> Path:
 
 def model_names() -> list[str]:
     """The configured models: the names of ``conf/llm/model/*.yaml``."""
-    from ml_engine.run.locations import CONFIG_DIR
-
     return sorted(path.stem for path in (CONFIG_DIR / "llm" / "model").glob("*.yaml"))
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ml_engine.errors import UserError
+from ml_engine.llm import models
 from ml_engine.llm.quantize import (
     QUANTIZATIONS,
     SOURCE_PRECISIONS,
@@ -431,8 +432,6 @@ def quantization_candidates(
     is on disk or can be made (from an f32/f16/bf16 file, the embedded model's own, or from a
     quantized ``llm.model.path`` only with ``allow_requantize``). A model with none at all gets
     its default one, whose job then says in one line how to obtain the file."""
-    from ml_engine.llm import models
-
     if models.is_file_model(model_cfg):
         return _file_candidates(values, model_cfg, models_dir, allow_requantize)
     if values is not None:
@@ -453,8 +452,6 @@ def quantization_candidates(
 def _file_candidates(
     values: Any, model_cfg: Mapping[str, Any], models_dir: Path, allow_requantize: bool
 ) -> list[str | None]:
-    from ml_engine.llm import models
-
     path = Path(str(model_cfg["path"])).expanduser()
     try:
         own: str | None = models.read_gguf_facts(path).quantization if path.is_file() else None

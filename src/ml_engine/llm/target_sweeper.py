@@ -29,9 +29,16 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from ml_engine.errors import UserError
+from ml_engine.llm.backends.llama_cpp import gpu_offload_supported
 from ml_engine.llm.metrics import METRICS, std_of
 from ml_engine.llm.progress import duration
-from ml_engine.llm.target_report import RunContext, probe_line, shown_path, write_verdict
+from ml_engine.llm.target_report import (
+    RunContext,
+    probe_line,
+    shown_path,
+    verdict_lines,
+    write_verdict,
+)
 from ml_engine.llm.target_search import (
     CPU_ONLY_NOTE,
     Probe,
@@ -55,8 +62,6 @@ THREADS = "llm.n_threads"
 
 
 def gpu_offload() -> bool:
-    from ml_engine.llm.backends.llama_cpp import gpu_offload_supported
-
     return gpu_offload_supported()
 
 
@@ -190,8 +195,6 @@ class TargetSweeper(Sweeper):
         verdict = self.search.run()
         context = self._context(cfg, base)
         path = write_verdict(sweep_dir, verdict, context, header)
-        from ml_engine.llm.target_report import verdict_lines
-
         for line in verdict_lines(verdict, context):
             print(line, flush=True)
         print(f"search: {shown_path(path)}", flush=True)
