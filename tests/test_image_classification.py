@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from ml_engine.errors import UserError
-from ml_engine.training.checkpoints import load_classifier
 from ml_engine.training.evaluate import evaluate
 from ml_engine.training.train import train
 from ml_engine.training.vision.image_datamodules import ImageFolderDataModule
+from ml_engine.training.vision.module import load_classifier
 from tests.conftest import run_entrypoint
 
 CLASS_NAMES = [

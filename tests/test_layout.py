@@ -1,5 +1,6 @@
-"""The package's shape: imports flow server → llm, training → run → errors, and a training job
-never loads the web app."""
+"""The package's shape: imports flow server → llm, training → run → errors; inside training the
+two wings (vision, lm) stand on the harness and never on each other; a training job never loads
+the web app."""
 
 from __future__ import annotations
 
@@ -26,14 +27,31 @@ ALLOWED = {
 }
 
 
+# inside training: the harness (the files directly in training/) imports neither wing, and
+# finds module classes and networks through the registry's entry points; the wings import the
+# harness, never each other
+TRAINING_FORBIDDEN = {
+    "training/*.py": ("ml_engine.training.vision", "ml_engine.training.lm"),
+    "training/vision/**/*.py": ("ml_engine.training.lm",),
+    "training/lm/**/*.py": ("ml_engine.training.vision",),
+}
+
+
 def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports; ``from a.b import c`` counts as ``a.b`` and ``a.b.c``
+    (``c`` may be a module: ``from ml_engine.training import vision``)."""
     names = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
+
+
+def _within(name: str, modules: tuple[str, ...]) -> bool:
+    return any(name == module or name.startswith(f"{module}.") for module in modules)
 
 
 @pytest.mark.parametrize("layer", sorted(FORBIDDEN))
@@ -42,8 +60,21 @@ def test_imports_flow_one_way(layer: str) -> None:
         f"{path.relative_to(PACKAGE)} imports {name}"
         for path in sorted((PACKAGE / layer).rglob("*.py"))
         for name in sorted(_imported_modules(path))
-        if name.startswith(FORBIDDEN[layer])
-        and name not in ALLOWED.get(path.relative_to(PACKAGE).as_posix(), ())
+        if _within(name, FORBIDDEN[layer])
+        and not _within(name, ALLOWED.get(path.relative_to(PACKAGE).as_posix(), ()))
+    ]
+    assert not offending, "\n".join(offending)
+
+
+@pytest.mark.parametrize("files", sorted(TRAINING_FORBIDDEN))
+def test_the_harness_and_the_wings_keep_apart(files: str) -> None:
+    paths = sorted(PACKAGE.glob(files))
+    assert paths, files
+    offending = [
+        f"{path.relative_to(PACKAGE)} imports {name}"
+        for path in paths
+        for name in sorted(_imported_modules(path))
+        if _within(name, TRAINING_FORBIDDEN[files])
     ]
     assert not offending, "\n".join(offending)
 

@@ -17,7 +17,7 @@ from omegaconf import open_dict
 from ml_engine.errors import UserError
 from ml_engine.run.files import read_job_record
 from ml_engine.training import registry
-from ml_engine.training.checkpoints import load_classifier, load_module
+from ml_engine.training.checkpoints import load_module
 from ml_engine.training.lm.llama import Llama, RMSNorm, apply_rope, rope_tables
 from ml_engine.training.lm.module import CausalLMModule
 from ml_engine.training.lm.text_data import (
@@ -39,6 +39,7 @@ from ml_engine.training.lm.tokenizer import (
     CharTokenizer,
 )
 from ml_engine.training.train import train
+from ml_engine.training.vision.module import load_classifier
 from tests.conftest import run_dir_of, run_entrypoint
 from tests.test_tensorboard_curves import tensorboard_server
 

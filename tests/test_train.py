@@ -8,11 +8,10 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from ml_engine.training.checkpoints import load_classifier
 from ml_engine.training.evaluate import evaluate
 from ml_engine.training.rules import TRAIN_RULES
 from ml_engine.training.train import train
-from ml_engine.training.vision.module import ClassifierModule
+from ml_engine.training.vision.module import ClassifierModule, load_classifier
 from tests.conftest import run_as_job
 
 METRIC_KEYS = {

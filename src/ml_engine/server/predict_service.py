@@ -23,10 +23,9 @@ from ml_engine.server.errors import ApiError, NotFound
 from ml_engine.server.metrics import ServerMetrics
 from ml_engine.server.runs import RunIndex, RunInfo
 from ml_engine.server.settings import Limits
-from ml_engine.training.checkpoints import load_classifier
 from ml_engine.training.vision.image_data import convert_image
 from ml_engine.training.vision.images import load_reduced, to_mnist_digit
-from ml_engine.training.vision.module import ClassifierModule
+from ml_engine.training.vision.module import ClassifierModule, load_classifier
 from ml_engine.training.vision.predict import predict_digits
 
 ACCEPTED_FORMATS = ("PNG", "JPEG")

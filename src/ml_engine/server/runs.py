@@ -20,6 +20,7 @@ from ml_engine.run.helpers import finite_or_none, is_finite_number
 from ml_engine.run.locations import CONFIG_DIR
 from ml_engine.server.model_files import refusal
 from ml_engine.training.choices import SOURCES
+from ml_engine.training.registry import current_path
 
 log = logging.getLogger(__name__)
 
@@ -232,7 +233,8 @@ def _shape(size: Any, channels: Any) -> str:
 
 def run_data(node: dict[str, Any], data_source: Any, cwd: Path | None) -> dict[str, Any]:
     """The run's data as the listing shows it and a new training reads it again."""
-    target = str(node.get("_target_", ""))
+    # a run from before the datamodules moved names them by their old path
+    target = current_path(str(node.get("_target_", "")))
     kind = DATAMODULES.get(target)
     channels = node.get("channels") if node.get("channels") in (1, 3) else None
     size = _size(node.get("image_size"))

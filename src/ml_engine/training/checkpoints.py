@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from ml_engine.errors import UserError
 from ml_engine.run.helpers import error_summary
 from ml_engine.run.locations import CONFIG_DIR
-from ml_engine.training.lm.module import CausalLMModule
 from ml_engine.training.optimizers import MODULE_CLASS_KEY
-from ml_engine.training.vision.module import ClassifierModule
+from ml_engine.training.registry import current_path, current_paths, module_classes
 
 log = logging.getLogger(__name__)
 
@@ -29,39 +29,41 @@ TEXT_SPLIT_KEYS = ("path", "max_chars", "block_size")
 IMAGE_KEYS = ("root", "name", "image_size", "channels")
 DATAMODULE_HPARAMS = "datamodule_hyper_parameters"
 DATAMODULE_GROUP = "datamodule"
-# the LightningModules a checkpoint may name (checkpoints from before the name: classifiers)
-MODULE_CLASSES: dict[str, type[L.LightningModule]] = {
-    cls.__name__: cls for cls in (ClassifierModule, CausalLMModule)
-}
-
-
-# each module class in words, and the command that trains one: the "wrong kind" errors name both
-KINDS: dict[str, tuple[str, str]] = {
-    ClassifierModule.__name__: ("an image classifier", "python train.py model=<cnn_mnist|…>"),
-    CausalLMModule.__name__: ("a language model", "python train.py experiment=shakespeare_char"),
-}
+# the kind of a checkpoint from before the kind was recorded: only classifiers existed
+LEGACY_KIND = "ClassifierModule"
+# what a module class says of itself (class attributes) for the "wrong kind" errors: its kind
+# in words and the command that trains one; and whether it is evaluated on text
+DESCRIPTION, TRAIN_COMMAND, READS_TEXT = "description", "train_command", "reads_text"
+TEXT_DATAMODULE = ".TextDataModule"
 
 
 def kind_name(checkpoint: dict[str, Any]) -> str:
     """The name of the module class that wrote ``checkpoint`` (before the name was saved, only
     classifiers existed)."""
-    return str(checkpoint.get(MODULE_CLASS_KEY, ClassifierModule.__name__))
+    return str(checkpoint.get(MODULE_CLASS_KEY, LEGACY_KIND)).rsplit(".", 1)[-1]
+
+
+def _described(cls: type | None) -> tuple[str, str]:
+    """A module class's kind in words and the command that trains one."""
+    return (
+        getattr(cls, DESCRIPTION, "an unknown model"),
+        getattr(cls, TRAIN_COMMAND, "python train.py model=<…>"),
+    )
 
 
 def _kind(name: str) -> str:
-    words = KINDS.get(name, ("an unknown model", ""))[0]
-    return f"{name} checkpoint ({words})"
+    return f"{name} checkpoint ({_described(module_classes().get(name))[0]})"
 
 
 def configured_module(model_cfg: DictConfig | None) -> type[L.LightningModule] | None:
     """The module class a ``model`` node builds; None for one outside ours (a plugin's)."""
-    target = str((model_cfg or {}).get("_target_", ""))
-    return MODULE_CLASSES.get(target.rsplit(".", 1)[-1])
+    target = current_path(str((model_cfg or {}).get("_target_", "")))
+    return module_classes().get(target.rsplit(".", 1)[-1])
 
 
 def wrong_kind(path: Path, found: str, expected: type[L.LightningModule], use: str) -> UserError:
     """One line: what ``path`` holds, for what it was given, and what that takes instead."""
-    words, command = KINDS[expected.__name__]
+    words, command = _described(expected)
     return UserError(
         f"{path} is a {_kind(found)}, the wrong kind for {use}: it takes a "
         f"{expected.__name__} checkpoint ({words}, as {command} writes)"
@@ -94,7 +96,7 @@ def latest_last_checkpoint(
             return path, checkpoint
         newest = newest or (path, found)
     assert newest is not None and expected is not None
-    words, command = KINDS[expected.__name__]
+    words, command = _described(expected)
     raise UserError(
         f"ckpt_path=last: no {expected.__name__} run ({words}) under {runs_dir}; the newest "
         f"last.ckpt, {newest[0]}, is a {_kind(newest[1])}; train one first ({command}) or "
@@ -158,6 +160,15 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     missing = [k for k in ("state_dict", "hyper_parameters") if k not in checkpoint]
     if missing:
         raise _unreadable(path, f"no {' or '.join(missing)} in it")
+    return with_current_paths(checkpoint)
+
+
+def with_current_paths(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """``checkpoint`` with the dotted paths its hyperparameters name (``_target_``s) moved to
+    where the modules live today, so that one written before a move loads."""
+    for key in ("hyper_parameters", DATAMODULE_HPARAMS, MODULE_CLASS_KEY):
+        if key in checkpoint:
+            checkpoint[key] = current_paths(checkpoint[key])
     return checkpoint
 
 
@@ -180,13 +191,42 @@ def checked_checkpoint(
 
 
 def module_class(checkpoint: dict[str, Any]) -> type[L.LightningModule]:
-    """The LightningModule class that wrote ``checkpoint``."""
-    name = checkpoint.get(MODULE_CLASS_KEY, ClassifierModule.__name__)
-    if name not in MODULE_CLASSES:
+    """The LightningModule class that wrote ``checkpoint``, found by the kind it records."""
+    name = kind_name(checkpoint)
+    classes = module_classes()
+    if name not in classes:
         raise UserError(
-            f"checkpoint of an unknown module {name!r}; accepted: {', '.join(MODULE_CLASSES)}"
+            f"checkpoint of an unknown module {name!r}; accepted: {', '.join(sorted(classes))}"
         )
-    return MODULE_CLASSES[name]
+    return classes[name]
+
+
+def _rebuilt(cls: type[L.LightningModule], checkpoint: dict[str, Any]) -> L.LightningModule:
+    """``cls`` from its saved hyperparameters and weights, as Lightning's
+    ``load_from_checkpoint`` does it, from a checkpoint already read."""
+    arguments = dict(checkpoint["hyper_parameters"])
+    takes = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in takes.values()):
+        arguments = {key: value for key, value in arguments.items() if key in takes}
+    model = cls(**arguments)
+    model.on_load_checkpoint(checkpoint)
+    model.load_state_dict(checkpoint["state_dict"], strict=model.strict_loading)
+    return model
+
+
+def module_from_checkpoint(
+    path: Path, checkpoint: dict[str, Any], map_location: str | torch.device = "cpu"
+) -> L.LightningModule:
+    """The module ``checkpoint`` (read from ``path``) holds, rebuilt in eval mode without
+    reading the file again; a failure ends in a UserError naming ``path``."""
+    cls = module_class(checkpoint)
+    try:
+        model = _rebuilt(cls, checkpoint)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise _unreadable(path, _short_reason(exc)) from exc
+    return model.to(map_location).eval()
 
 
 def load_module(
@@ -198,24 +238,7 @@ def load_module(
     """The module (classifier or language model) rebuilt from its checkpoint alone, in eval
     mode; corrupt files, and another kind than ``expected`` where given, end in a UserError."""
     resolved, checkpoint = checked_checkpoint(str(path), expected=expected, use=use)
-    cls = module_class(checkpoint)
-    try:
-        model = cls.load_from_checkpoint(str(resolved), map_location=map_location)
-    except UserError:
-        raise
-    except Exception as exc:
-        raise _unreadable(resolved, _short_reason(exc)) from exc
-    return model.eval()
-
-
-def load_classifier(
-    path: str | Path,
-    map_location: str | torch.device = "cpu",
-    use: str = "classifying images",
-) -> ClassifierModule:
-    """A ClassifierModule rebuilt from its checkpoint alone; corrupt files, and checkpoints of
-    another kind, end in a UserError."""
-    return load_module(path, map_location, expected=ClassifierModule, use=use)
+    return module_from_checkpoint(resolved, checkpoint, map_location)
 
 
 def _command_line_keys() -> set[str]:
@@ -265,7 +288,7 @@ def _datamodule_options(text: bool) -> list[str]:
     options = []
     for option in sorted((CONFIG_DIR / DATAMODULE_GROUP).glob("*.yaml")):
         target = str(OmegaConf.load(option).get("_target_", ""))
-        if target.endswith(".TextDataModule") == text:
+        if target.endswith(TEXT_DATAMODULE) == text:
             options.append(option.stem)
     return options
 
@@ -273,16 +296,16 @@ def _datamodule_options(text: bool) -> list[str]:
 def check_datamodule_fits(cfg: DictConfig, checkpoint: dict[str, Any], path: Path) -> None:
     """A language model is evaluated on text and a classifier on images: a datamodule named on
     the command line that does not fit the checkpoint is refused before anything loads."""
-    found = kind_name(checkpoint)
-    if found not in KINDS:
+    found = module_classes().get(kind_name(checkpoint))
+    if found is None:
         return
-    is_lm = found == CausalLMModule.__name__
-    on_text = str(cfg.datamodule.get("_target_", "")).endswith(".TextDataModule")
-    if is_lm == on_text:
+    reads_text = bool(getattr(found, READS_TEXT, False))
+    on_text = str(cfg.datamodule.get("_target_", "")).endswith(TEXT_DATAMODULE)
+    if reads_text == on_text:
         return
-    fits = ", ".join(f"datamodule={o}" for o in _datamodule_options(text=is_lm))
+    fits = ", ".join(f"datamodule={o}" for o in _datamodule_options(text=reads_text))
     raise UserError(
-        f"{path} is a {_kind(found)}, the wrong kind for eval.py with "
+        f"{path} is a {_kind(found.__name__)}, the wrong kind for eval.py with "
         f"{config_choice(DATAMODULE_GROUP, cfg.datamodule)}: it is evaluated on {fits}; leave "
         "datamodule out to use the one it was trained with"
     )

@@ -1,4 +1,6 @@
-"""Name → network-builder registry, open to other packages through an entry-point group.
+"""Name → network-builder and kind → LightningModule registries, open to other packages
+through entry-point groups. The harness finds the wings (``training/vision``, ``training/lm``)
+here, never by importing them.
 
 A third-party package adds networks without touching this repo by declaring, in its own
 pyproject::
@@ -9,6 +11,14 @@ pyproject::
 Each installed plugin network also becomes an option of the ``model/net`` config group
 (``python train.py model/net=my_net``) holding only its own arguments, so selecting it never
 inherits another network's ``widths`` or ``dropout``.
+
+LightningModules are found by the kind a checkpoint records (their class name), through the
+``ml_engine.modules`` group; this package declares its own two there::
+
+    [project.entry-points."ml_engine.modules"]
+    ClassifierModule = "ml_engine.training.vision.module:ClassifierModule"
+
+Loading a module class imports its wing, which registers the wing's built-in networks.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ if TYPE_CHECKING:  # torch loads only when a network is built, not when configs 
     from torch import nn
 
 ENTRY_POINT_GROUP = "ml_engine.networks"
+MODULE_ENTRY_POINT_GROUP = "ml_engine.modules"
 NET_CONFIG_GROUP = "model/net"
 # set by the LightningModule itself (ClassifierModule, CausalLMModule), never part of a
 # network's config
@@ -37,6 +48,59 @@ NetworkBuilder = Callable[..., "nn.Module"]
 
 _NETWORKS: dict[str, NetworkBuilder] = {}
 _KINDS: dict[str, str] = {}
+_MODULES: dict[str, type] = {}
+
+# modules that left their place (issue 25): checkpoints and run configs written before the move
+# name them by the old dotted path
+MOVED_MODULES: dict[str, str] = {
+    **{
+        f"ml_engine.training.{old}": f"ml_engine.training.vision.{new}"
+        for old, new in (
+            ("module", "module"),
+            ("networks", "networks"),
+            ("torchvision_nets", "torchvision_nets"),
+            ("datamodules", "mnist"),
+            ("data_sources", "data_sources"),
+            ("image_data", "image_data"),
+            ("image_datamodules", "image_datamodules"),
+            ("images", "images"),
+            ("augment", "augment"),
+            ("predict", "predict"),
+        )
+    },
+    **{
+        f"ml_engine.training.{old}": f"ml_engine.training.lm.{new}"
+        for old, new in (
+            ("llama", "llama"),
+            ("lm_module", "module"),
+            ("text_data", "text_data"),
+            ("char_tokenizer", "tokenizer"),
+            ("export", "export"),
+        )
+    },
+}
+
+
+def current_path(dotted: str) -> str:
+    """``dotted`` (a module, or an object in one) under today's module path."""
+    module, dot, rest = dotted, "", ""
+    while module:
+        if module in MOVED_MODULES:
+            return MOVED_MODULES[module] + dot + rest
+        module, dot, tail = module.rpartition(".")
+        rest = f"{tail}.{rest}" if rest else tail
+    return dotted
+
+
+def current_paths(value: Any) -> Any:
+    """``value`` (hyperparameters, a config) with every old dotted path under today's."""
+    if isinstance(value, str):
+        return current_path(value) if value.startswith("ml_engine.training.") else value
+    if isinstance(value, dict):
+        return {key: current_paths(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(current_paths(item) for item in value)
+    return value
 
 
 def register_network(
@@ -55,16 +119,31 @@ def register_network(
     return decorator
 
 
+def register_module(cls: type) -> type:
+    """Class decorator: checkpoints whose recorded kind is ``cls.__name__`` load as ``cls``."""
+    existing = _MODULES.get(cls.__name__)
+    if existing is not None and existing is not cls:
+        raise ValueError(f"module kind '{cls.__name__}' is already registered by {existing!r}")
+    _MODULES[cls.__name__] = cls
+    return cls
+
+
+def module_classes() -> dict[str, type]:
+    """Every LightningModule class a checkpoint may name, by kind (class name): the installed
+    ``ml_engine.modules`` entry points and those registered in this process."""
+    for entry in entry_points(group=MODULE_ENTRY_POINT_GROUP):
+        if entry.name not in _MODULES:
+            _MODULES[entry.name] = entry.load()
+    return dict(_MODULES)
+
+
 def _plugin_entry_points() -> list[EntryPoint]:
     return list(entry_points(group=ENTRY_POINT_GROUP))
 
 
 def _load_builtin_and_plugins() -> None:
-    # the built-in networks register themselves on import
-    import ml_engine.training.lm.llama
-    import ml_engine.training.vision.networks
-    import ml_engine.training.vision.torchvision_nets  # noqa: F401
-
+    # the wings' modules import their built-in networks, which register themselves
+    module_classes()
     for entry in _plugin_entry_points():
         if entry.name not in _NETWORKS:
             _NETWORKS[entry.name] = entry.load()

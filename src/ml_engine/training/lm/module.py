@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -13,14 +13,16 @@ from torchmetrics import MeanMetric, MinMetric
 
 from ml_engine.errors import UserError
 from ml_engine.training.batches import plain_container
+from ml_engine.training.lm import llama  # noqa: F401 (registers the llama network)
 from ml_engine.training.lm.text_data import IGNORE_INDEX
 from ml_engine.training.lm.tokenizer import CharTokenizer
 from ml_engine.training.optimizers import ConfiguredOptimizers
-from ml_engine.training.registry import build_network
+from ml_engine.training.registry import build_network, register_module
 
 log = logging.getLogger(__name__)
 
 
+@register_module
 class CausalLMModule(ConfiguredOptimizers):
     """Next-token cross-entropy, per token; ``val/loss`` is the mean over every prediction of
     the validation split and ``val/ppl`` its exponential.
@@ -30,6 +32,11 @@ class CausalLMModule(ConfiguredOptimizers):
     checkpoint's hyperparameters, so ``load_from_checkpoint`` alone rebuilds model and tokenizer.
     At each validation a greedy sample from ``sample_prompt`` goes to TensorBoard (as text).
     """
+
+    # what checkpoint errors say of this kind (training/checkpoints.py), and its data
+    description: ClassVar[str] = "a language model"
+    train_command: ClassVar[str] = "python train.py experiment=shakespeare_char"
+    reads_text: ClassVar[bool] = True
 
     def __init__(
         self,

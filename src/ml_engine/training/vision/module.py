@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +12,12 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from ml_engine.training.batches import plain_container
+from ml_engine.training.checkpoints import load_module
 from ml_engine.training.optimizers import ConfiguredOptimizers
-from ml_engine.training.registry import build_network
+from ml_engine.training.registry import build_network, register_module
+
+# the built-in networks register themselves on import
+from ml_engine.training.vision import networks, torchvision_nets  # noqa: F401
 from ml_engine.training.vision.image_data import MNIST_MEAN, MNIST_STD, mnist_spec
 
 
@@ -31,12 +36,18 @@ def to_model_input(
     return (images - mean) / std
 
 
+@register_module
 class ClassifierModule(ConfiguredOptimizers):
     """Cross-entropy classification with torchmetrics accuracy and a configurable optimizer.
 
     ``optimizer`` and ``scheduler`` are Hydra nodes with ``_partial_: true``, completed in
     ``configure_optimizers`` (``ConfiguredOptimizers``).
     """
+
+    # what checkpoint errors say of this kind (training/checkpoints.py), and its data
+    description: ClassVar[str] = "an image classifier"
+    train_command: ClassVar[str] = "python train.py model=<cnn_mnist|…>"
+    reads_text: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -165,3 +176,13 @@ class ClassifierModule(ConfiguredOptimizers):
     def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return torch.softmax(self(images), dim=1)
+
+
+def load_classifier(
+    path: str | Path,
+    map_location: str | torch.device = "cpu",
+    use: str = "classifying images",
+) -> ClassifierModule:
+    """A ClassifierModule rebuilt from its checkpoint alone; corrupt files, and checkpoints of
+    another kind, end in a UserError."""
+    return load_module(path, map_location, expected=ClassifierModule, use=use)

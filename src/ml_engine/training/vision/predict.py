@@ -13,10 +13,9 @@ from omegaconf import DictConfig
 
 from ml_engine.run.extras import apply_extras
 from ml_engine.run.files import atomic_write, check_output_file, clean_stale_partials
-from ml_engine.training.checkpoints import load_classifier
 from ml_engine.training.vision.image_data import read_image
 from ml_engine.training.vision.images import IMAGE_SUFFIXES, list_images, load_digit
-from ml_engine.training.vision.module import ClassifierModule
+from ml_engine.training.vision.module import ClassifierModule, load_classifier
 
 
 @torch.inference_mode()
