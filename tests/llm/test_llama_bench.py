@@ -15,16 +15,13 @@ import pytest
 
 from ml_engine.errors import UserError
 from ml_engine.llm.backends import Sampling
-from ml_engine.llm.backends.llama_cpp import (
-    LlamaCppBackend,
-    penalized_argmax,
-    physical_core_count,
-)
+from ml_engine.llm.backends.llama_cpp import LlamaCppBackend, penalized_argmax
 from ml_engine.llm.bench import llama_bench_stats, run_llama_bench
 from ml_engine.llm.generate import generate
 from ml_engine.llm.llama_bench_format import EXTRA_FIELDS, LLAMA_BENCH_FIELDS
 from ml_engine.llm.rules import GENERATE_RULES
 from ml_engine.llm.sweep_report import write_sweep_llama_bench
+from ml_engine.llm.threads import physical_core_count
 from ml_engine.run.rules import check_config
 from tests.conftest import compose_config
 
@@ -40,26 +37,6 @@ MD_RULE = (
 
 
 # ---------------------------------------------------------------------------------- threads
-
-
-def _topology(root: Path, cores: dict[int, tuple[int, int]]) -> Path:
-    for cpu, (package, core) in cores.items():
-        folder = root / f"cpu{cpu}" / "topology"
-        folder.mkdir(parents=True)
-        (folder / "physical_package_id").write_text(f"{package}\n")
-        (folder / "core_id").write_text(f"{core}\n")
-    return root
-
-
-def test_physical_cores_count_hyperthread_siblings_once(tmp_path, monkeypatch) -> None:
-    # two cores with two hyper-threads each, on one package; a second package with one core
-    root = _topology(tmp_path, {0: (0, 0), 1: (0, 1), 2: (0, 0), 3: (0, 1), 4: (1, 0)})
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
-    assert physical_core_count(root) == 3
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 2})  # siblings of one core
-    assert physical_core_count(root) == 1
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 7})  # cpu7 has no topology
-    assert physical_core_count(root) == 2
 
 
 def test_thread_defaults_are_what_the_context_got(tiny_f32) -> None:

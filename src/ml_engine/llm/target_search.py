@@ -24,7 +24,6 @@ as an ordinary generate job and hands the results in through ``measure``.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +38,7 @@ from ml_engine.llm.quantize import (
     is_float,
     precision_rank,
 )
+from ml_engine.llm.threads import physical_core_count
 from ml_engine.run.helpers import is_finite_number
 
 # every layer offloaded, while the quantizations are searched on a build that offloads
@@ -372,19 +372,12 @@ def _int_list(key: str, values: Any) -> list[int]:
     return sorted(set(values))
 
 
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def thread_candidates(values: Any, cores: int | None = None) -> list[int]:
-    """``llm.target.n_threads``, or 1, 2, 4, … up to the cores this process may use, and that
-    count itself."""
+    """``llm.target.n_threads``, or 1, 2, 4, … up to the physical cores this process may run
+    on (what ``llm.n_threads: null`` runs), and that count itself."""
     if values is not None:
         return _int_list("llm.target.n_threads", values)
-    cores = cores or usable_cores()
+    cores = cores or physical_core_count()
     powers = [2**i for i in range(cores.bit_length()) if 2**i <= cores]
     return sorted({*powers, cores})
 

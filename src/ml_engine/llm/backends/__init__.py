@@ -20,6 +20,7 @@ from typing import Any
 from ml_engine.errors import UnknownNameError
 from ml_engine.llm.backends.base import SAMPLING_FIELDS, Generation, LlmBackend, Sampling
 from ml_engine.llm.models import ensure_model_file
+from ml_engine.llm.threads import physical_core_count
 
 # The one list of backend names: conf/llm/backend/<name>.yaml, config rules and the API's choices
 # derive from it.
@@ -52,7 +53,7 @@ def open_backend(llm_cfg: Mapping[str, Any], models_dir: Path) -> LlmBackend:
         from ml_engine.llm.backends.mock import MockBackend
 
         return MockBackend()
-    from ml_engine.llm.backends.llama_cpp import LlamaCppBackend, physical_core_count
+    from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 
     model_cfg = llm_cfg["model"]
     # null: llama-bench's default, the physical cores (quantizing a missing file uses them too)

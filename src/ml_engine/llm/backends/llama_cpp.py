@@ -6,7 +6,6 @@ import codecs
 import contextlib
 import ctypes
 import functools
-import os
 import re
 import threading
 import time
@@ -34,6 +33,7 @@ from ml_engine.llm.llama_log import (
     load_failure,
     load_report,
 )
+from ml_engine.llm.threads import physical_core_count
 
 # llama.cpp's penalties sampler looks back this many generated tokens (common's default)
 PENALTY_LAST_N = 64
@@ -228,35 +228,6 @@ def offload_account(
         source = "device registry" if registry else "llama_supports_gpu_offload"
         return Offload(0, "CPU", source, has_gpu)
     return Offload(None, "unknown", "none", has_gpu)
-
-
-# ------------------------------------------------------------------------------------- threads
-
-_CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
-
-
-def physical_core_count(topology: Path = _CPU_TOPOLOGY) -> int:
-    """Physical cores this process may run on: llama-bench's default thread count.
-
-    As llama.cpp's ``cpu_get_num_math`` does on Linux: distinct (package, core) pairs among the
-    CPUs in this process's affinity mask, so hyper-threads sharing a core count once (they share
-    its vector units, which is what the matrix kernels use). Elsewhere, or when the topology
-    cannot be read: ``os.cpu_count()``.
-    """
-    try:
-        allowed = os.sched_getaffinity(0)
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-    cores = set()
-    for cpu in allowed:
-        folder = topology / f"cpu{cpu}" / "topology"
-        try:
-            package = (folder / "physical_package_id").read_text().strip()
-            core = (folder / "core_id").read_text().strip()
-        except OSError:
-            return len(allowed) or os.cpu_count() or 1
-        cores.add((package, core))
-    return len(cores) or os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------- llama.cpp backend
