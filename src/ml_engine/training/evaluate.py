@@ -15,7 +15,7 @@ from ml_engine.training.checkpoints import (
     adopt_datamodule,
     check_datamodule_fits,
     checked_checkpoint,
-    load_module,
+    module_from_checkpoint,
 )
 from ml_engine.training.instantiators import instantiate_loggers
 from ml_engine.training.lightning_run import (
@@ -38,7 +38,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_datamodule_fits(cfg, checkpoint, ckpt_path)
     adopt_data_settings(cfg, checkpoint, ckpt_path)
     prepare_lightning_run(cfg)
-    model = load_module(ckpt_path)
+    model = module_from_checkpoint(ckpt_path, checkpoint)
 
     datamodule: L.LightningDataModule = instantiate(cfg.datamodule)
     loggers = instantiate_loggers(cfg.get("logger"))

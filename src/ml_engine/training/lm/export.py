@@ -234,12 +234,13 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     """Write the GGUF of ``cfg.ckpt_path`` (and its validation text); prints ``gguf: <path>``
     last. ``cfg`` was checked against EXPORT_RULES by the job wrapper."""
     from ml_engine.run.extras import apply_extras
-    from ml_engine.training.checkpoints import checked_checkpoint, load_module
+    from ml_engine.training.checkpoints import checked_checkpoint, module_from_checkpoint
     from ml_engine.training.lm.module import CausalLMModule
 
     started = time.perf_counter()
     runs_dir = Path(cfg.paths.log_dir) / "train" / "runs"
-    # ckpt_path=last: the newest language-model run, wherever classifier runs came after it
+    # ckpt_path=last: the newest language-model run, wherever classifier runs came after it;
+    # the one read of the file: module and validation text come from ``checkpoint``
     ckpt_path, checkpoint = checked_checkpoint(
         cfg.ckpt_path, runs_dir=runs_dir, expected=CausalLMModule, use="export.py"
     )
@@ -248,7 +249,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     name = str(cfg.name) if cfg.get("name") else default_name(run_dir)
     quantization = str(cfg.quantization)
     output = Path(cfg.output) if cfg.get("output") else run_dir / f"{name}-{quantization}.gguf"
-    module = load_module(ckpt_path, expected=CausalLMModule, use="export.py")
+    module = module_from_checkpoint(ckpt_path, checkpoint)
 
     log.info("writing %s (%s) from %s", output, quantization, ckpt_path)
     # the gguf package logs the temp file's name, which is never the file a user gets
