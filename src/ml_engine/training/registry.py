@@ -23,7 +23,10 @@ Loading a module class imports its wing, which registers the wing's built-in net
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
+import pkgutil
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
@@ -128,10 +131,26 @@ def register_module(cls: type) -> type:
     return cls
 
 
+def _import_wings() -> list[str]:
+    """Import ``training/<wing>/module.py`` of every wing of this package (its module classes
+    register themselves): the way to them where no metadata names them (``PYTHONPATH=src``, or
+    an editable install from before the entry-point group)."""
+    imported = []
+    for info in pkgutil.iter_modules(importlib.import_module(__package__).__path__):
+        name = f"{__package__}.{info.name}.module"
+        if info.ispkg and importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+            imported.append(name)
+    return imported
+
+
 def module_classes() -> dict[str, type]:
     """Every LightningModule class a checkpoint may name, by kind (class name): the installed
     ``ml_engine.modules`` entry points and those registered in this process."""
-    for entry in entry_points(group=MODULE_ENTRY_POINT_GROUP):
+    entries = list(entry_points(group=MODULE_ENTRY_POINT_GROUP))
+    if not any(entry.value.startswith(f"{__package__}.") for entry in entries):
+        _import_wings()
+    for entry in entries:
         if entry.name not in _MODULES:
             _MODULES[entry.name] = entry.load()
     return dict(_MODULES)
