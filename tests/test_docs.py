@@ -1,0 +1,412 @@
+"""The docs: generated reference pages complete, links resolving, marked command blocks running.
+
+A runnable block is a fenced ```bash block right under the line
+``<!-- docs-test: run [override ...] -->`` in README.md or docs/**/*.md. Its commands (blank
+lines and ``#`` comments skipped, ``\\`` continuing a line) run with bash in the repository
+root, a page's blocks in order in one shell, and must exit 0. Every ``python <script>.py``
+command gets the marker's overrides appended, then ``paths.log_dir`` and ``paths.models_dir``
+in the page's temporary folder; data (``paths.data_dir``) stays the repository's ``data/``,
+so the MNIST download is shared with every other run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+
+from ml_engine.run.locations import PROJECT_ROOT
+
+CONF_DIR = PROJECT_ROOT / "conf"
+README = PROJECT_ROOT / "README.md"
+DOCS_DIR = PROJECT_ROOT / "docs"
+README_MAX_LINES = 300
+
+MARKER = re.compile(r"^\s*<!--\s*docs-test:\s*run(?:\s+(?P<overrides>.*?))?\s*-->\s*$")
+ANY_MARKER = re.compile(r"<!--\s*docs-test\b")
+FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<info>[^`\s]*)")
+PAGE_TIMEOUT_S = 600
+
+
+def _reference() -> ModuleType:
+    """docs/hooks/reference.py, the MkDocs hook that generates the reference pages."""
+    name = "ml_engine_docs_reference"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, DOCS_DIR / "hooks" / "reference.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def doc_pages() -> list[Path]:
+    """README.md, then every markdown page of docs/ (generated ones are never on disk)."""
+    return [README, *sorted(DOCS_DIR.rglob("*.md"))]
+
+
+def _name(page: Path) -> str:
+    return (
+        page.relative_to(PROJECT_ROOT).as_posix()
+        if page.is_relative_to(PROJECT_ROOT)
+        else str(page)
+    )
+
+
+# ---------------------------------------------------------------- the marked blocks
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int  # of the opening fence, 1-based
+    overrides: list[str]
+    commands: list[str]
+
+
+def _commands(lines: list[str]) -> list[str]:
+    """A bash block's commands: blank and comment lines skipped, ``\\`` lines continued."""
+    commands: list[str] = []
+    pending: list[str] = []
+    for line in lines:
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending.append(line)
+        if not line.rstrip().endswith("\\"):
+            commands.append("\n".join(pending))
+            pending = []
+    if pending:
+        commands.append("\n".join(pending))
+    return commands
+
+
+def parse_blocks(text: str, page: Path) -> tuple[list[Block], list[str]]:
+    """The page's marked blocks, and what is wrong with its markers (a malformed one, one not
+    right above a ```bash fence). Markers inside code blocks are examples, not markers."""
+    lines = text.splitlines()
+    blocks: list[Block] = []
+    errors: list[str] = []
+    fence: str | None = None
+    index = 0
+    while index < len(lines):
+        line = lines[index]
+        opening = FENCE.match(line)
+        if fence is not None:
+            if opening and opening["fence"].startswith(fence) and not opening["info"]:
+                fence = None
+            index += 1
+            continue
+        if opening:
+            fence = opening["fence"]
+            index += 1
+            continue
+        if ANY_MARKER.search(line):
+            where = f"{_name(page)}:{index + 1}"
+            marker = MARKER.match(line)
+            nxt = FENCE.match(lines[index + 1]) if index + 1 < len(lines) else None
+            if not marker:
+                errors.append(f"{where}: malformed marker {line.strip()!r}")
+            elif not nxt or nxt["info"] != "bash" or nxt["fence"][0] != "`":
+                errors.append(f"{where}: the marker is not right above a ```bash block")
+            else:
+                body: list[str] = []
+                indent = len(nxt["indent"])
+                end = index + 2
+                while end < len(lines):
+                    closing = FENCE.match(lines[end])
+                    if closing and closing["fence"].startswith(nxt["fence"]):
+                        break
+                    body.append(lines[end][indent:])
+                    end += 1
+                overrides = shlex.split(marker["overrides"] or "")
+                blocks.append(Block(page, index + 2, overrides, _commands(body)))
+                index = end + 1
+                continue
+        index += 1
+    return blocks, errors
+
+
+def marked_blocks() -> dict[str, list[Block]]:
+    found: dict[str, list[Block]] = {}
+    for page in doc_pages():
+        blocks, _ = parse_blocks(page.read_text(encoding="utf-8"), page)
+        if blocks:
+            found[_name(page)] = blocks
+    return found
+
+
+def page_script(blocks: list[Block], tmp: Path, python: str) -> str:
+    """One bash script running the page's blocks: ``python <x>.py`` is a function appending the
+    block's overrides and the temporary output folders; the first failing command stops it."""
+    outputs = [f"paths.log_dir={tmp / 'outputs'}", f"paths.models_dir={tmp / 'models'}"]
+    lines = [
+        "set -o pipefail",
+        f"__docs_python={shlex.quote(python)}",
+        "python() {",
+        '  if [[ $# -gt 0 && "$1" == *.py ]]; then',
+        '    "$__docs_python" "$@" "${__docs_overrides[@]}"',
+        "  else",
+        '    "$__docs_python" "$@"',
+        "  fi",
+        "}",
+        'python3() { python "$@"; }',
+    ]
+    for block in blocks:
+        where = f"{_name(block.page)}:{block.line}"
+        overrides = " ".join(shlex.quote(o) for o in [*block.overrides, *outputs])
+        lines += [f"cd {shlex.quote(str(PROJECT_ROOT))}", f"__docs_overrides=({overrides})"]
+        for command in block.commands:
+            shown = shlex.quote(f"docs-test ({where}): $ {command}")
+            lines += [
+                f"printf '%s\\n' {shown}",
+                command,
+                "__rc=$?",
+                f'if [ "$__rc" -ne 0 ]; then printf \'%s\\n\' {shown}" exited $__rc"; '
+                'exit "$__rc"; fi',
+            ]
+    return "\n".join(lines) + "\n"
+
+
+_BLOCKS = marked_blocks()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", list(_BLOCKS))
+def test_the_marked_blocks_of_a_page_run(page: str, tmp_path: Path) -> None:
+    script = tmp_path / "page.sh"
+    script.write_text(page_script(_BLOCKS[page], tmp_path, sys.executable))
+    env = {
+        **os.environ,
+        "PROJECT_ROOT": str(PROJECT_ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "HYDRA_FULL_ERROR": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    result = subprocess.run(
+        ["bash", str(script)],
+        cwd=PROJECT_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=PAGE_TIMEOUT_S,
+    )
+    assert result.returncode == 0, result.stdout[-6000:]
+
+
+def test_markers_sit_right_above_bash_blocks() -> None:
+    errors = []
+    for page in doc_pages():
+        errors += parse_blocks(page.read_text(encoding="utf-8"), page)[1]
+    assert not errors, "\n".join(errors)
+
+
+def test_blocks_are_read_as_the_convention_says(tmp_path: Path) -> None:
+    page = tmp_path / "page.md"
+    text = "\n".join(
+        [
+            "<!-- docs-test: run trainer.max_epochs=1 'tags=[a, b]' -->",
+            "```bash",
+            "# a comment",
+            "python train.py \\",
+            "  model=mlp_mnist",
+            "",
+            "ls",
+            "```",
+            "```markdown",
+            "<!-- docs-test: run -->",
+            "```",
+            "<!-- docs-test: run -->",
+            "```python",
+            "print()",
+            "```",
+            "<!-- docs-test: runs -->",
+        ]
+    )
+    blocks, errors = parse_blocks(text, page)
+    assert [(b.line, b.overrides, b.commands) for b in blocks] == [
+        (
+            2,
+            ["trainer.max_epochs=1", "tags=[a, b]"],
+            ["python train.py \\\n  model=mlp_mnist", "ls"],
+        )
+    ]
+    assert len(errors) == 2 and "```bash" in errors[0] and "malformed" in errors[1]
+
+
+def test_the_page_script_appends_overrides_to_python_scripts_only(tmp_path: Path) -> None:
+    fake = tmp_path / "fake-python"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s|" "$@" >> "$LOG"; echo >> "$LOG"\n')
+    fake.chmod(0o755)
+    block = Block(README, 1, ["a=1", "b=two words"], ["python x.py -m c=3 | cat", "python -V"])
+    script = tmp_path / "page.sh"
+    script.write_text(page_script([block], tmp_path, str(fake)))
+    log = tmp_path / "log"
+    subprocess.run(["bash", str(script)], env={**os.environ, "LOG": str(log)}, check=True)
+    out = tmp_path / "outputs"
+    models = tmp_path / "models"
+    assert log.read_text().splitlines() == [
+        f"x.py|-m|c=3|a=1|b=two words|paths.log_dir={out}|paths.models_dir={models}|",
+        "-V|",
+    ]
+
+
+def test_every_entrypoint_takes_the_output_overrides(tmp_path: Path) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from ml_engine.__main__ import ENTRYPOINTS
+
+    scripts = sorted(PROJECT_ROOT.glob("*.py"))
+    tasks = [re.search(r"launch_task\(\"(\w+)\"\)", path.read_text()) for path in scripts]
+    names = [task.group(1) for task in tasks if task]
+    assert {"train", "eval", "predict", "export", "generate", "serve"} <= set(names)
+    overrides = [f"paths.log_dir={tmp_path}/outputs", f"paths.models_dir={tmp_path}/models"]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for name in names:
+            cfg = compose(ENTRYPOINTS[name].config_name, overrides=overrides)
+            assert cfg.paths.log_dir == f"{tmp_path}/outputs", name
+            assert cfg.paths.models_dir == f"{tmp_path}/models", name
+            # data stays the repository's: the runs share its MNIST download
+            assert OmegaConf.to_container(cfg.paths)["data_dir"] == "${paths.root_dir}/data/"
+    GlobalHydra.instance().clear()
+
+
+# ---------------------------------------------------------------- the generated reference
+
+
+def _leaf_keys(node: object, path: tuple[str, ...] = ()) -> list[str]:
+    if isinstance(node, dict) and node:
+        return [k for key, value in node.items() for k in _leaf_keys(value, (*path, str(key)))]
+    return [".".join(path)] if path and path != ("defaults",) else []
+
+
+def _sections(page: str) -> dict[str, str]:
+    """The page's text under each heading, by the heading's code span."""
+    parts = re.split(r"^#{2,4} `([^`]+)`.*$", page, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def test_the_configuration_reference_has_every_group_option_and_key() -> None:
+    page = _reference().configuration_reference(CONF_DIR)
+    sections = _sections(page)
+    missing = []
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        rel = path.relative_to(CONF_DIR).with_suffix("").as_posix()
+        title = f"{rel}.yaml" if path.parent == CONF_DIR else rel
+        if path.parent != CONF_DIR and path.parent.relative_to(CONF_DIR).as_posix() not in sections:
+            missing.append(f"group {path.parent.relative_to(CONF_DIR).as_posix()}")
+        section = sections.get(title)
+        if section is None:
+            missing.append(f"config {title}")
+            continue
+        for key in _leaf_keys(yaml.safe_load(path.read_text()) or {}):
+            if not re.search(rf"\| `([\w.]+\.)?{re.escape(key)}` \|", section):
+                missing.append(f"{title}: {key}")
+    assert not missing, missing
+
+
+def _plain(text: str) -> str:
+    """Markdown back to the words: escapes, code spans, line breaks and entities undone."""
+    text = re.sub(r"\\(.)", r"\1", text.replace("<br>", " ").replace("`", ""))
+    text = text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+    return " ".join(text.split())
+
+
+def test_the_configuration_reference_keeps_every_comment() -> None:
+    page = _plain(_reference().configuration_reference(CONF_DIR))
+    lost = []
+    for path in sorted(CONF_DIR.rglob("*.yaml")):
+        for line in path.read_text().splitlines():
+            comment = line.strip()
+            if comment.startswith("#") and not comment.startswith("# @package"):
+                words = " ".join(comment.lstrip("#").replace("`", "").split())
+                if words and words not in page:
+                    lost.append(f"{path.relative_to(CONF_DIR)}: {words}")
+    assert not lost, lost
+
+
+def test_the_api_reference_lists_every_route(tmp_path: Path) -> None:
+    from fastapi.routing import APIRoute
+
+    reference = _reference()
+    app = reference.build_app(tmp_path)
+    page = reference.server_api_reference(app.openapi())
+
+    def api_routes(routes: list) -> list[APIRoute]:
+        # FastAPI >= 0.16x keeps an included router as one entry (original_router: its routes);
+        # earlier versions copy its routes into the app's
+        found = []
+        for route in routes:
+            if isinstance(route, APIRoute):
+                found.append(route)
+            elif hasattr(route, "original_router"):
+                found += api_routes(route.original_router.routes)
+        return found
+
+    routes = [
+        (method, route.path)
+        for route in api_routes(app.routes)
+        if route.include_in_schema
+        for method in sorted(route.methods)
+    ]
+    assert len(routes) > 10
+    missing = [f"{m} {p}" for m, p in routes if f"### {m} `{p}`" not in page]
+    assert not missing, missing
+    for name in app.openapi()["components"]["schemas"]:
+        assert f"### {name} {{#" in page, name
+
+
+# ---------------------------------------------------------------- links and length
+
+LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+REF_LINK = re.compile(r"^\s*\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)", re.M)
+HTML_LINK = re.compile(r"(?:href|src)=\"([^\"]+)\"")
+GENERATED = {"reference/configuration.md", "reference/server-api.md"}
+
+
+def _prose_only(text: str) -> str:
+    """The page without its code blocks and code spans."""
+    out, fence = [], None
+    for line in text.splitlines():
+        opening = FENCE.match(line)
+        if fence is None and opening:
+            fence = opening["fence"]
+        elif fence is not None and opening and opening["fence"].startswith(fence):
+            fence = None
+        elif fence is None:
+            out.append(re.sub(r"`[^`]*`", "", line))
+    return "\n".join(out)
+
+
+def test_relative_links_point_at_existing_files() -> None:
+    broken = []
+    for page in doc_pages():
+        text = _prose_only(page.read_text(encoding="utf-8"))
+        targets = LINK.findall(text) + REF_LINK.findall(text) + HTML_LINK.findall(text)
+        for target in targets:
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I) or target.startswith("#"):
+                continue  # a URL, or an anchor of the same page
+            path = target.split("#", 1)[0].split("?", 1)[0]
+            resolved = (page.parent / path).resolve()
+            in_docs = resolved.is_relative_to(DOCS_DIR) and page != README
+            if in_docs and resolved.relative_to(DOCS_DIR).as_posix() in GENERATED:
+                continue  # made by the site build (docs/hooks/reference.py)
+            if not resolved.exists():
+                broken.append(f"{_name(page)}: {target}")
+    assert not broken, broken
+
+
+def test_the_readme_stays_short() -> None:
+    lines = README.read_text(encoding="utf-8").count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines; the rest belongs in docs/"
