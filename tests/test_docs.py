@@ -389,7 +389,27 @@ def _prose_only(text: str) -> str:
     return "\n".join(out)
 
 
+def _anchors(page: Path) -> set[str]:
+    """The ids a page's headings get, as MkDocs (Python-Markdown's toc) and GitHub make them,
+    and the explicit ones ({#id}, id="...")."""
+    from markdown.extensions.toc import slugify
+
+    text = _prose_only(page.read_text(encoding="utf-8"))
+    ids = set(re.findall(r"\{[^}]*#([\w-]+)[^}]*\}", text)) | set(
+        re.findall(r"id=\"([^\"]+)\"", text)
+    )
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*#*\s*$", text, re.M):
+        heading = re.sub(r"\{[^}]*\}$", "", heading).strip()
+        words = re.sub(r"[`*_]|<[^>]+>|\[([^\]]*)\]\([^)]*\)", r"\1", heading)
+        ids.add(slugify(words, "-"))
+        ids.add(re.sub(r"[^\w\- ]", "", words.lower()).replace(" ", "-"))
+    return ids
+
+
 def test_relative_links_point_at_existing_files() -> None:
+    def anchors(page: Path, target: str) -> bool:
+        return target.split("#", 1)[1] in _anchors(page)
+
     broken = []
     for page in doc_pages():
         text = _prose_only(page.read_text(encoding="utf-8"))
@@ -399,11 +419,18 @@ def test_relative_links_point_at_existing_files() -> None:
                 continue  # a URL, or an anchor of the same page
             path = target.split("#", 1)[0].split("?", 1)[0]
             resolved = (page.parent / path).resolve()
-            in_docs = resolved.is_relative_to(DOCS_DIR) and page != README
-            if in_docs and resolved.relative_to(DOCS_DIR).as_posix() in GENERATED:
+            generated = (
+                resolved.is_relative_to(DOCS_DIR)
+                and resolved.relative_to(DOCS_DIR).as_posix() in GENERATED
+            )
+            if generated and page != README:
                 continue  # made by the site build (docs/hooks/reference.py)
-            if not resolved.exists():
+            if generated:
+                broken.append(f"{_name(page)}: {target} (made by the site build, not on GitHub)")
+            elif not resolved.exists():
                 broken.append(f"{_name(page)}: {target}")
+            elif "#" in target and resolved.suffix == ".md" and not anchors(resolved, target):
+                broken.append(f"{_name(page)}: {target} (no such heading)")
     assert not broken, broken
 
 
