@@ -368,10 +368,30 @@ def configuration_reference(conf_dir: Path = CONF_DIR) -> str:
     for name in primary:
         lines += _config_section(configs[name], None, _code(f"{name}.yaml"), "###")
 
+    # options that defaults lists choose but conf/ has no file for: Hydra's or its plugins'
+    # (hydra/sweeper: optuna, hydra/launcher: submitit_slurm)
+    foreign: dict[str, set[str]] = {}
+    for path in sorted(conf_dir.rglob("*.yaml")):
+        own = path.parent.relative_to(conf_dir).as_posix()
+        for entry in (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("defaults", []):
+            group, option = _defaults_entry(entry)
+            group = group.split()[-1].lstrip("/") if group else own
+            if group in groups and option not in (*groups[group], "null", "_self_"):
+                foreign.setdefault(group, set()).add(option)
+
+    def listed(group: str, link: bool) -> str:
+        names = [
+            f"[{_code(option)}](#{_anchor('option', group, option)})" if link else _code(option)
+            for option in groups[group]
+        ]
+        names += [f"{_code(option)} (Hydra's)" for option in sorted(foreign.get(group, ()))]
+        return ", ".join(names)
+
     lines += [
         "## Config groups",
         "",
-        "A group is a folder of `conf/`; its options are the files in it.",
+        "A group is a folder of `conf/`; its options are the files in it (and, marked Hydra's,",
+        "the ones Hydra or an installed Hydra plugin provides that a config here selects).",
         "",
     ]
     lines += _table(
@@ -379,9 +399,7 @@ def configuration_reference(conf_dir: Path = CONF_DIR) -> str:
         (
             (
                 f"[{_code(group)}](#{_anchor('group', group)})",
-                ", ".join(
-                    f"[{_code(option)}](#{_anchor('option', group, option)})" for option in options
-                ),
+                listed(group, link=True),
                 "; ".join(chosen.get(group, [])) or "none: chosen on the command line",
             )
             for group, options in groups.items()
@@ -390,7 +408,7 @@ def configuration_reference(conf_dir: Path = CONF_DIR) -> str:
     for group, options in groups.items():
         lines += [f"### {_code(group)} {{#{_anchor('group', group)}}}", ""]
         usage = f"`python <script>.py {group}=<option>`"
-        lines += [f"Options: {', '.join(_code(o) for o in options)}. Chosen with {usage}.", ""]
+        lines += [f"Options: {listed(group, link=False)}. Chosen with {usage}.", ""]
         if chosen.get(group):
             lines += [f"Default: {'; '.join(chosen[group])}.", ""]
         for option in options:
