@@ -7,7 +7,7 @@ against what PyTorch and Lightning make of the checkpoint it came from.
 Prints tokenization equality (validation text plus characters outside the vocabulary and runs
 of spaces), the largest logit difference on one 256-token window, perplexity through llama.cpp
 against exp(val/loss) from Lightning on the same windows, and whether greedy generation gives
-the same first 32 tokens. tests/test_export.py checks the same on a small model.
+the same first 32 tokens. tests/training/lm/test_export.py checks the same on a small model.
 """
 
 from __future__ import annotations

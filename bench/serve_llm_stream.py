@@ -88,7 +88,7 @@ def main() -> None:
     from ml_engine.llm.models import ensure_model_file
     from ml_engine.server import create_app
     from ml_engine.server.llm_service import compose_config
-    from tests.serve.conftest import live_server, serve_config
+    from tests.server.conftest import live_server, serve_config
 
     sampling = {"max_tokens": args.tokens, "temperature": 0.0, "top_k": 0, "top_p": 1.0}
     sampling |= {"repeat_penalty": 1.0, "seed": 1}

@@ -39,7 +39,7 @@ JOB_OVERRIDES = [
 def held_job_overrides(step: int, release: Path) -> list[str]:
     """JOB_OVERRIDES plus a callback that holds every job after ``step`` until ``release``
     exists: what a test must see while a job runs stays there, however fast the machine."""
-    hold = f"{{_target_:tests.serve.gate.HoldAtStep,step:{step},release:'{release}'}}"
+    hold = f"{{_target_:tests.server.gate.HoldAtStep,step:{step},release:'{release}'}}"
     return [*JOB_OVERRIDES, f"+callbacks.hold={hold}"]
 
 

@@ -319,7 +319,7 @@ def test_no_auth_by_default(make_client) -> None:
 
 def test_api_key_from_the_environment(tmp_path, monkeypatch) -> None:
     from ml_engine.server.settings import load_settings
-    from tests.serve.conftest import serve_config
+    from tests.server.conftest import serve_config
 
     monkeypatch.setenv("ML_ENGINE_API_KEY", "from-env")
     assert load_settings(serve_config(tmp_path)).api_key == "from-env"

@@ -17,7 +17,7 @@ import pytest
 from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.server import create_app
 from ml_engine.server.jobs_store import new_job_id
-from tests.serve.conftest import held_job_overrides, live_server, serve_config, write_sweeps
+from tests.server.conftest import held_job_overrides, live_server, serve_config, write_sweeps
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 RELEASE = "release-held-jobs"  # under the test's tmp_path

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve.conftest import held_job_overrides, write_sweeps
+from tests.server.conftest import held_job_overrides, write_sweeps
 
 
 @pytest.mark.slow

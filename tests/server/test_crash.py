@@ -18,7 +18,7 @@ import pytest
 from ml_engine.run.files import read_job_record
 from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.training.progress import PROGRESS_FILE
-from tests.serve.conftest import JOB_OVERRIDES, free_port, wait_for_job, wait_healthy
+from tests.server.conftest import JOB_OVERRIDES, free_port, wait_for_job, wait_healthy
 
 pytestmark = pytest.mark.slow
 

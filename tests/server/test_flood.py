@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from ml_engine.run.locations import PROJECT_ROOT
-from tests.serve.conftest import free_port, wait_healthy
+from tests.server.conftest import free_port, wait_healthy
 
 pytestmark = pytest.mark.slow
 

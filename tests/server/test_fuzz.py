@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, Phase, settings
 from ml_engine.server import create_app
 from ml_engine.server.routes_ml import FORM_FIELDS
 from ml_engine.server.schemas import GenerateRequest, PredictJson, TrainOptions, TrainRequest
-from tests.serve.conftest import live_server, serve_config
+from tests.server.conftest import live_server, serve_config
 
 # what a leaked Python repr looks like: "<_io.BytesIO object at 0x7f…>", "UploadFile(filename=…"
 REPR = re.compile(r"object at 0x|UploadFile\(|Headers\(|FormData\(|<[\w.]+ object")

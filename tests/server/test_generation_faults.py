@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve.conftest import fill_disk
+from tests.server.conftest import fill_disk
 
 TINY = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
 

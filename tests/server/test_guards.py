@@ -81,7 +81,7 @@ def _idle_client(tmp_path, name: str, address: str = "10.0.0.1", **values):
     from fastapi.testclient import TestClient
 
     from ml_engine.server import create_app
-    from tests.serve.conftest import serve_config
+    from tests.server.conftest import serve_config
 
     cfg = serve_config(tmp_path / name, **values)
     return TestClient(create_app(cfg), client=(address, 50000))

@@ -24,7 +24,7 @@ from ml_engine.llm.gguf_writer import (
 )
 from ml_engine.run.files import write_json_atomic
 from ml_engine.server import create_app
-from tests.serve.conftest import live_server, serve_config
+from tests.server.conftest import live_server, serve_config
 
 SHAPE = LlamaShape(n_vocab=320, n_embd=64, n_ff=128, n_layer=1, n_head=2, n_head_kv=2, n_ctx=256)
 # ChatML markers that llama.cpp's template detection recognises, in a template Jinja cannot

@@ -23,7 +23,7 @@ from ml_engine.errors import UserError
 from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.server import create_app
 from ml_engine.server.settings import Settings, load_settings, uvicorn_options
-from tests.serve.conftest import free_port, live_server, serve_config, wait_healthy
+from tests.server.conftest import free_port, live_server, serve_config, wait_healthy
 
 JSON = {"content-type": "application/json"}
 TRAIN = {"model": "mlp_mnist", "epochs": 1}

@@ -21,7 +21,7 @@ from ml_engine.server.jobs_store import (
     RUNNING,
     JobStore,
 )
-from tests.serve.conftest import (
+from tests.server.conftest import (
     fill_disk,
     held_job_overrides,
     live_server,

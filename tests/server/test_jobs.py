@@ -14,7 +14,7 @@ from PIL import Image
 
 from ml_engine.server import create_app
 from ml_engine.server.jobs_store import RUNNING, JobStore
-from tests.serve.conftest import serve_config, wait_for_job
+from tests.server.conftest import serve_config, wait_for_job
 
 
 def _files(folder: Path) -> list[tuple[str, tuple[str, bytes, str]]]:

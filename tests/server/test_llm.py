@@ -295,7 +295,7 @@ def test_a_given_file_that_is_no_gguf_stops_the_server_in_one_line(
 ) -> None:
     from ml_engine.errors import UserError
     from ml_engine.server import create_app
-    from tests.serve.conftest import serve_config
+    from tests.server.conftest import serve_config
 
     path = tmp_path / "model.gguf"
     if content is not None:

@@ -16,7 +16,7 @@ import pytest
 
 from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.server.llm_service import LlmKey
-from tests.serve.conftest import JOB_OVERRIDES, corrupt_gguf, free_port, wait_for_job
+from tests.server.conftest import JOB_OVERRIDES, corrupt_gguf, free_port, wait_for_job
 
 GREEDY = {"max_tokens": 2000, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 1}
 
@@ -132,7 +132,7 @@ def test_cancelling_a_stream_stops_the_worker_between_tokens(client) -> None:
 @pytest.mark.slow
 def test_a_client_hanging_up_mid_stream_frees_the_model(make_client, tmp_path) -> None:
     from ml_engine.server import create_app
-    from tests.serve.conftest import live_server, serve_config
+    from tests.server.conftest import live_server, serve_config
 
     app = create_app(serve_config(tmp_path, **{"paths.models_dir": str(tmp_path / "models")}))
     service = app.state.server.llm

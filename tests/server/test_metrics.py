@@ -12,7 +12,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from ml_engine.server import create_app
-from tests.serve.conftest import serve_config
+from tests.server.conftest import serve_config
 
 
 def scrape(client, headers: dict | None = None) -> dict[tuple[str, tuple], float]:

@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from ml_engine.server import create_app
-from tests.serve.conftest import live_server, serve_config
+from tests.server.conftest import live_server, serve_config
 
 KEY = "sk-test"
 CHAT = "Chat-Model-0.1-test"

@@ -10,8 +10,8 @@ import pytest
 
 from ml_engine.run.files import read_job_record
 from tests.conftest import run_entrypoint
-from tests.serve.conftest import JOB_OVERRIDES
-from tests.test_image_classification import (
+from tests.server.conftest import JOB_OVERRIDES
+from tests.training.vision.test_image_classification import (
     FAST_TRAINING,
     flatten_to_photos,
     write_digit_folder,

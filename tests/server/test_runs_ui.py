@@ -15,8 +15,8 @@ import pytest
 from ml_engine.run.files import read_job_record
 from ml_engine.server import create_app
 from tests.conftest import run_entrypoint
-from tests.serve.conftest import JOB_OVERRIDES, live_server, serve_config, wait_for_job
-from tests.serve.test_browser import (  # the browser fixture, driven as test_browser drives it
+from tests.server.conftest import JOB_OVERRIDES, live_server, serve_config, wait_for_job
+from tests.server.test_browser import (  # the browser fixture, driven as test_browser drives it
     CHART_DRAWN,
     CHROMEDRIVER,
     CHROMIUM,
@@ -25,7 +25,7 @@ from tests.serve.test_browser import (  # the browser fixture, driven as test_br
     _wait,
     browser,  # noqa: F401
 )
-from tests.test_image_classification import write_digit_folder
+from tests.training.vision.test_image_classification import write_digit_folder
 
 FOLDER_RUN, TB_RUN = "2025-01-03_00-00-00_folder", "2025-01-03_00-00-01_tensorboard"
 # what the test servers' jobs and the runs below train with, minus the MNIST-only source

@@ -14,7 +14,7 @@ import pytest
 
 from ml_engine.run.locations import PROJECT_ROOT
 from tests.conftest import run_entrypoint
-from tests.serve.conftest import free_port
+from tests.server.conftest import free_port
 
 
 @pytest.mark.slow

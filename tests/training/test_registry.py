@@ -94,9 +94,10 @@ def test_installed_package_adds_a_network_through_entry_points(
 
 
 def _readme_block(language: str, containing: str) -> str:
-    """The README's fenced ``language`` block that contains ``containing``."""
-    readme = (PROJECT_ROOT / "README.md").read_text()
-    blocks = re.findall(rf"```{language}\n(.*?)```", readme, flags=re.S)
+    """The training page's (docs/training.md, once the README's) fenced ``language`` block that
+    contains ``containing``."""
+    page = (PROJECT_ROOT / "docs" / "training.md").read_text()
+    blocks = re.findall(rf"```{language}\n(.*?)```", page, flags=re.S)
     return next(block for block in blocks if containing in block)
 
 

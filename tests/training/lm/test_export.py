@@ -30,7 +30,7 @@ from ml_engine.training.lm.module import CausalLMModule
 from ml_engine.training.lm.text_data import TextDataModule
 from ml_engine.training.lm.tokenizer import CharTokenizer
 from tests.conftest import run_as_job, run_dir_of, run_entrypoint
-from tests.serve.conftest import serve_config
+from tests.server.conftest import serve_config
 
 BLOCK = 64
 TRAIN = (
