@@ -127,7 +127,11 @@ def parse_blocks(text: str, page: Path) -> tuple[list[Block], list[str]]:
                     body.append(lines[end][indent:])
                     end += 1
                 overrides = shlex.split(marker["overrides"] or "")
-                blocks.append(Block(page, index + 2, overrides, _commands(body)))
+                commands = _commands(body)
+                if commands:
+                    blocks.append(Block(page, index + 2, overrides, commands))
+                else:
+                    errors.append(f"{where}: the marked block runs nothing")
                 index = end + 1
                 continue
         index += 1
@@ -143,26 +147,39 @@ def marked_blocks() -> dict[str, list[Block]]:
     return found
 
 
-def page_script(blocks: list[Block], tmp: Path, python: str) -> str:
-    """One bash script running the page's blocks: ``python <x>.py`` is a function appending the
-    block's overrides and the temporary output folders; the first failing command stops it."""
+SHIM = """#!/usr/bin/env bash
+# the docs test's python: a script (python <x>.py ...) gets the block's overrides appended
+if [[ $# -gt 0 && "$1" == *.py ]]; then
+  mapfile -t extra < {overrides}
+  exec {python} "$@" "${{extra[@]}}"
+fi
+exec {python} "$@"
+"""
+
+
+def page_script(blocks: list[Block], tmp: Path, python: str) -> Path:
+    """A bash script in ``tmp`` running the page's blocks, the first failing command stopping
+    it. ``python`` and ``python3`` are shims first on its PATH (so ``timeout 60 python x.py``
+    is caught too): ``python <x>.py`` gets the block's overrides, then the temporary output
+    folders, appended."""
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    overrides_file = tmp / "overrides"
+    for name in ("python", "python3"):
+        shim = bin_dir / name
+        shim.write_text(
+            SHIM.format(overrides=shlex.quote(str(overrides_file)), python=shlex.quote(python))
+        )
+        shim.chmod(0o755)
     outputs = [f"paths.log_dir={tmp / 'outputs'}", f"paths.models_dir={tmp / 'models'}"]
-    lines = [
-        "set -o pipefail",
-        f"__docs_python={shlex.quote(python)}",
-        "python() {",
-        '  if [[ $# -gt 0 && "$1" == *.py ]]; then',
-        '    "$__docs_python" "$@" "${__docs_overrides[@]}"',
-        "  else",
-        '    "$__docs_python" "$@"',
-        "  fi",
-        "}",
-        'python3() { python "$@"; }',
-    ]
+    lines = ["set -o pipefail", f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"']
     for block in blocks:
         where = f"{_name(block.page)}:{block.line}"
         overrides = " ".join(shlex.quote(o) for o in [*block.overrides, *outputs])
-        lines += [f"cd {shlex.quote(str(PROJECT_ROOT))}", f"__docs_overrides=({overrides})"]
+        lines += [
+            f"cd {shlex.quote(str(PROJECT_ROOT))}",
+            f"printf '%s\\n' {overrides} > {shlex.quote(str(overrides_file))}",
+        ]
         for command in block.commands:
             shown = shlex.quote(f"docs-test ({where}): $ {command}")
             lines += [
@@ -172,7 +189,9 @@ def page_script(blocks: list[Block], tmp: Path, python: str) -> str:
                 f'if [ "$__rc" -ne 0 ]; then printf \'%s\\n\' {shown}" exited $__rc"; '
                 'exit "$__rc"; fi',
             ]
-    return "\n".join(lines) + "\n"
+    script = tmp / "page.sh"
+    script.write_text("\n".join(lines) + "\n")
+    return script
 
 
 _BLOCKS = marked_blocks()
@@ -181,8 +200,7 @@ _BLOCKS = marked_blocks()
 @pytest.mark.slow
 @pytest.mark.parametrize("page", list(_BLOCKS))
 def test_the_marked_blocks_of_a_page_run(page: str, tmp_path: Path) -> None:
-    script = tmp_path / "page.sh"
-    script.write_text(page_script(_BLOCKS[page], tmp_path, sys.executable))
+    script = page_script(_BLOCKS[page], tmp_path, sys.executable)
     env = {
         **os.environ,
         "PROJECT_ROOT": str(PROJECT_ROOT),
@@ -229,6 +247,10 @@ def test_blocks_are_read_as_the_convention_says(tmp_path: Path) -> None:
             "print()",
             "```",
             "<!-- docs-test: runs -->",
+            "<!-- docs-test: run -->",
+            "```bash",
+            "# only a comment",
+            "```",
         ]
     )
     blocks, errors = parse_blocks(text, page)
@@ -239,24 +261,40 @@ def test_blocks_are_read_as_the_convention_says(tmp_path: Path) -> None:
             ["python train.py \\\n  model=mlp_mnist", "ls"],
         )
     ]
-    assert len(errors) == 2 and "```bash" in errors[0] and "malformed" in errors[1]
+    assert len(errors) == 3, errors
+    assert "```bash" in errors[0] and "malformed" in errors[1] and "nothing" in errors[2]
 
 
 def test_the_page_script_appends_overrides_to_python_scripts_only(tmp_path: Path) -> None:
     fake = tmp_path / "fake-python"
     fake.write_text('#!/usr/bin/env bash\nprintf "%s|" "$@" >> "$LOG"; echo >> "$LOG"\n')
     fake.chmod(0o755)
-    block = Block(README, 1, ["a=1", "b=two words"], ["python x.py -m c=3 | cat", "python -V"])
-    script = tmp_path / "page.sh"
-    script.write_text(page_script([block], tmp_path, str(fake)))
+    commands = ["python x.py -m c=3 | cat", "python -V", "timeout 60 python3 y.py", "cd /; pwd"]
+    blocks = [Block(README, 1, ["a=1", "b=two words"], commands), Block(README, 9, [], ["pwd"])]
+    script = page_script(blocks, tmp_path, str(fake))
     log = tmp_path / "log"
-    subprocess.run(["bash", str(script)], env={**os.environ, "LOG": str(log)}, check=True)
-    out = tmp_path / "outputs"
-    models = tmp_path / "models"
+    result = subprocess.run(
+        ["bash", str(script)],
+        env={**os.environ, "LOG": str(log)},
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    out = f"paths.log_dir={tmp_path / 'outputs'}|paths.models_dir={tmp_path / 'models'}|"
     assert log.read_text().splitlines() == [
-        f"x.py|-m|c=3|a=1|b=two words|paths.log_dir={out}|paths.models_dir={models}|",
+        f"x.py|-m|c=3|a=1|b=two words|{out}",
         "-V|",
+        f"y.py|a=1|b=two words|{out}",
     ]
+    # each block starts in the repository root
+    assert [line for line in result.stdout.splitlines() if line.startswith("/")] == [
+        "/",
+        str(PROJECT_ROOT),
+    ]
+    failing = page_script([Block(README, 3, [], ["true", "false", "true"])], tmp_path, str(fake))
+    result = subprocess.run(["bash", str(failing)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stdout.splitlines()[-1] == "docs-test (README.md:3): $ false exited 1"
 
 
 def test_every_entrypoint_takes_the_output_overrides(tmp_path: Path) -> None:
