@@ -39,8 +39,9 @@ from _common import ROOT
 from llm_overhead import LARGE_SHAPE, PROMPT, model_file
 
 from ml_engine.llm.backends import Sampling
-from ml_engine.llm.backends.llama_cpp import LlamaCppBackend, physical_core_count
+from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.bench import run_benchmark, run_llama_bench
+from ml_engine.llm.threads import physical_core_count
 
 TARGET = 0.95
 N_BATCH = 512
