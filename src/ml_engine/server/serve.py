@@ -10,7 +10,6 @@ from typing import Any
 from omegaconf import DictConfig
 
 from ml_engine.errors import UserError
-from ml_engine.server.app import create_app
 from ml_engine.server.settings import load_settings, uvicorn_options
 
 log = logging.getLogger(__name__)
@@ -52,10 +51,14 @@ def _graceful_server_class() -> type:
 
 
 def serve(cfg: DictConfig) -> dict[str, Any]:
-    import uvicorn
-
+    # a bad value or a taken port is refused before the app's imports (FastAPI, torch,
+    # Lightning: seconds), so a mistake ends at once
     settings = load_settings(cfg)
     _check_bindable(settings.host, settings.port)
+    import uvicorn
+
+    from ml_engine.server.app import create_app
+
     app = create_app(settings)
     if settings.host not in ("127.0.0.1", "localhost", "::1") and settings.api_key is None:
         log.warning(
