@@ -3,10 +3,10 @@ inside a function."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import ml_engine.llm
+from tests.test_layout import imported_modules
 
 LLM = Path(ml_engine.llm.__file__).resolve().parent
 PACKAGE = "ml_engine.llm"
@@ -32,13 +32,7 @@ def _imported(path: Path, modules: set[str]) -> set[str]:
     ``from package import name`` imports the submodule when ``name`` is one. Importing a
     module runs its packages' ``__init__`` first, so those count too, except the importer's own
     packages: they have run before it."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    found = imported_modules(path)
     importer = _module_name(path)
     own = set(_ancestors(importer))
     targets = set()
