@@ -16,6 +16,7 @@ quantization and n_gpu_layers whose n_ctx it holds.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import logging
 import re
@@ -43,21 +44,37 @@ log = logging.getLogger(__name__)
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_k", "top_p", "repeat_penalty", "seed")
 
 _hydra_lock = threading.Lock()
+# composed configs by (config name, overrides): the configs are the installation's (as
+# _configured_names reads them, a changed one needs a restart), and composing one took Hydra
+# 0.1 s, seven of them for each /llm/models or /v1/models and one for each generation, every one
+# under the lock. Bounded: a request's overrides (n_ctx, quantization) make new keys.
+_composed: OrderedDict[tuple[str, tuple[str, ...]], DictConfig] = OrderedDict()
+_COMPOSED_MAX = 128
 
 
 def compose_config(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose ``conf/<config_name>.yaml`` with ``overrides``, inside or outside a Hydra run.
+    """Compose ``conf/<config_name>.yaml`` with ``overrides``, inside or outside a Hydra run;
+    a copy of the one composed before for the same arguments, which the caller may change.
 
     Hydra's composition state is process-global, hence the lock.
     """
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    key = (config_name, tuple(overrides))
     with _hydra_lock:
-        if GlobalHydra.instance().is_initialized():
-            return compose(config_name, overrides=overrides)
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return compose(config_name, overrides=overrides)
+        composed = _composed.get(key)
+        if composed is not None:
+            _composed.move_to_end(key)
+        elif GlobalHydra.instance().is_initialized():
+            composed = compose(config_name, overrides=list(overrides))
+        else:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                composed = compose(config_name, overrides=list(overrides))
+        _composed[key] = composed
+        while len(_composed) > _COMPOSED_MAX:
+            _composed.popitem(last=False)
+    return copy.deepcopy(composed)
 
 
 def finite_values(values: dict[str, Any]) -> dict[str, float | None]:
