@@ -1,14 +1,14 @@
-"""Which accelerators this machine has, checked before a Trainer is built.
+"""Which accelerators this machine has, checked before a Trainer is built (and before
+Lightning loads: torch loads only to probe for a CUDA device).
 
 The device names themselves are listed once, in training/choices.py (ACCELERATORS).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from typing import Any
-
-import torch
 
 from ml_engine.errors import UserError
 from ml_engine.run.distributed import external_launcher
@@ -18,10 +18,22 @@ from ml_engine.training.choices import ACCELERATORS
 def device_type_present(kind: str) -> bool:
     """Whether this machine has a device of torch type ``kind`` ("auto" always works)."""
     if kind == "cuda":
-        return torch.cuda.is_available()
-    if kind == "mps":
-        return torch.backends.mps.is_available()
+        return _cuda_present()
+    if kind == "mps":  # Apple's GPUs: macOS only, where torch is asked
+        return sys.platform == "darwin" and _mps_present()
     return kind in ("cpu", "auto")
+
+
+def _cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _mps_present() -> bool:
+    import torch
+
+    return torch.backends.mps.is_available()
 
 
 def usable_accelerators() -> tuple[str, ...]:
@@ -43,9 +55,8 @@ def check_accelerator(requested: str | None) -> None:
     if requested is None or not isinstance(requested, str):
         return  # an Accelerator instance: Lightning checks it
     kind = ACCELERATORS.get(requested.lower())
-    available = available_accelerators()
     if kind is None:
-        accepted = "auto, " + ", ".join(available)
+        accepted = "auto, " + ", ".join(available_accelerators())
         raise UserError(
             f"trainer.accelerator='{requested}' is not known; accepted here: {accepted}"
         )
@@ -53,7 +64,7 @@ def check_accelerator(requested: str | None) -> None:
         what = "no CUDA GPU" if kind == "cuda" else "no Apple MPS device"
         raise UserError(
             f"trainer.accelerator='{requested}' but this machine has {what}; "
-            f"available here: auto, {', '.join(available)}"
+            f"available here: auto, {', '.join(available_accelerators())}"
         )
 
 
@@ -65,7 +76,7 @@ def check_sync_batchnorm(trainer_cfg: Mapping[str, Any]) -> None:
     if not isinstance(requested, str):
         return
     kind = ACCELERATORS.get(requested.lower())
-    on_cpu = kind == "cpu" or (kind == "auto" and not torch.cuda.is_available())
+    on_cpu = kind == "cpu" or (kind == "auto" and not _cuda_present())
     if on_cpu or kind == "mps":
         raise UserError(
             f"trainer.sync_batchnorm=true needs CUDA GPUs, but trainer.accelerator='{requested}' "

@@ -1,21 +1,31 @@
-"""Finding and loading checkpoints with errors a user can act on, before any heavy work."""
+"""Finding and loading checkpoints with errors a user can act on, before any heavy work.
+
+A missing file, a ``last`` without runs and a file that is no PyTorch file are refused before
+torch loads; reading one loads torch, and knowing its kind loads the wings (and Lightning).
+"""
 
 from __future__ import annotations
 
 import inspect
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ml_engine.errors import UserError
 from ml_engine.run.helpers import error_summary
 from ml_engine.run.locations import CONFIG_DIR
-from ml_engine.training.optimizers import MODULE_CLASS_KEY
-from ml_engine.training.registry import current_path, current_paths, module_classes
+from ml_engine.training.registry import (
+    MODULE_CLASS_KEY,
+    current_path,
+    current_paths,
+    module_classes,
+)
+
+if TYPE_CHECKING:
+    import lightning as L
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +156,27 @@ def _looks_like_torch_file(path: Path) -> bool:
     return start.startswith(_TORCH_FILE_STARTS)
 
 
+def check_torch_file(path: Path) -> None:
+    """A UserError unless ``path`` starts as a file ``torch.save`` wrote."""
+    if not _looks_like_torch_file(path):
+        raise _unreadable(path, "not a PyTorch checkpoint file")
+
+
+def check_checkpoint_file(path: str | None, runs_dir: Path | None = None) -> None:
+    """The checks that read no checkpoint, made before torch and Lightning load: the file
+    exists (``last``: a run under ``runs_dir`` left one) and is a PyTorch file."""
+    if str(path) == LATEST and runs_dir is not None:
+        _last_checkpoints(runs_dir)
+        return
+    check_torch_file(resolve_checkpoint(path, runs_dir=runs_dir))
+
+
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's contents, loaded safely (weights only); a UserError unless it is a
     Lightning checkpoint with a model state and hyperparameters."""
-    if not _looks_like_torch_file(path):
-        raise _unreadable(path, "not a PyTorch checkpoint file")
+    import torch
+
+    check_torch_file(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:

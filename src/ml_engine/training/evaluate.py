@@ -1,12 +1,14 @@
-"""Evaluation: test metrics of a checkpoint, recorded in the eval run's ``job.json``."""
+"""Evaluation: test metrics of a checkpoint, recorded in the eval run's ``job.json``.
+
+Lightning loads once the checkpoint and the settings passed their checks.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -17,13 +19,10 @@ from ml_engine.training.checkpoints import (
     checked_checkpoint,
     module_from_checkpoint,
 )
-from ml_engine.training.instantiators import instantiate_loggers
-from ml_engine.training.lightning_run import (
-    collect_metrics,
-    finish_run,
-    has_test_split,
-    prepare_lightning_run,
-)
+from ml_engine.training.run_checks import check_run_settings
+
+if TYPE_CHECKING:
+    import lightning as L
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +36,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     adopt_datamodule(cfg, checkpoint, ckpt_path)
     check_datamodule_fits(cfg, checkpoint, ckpt_path)
     adopt_data_settings(cfg, checkpoint, ckpt_path)
+    check_run_settings(cfg)
+
+    from ml_engine.training.instantiators import instantiate_loggers
+    from ml_engine.training.lightning_run import (
+        collect_metrics,
+        finish_run,
+        has_test_split,
+        prepare_lightning_run,
+    )
+
     prepare_lightning_run(cfg)
     model = module_from_checkpoint(ckpt_path, checkpoint)
 

@@ -1,8 +1,8 @@
-"""The first and last steps every Lightning task shares: checks, seed, metrics, HParams."""
+"""The first and last steps every Lightning task shares: chores, seed, metrics, HParams (the
+checks of its settings come before Lightning loads: training/run_checks.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import sys
 from collections.abc import Mapping
@@ -14,26 +14,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from omegaconf import DictConfig, OmegaConf
 
-from ml_engine.errors import UserError
 from ml_engine.run.extras import apply_extras
 from ml_engine.run.helpers import finite_or_none, is_real_number
-from ml_engine.run.locations import install_command
-from ml_engine.training.accelerators import (
-    check_accelerator,
-    check_num_nodes,
-    check_sync_batchnorm,
-)
 
 log = logging.getLogger(__name__)
 
 
 def prepare_lightning_run(cfg: DictConfig) -> None:
-    """What every Lightning task does first: check values and accelerator, chores, seed."""
+    """What every Lightning task does first, once its settings passed
+    (run_checks.check_run_settings): chores, seed."""
     route_lightning_logs_through_hydra()
-    check_accelerator(cfg.trainer.get("accelerator"))
-    check_sync_batchnorm(cfg.trainer)
-    check_num_nodes(cfg.trainer)
-    check_logger_packages(cfg.get("logger"))
     apply_extras(cfg)
     L.seed_everything(cfg.seed, workers=True)
 
@@ -41,25 +31,6 @@ def prepare_lightning_run(cfg: DictConfig) -> None:
 def has_test_split(datamodule: L.LightningDataModule) -> bool:
     """Whether the datamodule holds out a test split (datamodule=text has train and val only)."""
     return is_overridden("test_dataloader", datamodule, L.LightningDataModule)
-
-
-# loggers whose package is an optional extra of ours: class name → (import name, extra)
-_OPTIONAL_LOGGER_PACKAGES = {
-    "MLFlowLogger": ("mlflow", "loggers"),
-    "WandbLogger": ("wandb", "loggers"),
-}
-
-
-def check_logger_packages(logger_cfg: Mapping[str, Any] | None) -> None:
-    """Before any work: a selected logger whose package is missing is one line naming the extra."""
-    for name, node in (logger_cfg or {}).items():
-        target = str((node or {}).get("_target_", "")) if isinstance(node, Mapping) else ""
-        package, extra = _OPTIONAL_LOGGER_PACKAGES.get(target.rsplit(".", 1)[-1], (None, None))
-        if package and importlib.util.find_spec(package) is None:
-            raise UserError(
-                f"logger '{name}' needs the {package} package, which is not installed; "
-                f"install it with: {install_command(extra)}"
-            )
 
 
 def close_loggers() -> None:

@@ -11,11 +11,9 @@ import lightning as L
 from hydra.utils import instantiate
 
 from ml_engine.errors import UserError
+from ml_engine.training.registry import MODULE_CLASS_KEY
 
 log = logging.getLogger(__name__)
-
-# the checkpoint key naming the LightningModule class that wrote it (eval rebuilds that one)
-MODULE_CLASS_KEY = "ml_engine_module"
 
 
 class ConfiguredOptimizers(L.LightningModule):

@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # torch loads only when a network is built, not when configs 
 
 ENTRY_POINT_GROUP = "ml_engine.networks"
 MODULE_ENTRY_POINT_GROUP = "ml_engine.modules"
+# the checkpoint key naming the LightningModule class that wrote it (eval rebuilds that one)
+MODULE_CLASS_KEY = "ml_engine_module"
 NET_CONFIG_GROUP = "model/net"
 # set by the LightningModule itself (ClassifierModule, CausalLMModule), never part of a
 # network's config

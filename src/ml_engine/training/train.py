@@ -1,31 +1,30 @@
-"""Training: seed → data, model, callbacks, loggers, trainer → fit → test → metrics."""
+"""Training: checks → seed → data, model, callbacks, loggers, trainer → fit → test → metrics.
+
+Lightning loads once the settings passed their checks: a refused run ends without it.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ml_engine.errors import UserError
 from ml_engine.training.checkpoints import (
     adopt_data_settings,
+    check_checkpoint_file,
     checked_checkpoint,
     config_choice,
     configured_module,
 )
-from ml_engine.training.instantiators import instantiate_callbacks, instantiate_loggers
-from ml_engine.training.lightning_run import (
-    collect_metrics,
-    finish_run,
-    has_test_split,
-    log_hyperparameters,
-    prepare_lightning_run,
-)
+from ml_engine.training.run_checks import check_run_settings
+
+if TYPE_CHECKING:
+    import lightning as L
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +34,18 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     into the run's ``job.json``)."""
     started = time.perf_counter()
     resume_from = _checkpoint_to_resume(cfg)
-    prepare_lightning_run(cfg)
+    check_run_settings(cfg)
 
+    from ml_engine.training.instantiators import instantiate_callbacks, instantiate_loggers
+    from ml_engine.training.lightning_run import (
+        collect_metrics,
+        finish_run,
+        has_test_split,
+        log_hyperparameters,
+        prepare_lightning_run,
+    )
+
+    prepare_lightning_run(cfg)
     datamodule: L.LightningDataModule = instantiate(cfg.datamodule)
     if cfg.get("test") and not has_test_split(datamodule):
         raise UserError(
@@ -91,6 +100,7 @@ def _checkpoint_to_resume(cfg: DictConfig) -> Path | None:
     if not cfg.get("ckpt_path"):
         return None
     runs_dir = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
+    check_checkpoint_file(cfg.ckpt_path, runs_dir)  # before torch and the wings load
     path, checkpoint = checked_checkpoint(
         cfg.ckpt_path,
         runs_dir=runs_dir,
