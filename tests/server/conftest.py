@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +25,7 @@ from fastapi.testclient import TestClient
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ml_engine.run.files import read_job_record
+from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.server import create_app
 from tests.conftest import compose_config, run_entrypoint, shrink
 
@@ -164,17 +169,73 @@ def live_server(app: FastAPI) -> Iterator[str]:
         thread.join(timeout=30)
 
 
-def wait_healthy(server: subprocess.Popen, url: str, timeout_s: float = 120) -> None:
-    """Wait until a started ``serve.py`` answers ``/health``; fails when it exits first."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert server.poll() is None, "serve.py exited"
-        try:
-            httpx.get(f"{url}/health", timeout=1)
-            return
-        except httpx.HTTPError:
-            assert time.monotonic() < deadline, "serve.py did not answer"
-            time.sleep(0.3)
+@dataclass
+class ServePy:
+    """A started ``python serve.py``: its URL, its process and what it has printed so far."""
+
+    url: str
+    process: subprocess.Popen
+    lines: list[str]
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+@contextmanager
+def serve_py(
+    log_dir: Path,
+    *overrides: str,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+    log_level: str = "warning",
+) -> Iterator[ServePy]:
+    """``python serve.py`` on loopback as a user starts it: on ``port`` (else a free one), its
+    outputs under ``log_dir``, ``ML_ENGINE_API_KEY`` unset unless ``env`` sets it. Yields once it
+    answers ``/health``; leaving stops it with Ctrl-C unless it has ended (killed when it does
+    not end within 60 s), so ``process.returncode`` is then its exit status."""
+    port = port or free_port()
+    command = [sys.executable, str(PROJECT_ROOT / "serve.py"), f"port={port}"]
+    command += [f"paths.log_dir={log_dir}", f"log_level={log_level}", *overrides]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    full_env.pop("ML_ENGINE_API_KEY", None)
+    full_env.update(env or {})
+    process = subprocess.Popen(
+        command,
+        cwd=PROJECT_ROOT,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    served = ServePy(f"http://127.0.0.1:{port}", process, [])
+
+    def drain() -> None:  # read as it comes: a full pipe would block the server
+        for line in process.stdout:
+            served.lines.append(line)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, f"serve.py exited: {served.output[-3000:]}"
+            try:
+                httpx.get(f"{served.url}/health", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert time.monotonic() < deadline, f"serve.py did not answer: {served.output}"
+                time.sleep(0.2)
+        yield served
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        reader.join(timeout=10)
 
 
 def wait_for_job(

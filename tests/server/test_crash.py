@@ -7,18 +7,16 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from ml_engine.run.files import read_job_record
-from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.training.progress import PROGRESS_FILE
-from tests.server.conftest import JOB_OVERRIDES, free_port, wait_for_job, wait_healthy
+from tests.server.conftest import JOB_OVERRIDES, ServePy, free_port, serve_py, wait_for_job
 
 pytestmark = pytest.mark.slow
 
@@ -31,24 +29,15 @@ QUICK = [
 ]
 
 
-def _start_server(tmp_path: Path, port: int, poll_interval_s: float) -> subprocess.Popen:
+def _serve_py(tmp_path: Path, port: int, poll_interval_s: float) -> AbstractContextManager[ServePy]:
     overrides = "[" + ",".join(f"'{o}'" for o in QUICK) + "]"
-    return subprocess.Popen(
-        [
-            sys.executable,
-            str(PROJECT_ROOT / "serve.py"),
-            f"port={port}",
-            f"paths.log_dir={tmp_path}",
-            f"runs_dir={tmp_path / 'runs'}",
-            "log_level=warning",
-            "jobs.max_running=2",
-            f"jobs.poll_interval_s={poll_interval_s}",
-            f"jobs.extra_overrides={overrides}",
-        ],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "ML_ENGINE_API_KEY": ""},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    return serve_py(
+        tmp_path,
+        f"runs_dir={tmp_path / 'runs'}",
+        "jobs.max_running=2",
+        f"jobs.poll_interval_s={poll_interval_s}",
+        f"jobs.extra_overrides={overrides}",
+        port=port,
     )
 
 
@@ -96,51 +85,48 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 
 def test_kill_9_of_the_server_ends_its_trainings_and_a_restart_tells_the_truth(tmp_path) -> None:
     port = free_port()
-    url = f"http://127.0.0.1:{port}"
     # the server looks at its jobs only every 10 minutes: the short job finishes unrecorded
-    server = _start_server(tmp_path, port, poll_interval_s=600)
-    trainings: list[int] = []
-    try:
-        wait_healthy(server, url)
-        body = {"model": "mlp_mnist", "device": "cpu", "data_source": "bundled"}
-        short = httpx.post(f"{url}/ml/train", json={**body, "epochs": 1}).json()
-        long = httpx.post(f"{url}/ml/train", json={**body, "epochs": 100}).json()
-        _wait_for(
-            lambda: (read_job_record(Path(short["run_dir"])) or {}).get("status") == "ok",
-            300,
-            "the short job did not finish",
-        )
-        _wait_for(lambda: Path(long["run_dir"], PROGRESS_FILE).is_file(), 300, "no progress")
-        _wait_for(
-            lambda: not _trainings_of(server.pid, short["run_dir"]), 60, "short job still exits"
-        )
-        trainings = _trainings_of(server.pid, long["run_dir"])
-        assert len(trainings) == 1, trainings  # the long job, mid-way
-        server.send_signal(signal.SIGKILL)
-        server.wait(timeout=30)
-        _wait_for(lambda: not _alive(trainings[0]), 10, "the training outlived the killed server")
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        for pid in trainings:  # an orphan of a failed run of this test must not train on
-            if _runs_into(pid, long["run_dir"]):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+    with _serve_py(tmp_path, port, poll_interval_s=600) as served:
+        url, server = served.url, served.process
+        trainings: list[int] = []
+        try:
+            body = {"model": "mlp_mnist", "device": "cpu", "data_source": "bundled"}
+            short = httpx.post(f"{url}/ml/train", json={**body, "epochs": 1}).json()
+            long = httpx.post(f"{url}/ml/train", json={**body, "epochs": 100}).json()
+            _wait_for(
+                lambda: (read_job_record(Path(short["run_dir"])) or {}).get("status") == "ok",
+                300,
+                "the short job did not finish",
+            )
+            _wait_for(lambda: Path(long["run_dir"], PROGRESS_FILE).is_file(), 300, "no progress")
+            _wait_for(
+                lambda: not _trainings_of(server.pid, short["run_dir"]),
+                60,
+                "short job still exits",
+            )
+            trainings = _trainings_of(server.pid, long["run_dir"])
+            assert len(trainings) == 1, trainings  # the long job, mid-way
+            server.send_signal(signal.SIGKILL)
+            server.wait(timeout=30)
+            _wait_for(
+                lambda: not _alive(trainings[0]), 10, "the training outlived the killed server"
+            )
+        finally:
+            for pid in trainings:  # an orphan of a failed run of this test must not train on
+                if _runs_into(pid, long["run_dir"]):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
     assert read_job_record(Path(long["run_dir"])) is None  # it never finished
 
-    restarted = _start_server(tmp_path, port, poll_interval_s=0.2)
-    try:
-        wait_healthy(restarted, url)
-        with httpx.Client(base_url=url, timeout=30) as client:
-            done = wait_for_job(client, short["id"], ("succeeded", "failed"), timeout=30)
-            assert done["status"] == "succeeded", done
-            assert done["metrics"]["epochs_run"] == 1 and "test/acc" in done["metrics"]
-            killed = wait_for_job(client, long["id"], ("succeeded", "failed"), timeout=30)
-            assert killed["status"] == "failed" and "died" in killed["error"], killed
-            best = {m["name"]: m["best"] for m in client.get("/ml/models").json()["models"]}
-            assert best["mlp_mnist"]["run"] == done["run"]
-    finally:
-        restarted.send_signal(signal.SIGINT)
-        restarted.wait(timeout=60)
+    with (
+        _serve_py(tmp_path, port, poll_interval_s=0.2),
+        httpx.Client(base_url=url, timeout=30) as client,
+    ):
+        done = wait_for_job(client, short["id"], ("succeeded", "failed"), timeout=30)
+        assert done["status"] == "succeeded", done
+        assert done["metrics"]["epochs_run"] == 1 and "test/acc" in done["metrics"]
+        killed = wait_for_job(client, long["id"], ("succeeded", "failed"), timeout=30)
+        assert killed["status"] == "failed" and "died" in killed["error"], killed
+        best = {m["name"]: m["best"] for m in client.get("/ml/models").json()["models"]}
+        assert best["mlp_mnist"]["run"] == done["run"]
     print(json.dumps({"short": done["status"], "long": killed["error"]}))

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
 import subprocess
@@ -14,52 +13,17 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 
 import httpx
 import pytest
 
-from ml_engine.run.locations import PROJECT_ROOT
-from tests.server.conftest import free_port, wait_healthy
+from tests.server.conftest import serve_py
 
 pytestmark = pytest.mark.slow
 
 GENERATE = {"model": "tiny", "prompt": "Once upon a time", "temperature": 0}
-
-
-@contextmanager
-def serve_py(tmp_path: Path, models_dir: Path, *overrides: str) -> Iterator[tuple[str, object]]:
-    """``python serve.py`` on loopback as a user starts it; yields its URL and process."""
-    port = free_port()
-    command = [
-        sys.executable,
-        str(PROJECT_ROOT / "serve.py"),
-        f"port={port}",
-        f"paths.log_dir={tmp_path}",
-        f"paths.models_dir={models_dir}",
-        "log_level=warning",
-        *overrides,
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("ML_ENGINE_API_KEY", None)
-    log = (tmp_path / f"serve-{port}.log").open("w")
-    server = subprocess.Popen(
-        command, cwd=PROJECT_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(server, url)
-        yield url, server
-    finally:
-        if server.poll() is None:
-            server.send_signal(signal.SIGINT)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
-        log.close()
 
 
 # polls /health every 0.1 s until its standard input closes, then prints what it saw; a process
@@ -184,10 +148,9 @@ def slow_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(
     tmp_path_factory: pytest.TempPathFactory, models_dir: Path, slow_gguf: Path
 ) -> Iterator[str]:
-    with serve_py(tmp_path_factory.mktemp("flood"), models_dir, f"llm.files=[{slow_gguf}]") as (
-        url,
-        _,
-    ):
+    folder = tmp_path_factory.mktemp("flood")
+    with serve_py(folder, f"paths.models_dir={models_dir}", f"llm.files=[{slow_gguf}]") as served:
+        url = served.url
         first = httpx.post(f"{url}/llm/generate", json={**GENERATE, "max_tokens": 2}, timeout=300)
         assert first.status_code == 200, first.text  # the embedded model written and loaded
         yield url
@@ -275,7 +238,8 @@ def test_clients_that_leave_stop_their_generations(server: str) -> None:
 def test_sigterm_during_a_flood_stops_the_server_and_frees_its_jobs_database(
     tmp_path: Path, models_dir: Path
 ) -> None:
-    with serve_py(tmp_path, models_dir) as (url, server):
+    with serve_py(tmp_path, f"paths.models_dir={models_dir}") as served:
+        url, server = served.url, served.process
         warm = httpx.post(f"{url}/llm/generate", json={**GENERATE, "max_tokens": 2}, timeout=300)
         assert warm.status_code == 200
 
@@ -292,5 +256,5 @@ def test_sigterm_during_a_flood_stops_the_server_and_frees_its_jobs_database(
         flooding.join(timeout=30)
     assert stopped_in < 10, f"serve.py took {stopped_in:.1f} s to stop"
     # the same jobs database at once: the lock was released with the process
-    with serve_py(tmp_path, models_dir) as (url, _):
-        assert httpx.get(f"{url}/ml/jobs", timeout=10).status_code == 200
+    with serve_py(tmp_path, f"paths.models_dir={models_dir}") as served:
+        assert httpx.get(f"{served.url}/ml/jobs", timeout=10).status_code == 200

@@ -3,11 +3,7 @@ look-alikes answered, the API key written into the run dir, client-chosen metric
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,10 +16,9 @@ import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from ml_engine.errors import UserError
-from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.server import create_app
 from ml_engine.server.settings import Settings, load_settings, uvicorn_options
-from tests.server.conftest import free_port, live_server, serve_config, wait_healthy
+from tests.server.conftest import free_port, live_server, serve_config, serve_py
 
 JSON = {"content-type": "application/json"}
 TRAIN = {"model": "mlp_mnist", "epochs": 1}
@@ -167,29 +162,12 @@ def test_clients_cannot_grow_the_metric_labels(tmp_path: Path) -> None:
 def _serve_py(tmp_path: Path, key_argument: list[str], env: dict[str, str]) -> str:
     """Run ``serve.py`` as a user does until it answers, make a few requests, stop it with
     Ctrl-C; returns its output."""
-    port = free_port()
-    command = [sys.executable, str(PROJECT_ROOT / "serve.py"), f"port={port}"]
-    command += [f"paths.log_dir={tmp_path}", "log_level=info", *key_argument]
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
-    server = subprocess.Popen(
-        command,
-        cwd=PROJECT_ROOT,
-        env=full_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_healthy(server, base)
-        assert httpx.get(f"{base}/ml/jobs").status_code == 401
+    with serve_py(tmp_path, *key_argument, env=env, log_level="info") as served:
+        assert httpx.get(f"{served.url}/ml/jobs").status_code == 401
         spoofed = {"Authorization": f"Bearer {SECRET}", "X-Forwarded-For": "203.0.113.99"}
-        assert httpx.get(f"{base}/ml/jobs", headers=spoofed).status_code == 200
-    finally:
-        server.send_signal(signal.SIGINT)
-        output, _ = server.communicate(timeout=60)
-    assert server.returncode == 0, output
-    return output
+        assert httpx.get(f"{served.url}/ml/jobs", headers=spoofed).status_code == 200
+    assert served.process.returncode == 0, served.output
+    return served.output
 
 
 SECRET = "k3y-that-must-stay-in-memory-4f1c"

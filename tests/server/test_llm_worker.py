@@ -6,52 +6,16 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.server.llm_service import LlmKey
-from tests.server.conftest import JOB_OVERRIDES, corrupt_gguf, free_port, wait_for_job
+from tests.server.conftest import JOB_OVERRIDES, corrupt_gguf, serve_py, wait_for_job
 
 GREEDY = {"max_tokens": 2000, "temperature": 0.0, "top_k": 0, "top_p": 1.0, "seed": 1}
-
-
-def _serve(tmp_path: Path, *overrides: str) -> tuple[subprocess.Popen, str]:
-    """``python serve.py`` in its own process: an abort inside it cannot take pytest along."""
-    port = free_port()
-    jobs = ",".join(f"'{o}'" for o in JOB_OVERRIDES)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            str(PROJECT_ROOT / "serve.py"),
-            f"port={port}",
-            f"paths.log_dir={tmp_path}",
-            f"paths.models_dir={tmp_path / 'models'}",
-            f"jobs.extra_overrides=[{jobs}]",
-            "log_level=warning",
-            *overrides,
-        ],
-        cwd=PROJECT_ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", "ML_ENGINE_API_KEY": ""},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert server.poll() is None, server.stdout.read()
-        try:
-            httpx.get(f"{url}/health", timeout=1)
-            return server, url
-        except httpx.HTTPError:
-            assert time.monotonic() < deadline, "serve.py did not start"
-            time.sleep(0.3)
 
 
 @pytest.mark.slow
@@ -62,47 +26,48 @@ def test_a_gguf_that_aborts_llama_cpp_fails_its_request_not_the_server(
     bad_many = corrupt_gguf(tmp_path / "abort-on-1000.gguf", "block_count=1000")
     bad_decode = corrupt_gguf(tmp_path / "abort-on-decode.gguf", "rms_eps=nan")
     files = ",".join(str(p) for p in (bad_load, bad_many, bad_decode, chat_gguf))
-    server, url = _serve(tmp_path, f"llm.files=[{files}]")
-    try:
-        with httpx.Client(base_url=url, timeout=300) as client:
-            job = client.post("/ml/train", json={"model": "mlp_mnist", "epochs": 2}).json()
-            wait_for_job(client, job["id"], ("running", "succeeded", "failed"))
-            listed = {m["name"]: m for m in client.get("/llm/models").json()["models"]}
-            assert listed["abort-on-load"]["usable"] is None  # untried: not claimed usable
+    jobs = ",".join(f"'{o}'" for o in JOB_OVERRIDES)
+    overrides = [f"paths.models_dir={tmp_path / 'models'}", f"jobs.extra_overrides=[{jobs}]"]
+    # serve.py in its own process: an abort inside it cannot take pytest along
+    with (
+        serve_py(tmp_path, *overrides, f"llm.files=[{files}]") as served,
+        httpx.Client(base_url=served.url, timeout=300) as client,
+    ):
+        job = client.post("/ml/train", json={"model": "mlp_mnist", "epochs": 2}).json()
+        wait_for_job(client, job["id"], ("running", "succeeded", "failed"))
+        listed = {m["name"]: m for m in client.get("/llm/models").json()["models"]}
+        assert listed["abort-on-load"]["usable"] is None  # untried: not claimed usable
 
-            request = {"prompt": "Hi", "max_tokens": 4, "temperature": 0}
-            for path, model in ((bad_load, "abort-on-load"), (bad_many, "abort-on-1000")):
-                failed = client.post("/llm/generate", json={**request, "model": model})
-                assert failed.status_code == 502, failed.text
-                error = failed.json()["error"]
-                assert str(path) in error and "killed by SIGABRT" in error, error
-                assert "GGML_ASSERT(hparams.n_layer_all > 0" in error and "\n" not in error
+        request = {"prompt": "Hi", "max_tokens": 4, "temperature": 0}
+        for path, model in ((bad_load, "abort-on-load"), (bad_many, "abort-on-1000")):
+            failed = client.post("/llm/generate", json={**request, "model": model})
+            assert failed.status_code == 502, failed.text
+            error = failed.json()["error"]
+            assert str(path) in error and "killed by SIGABRT" in error, error
+            assert "GGML_ASSERT(hparams.n_layer_all > 0" in error and "\n" not in error
 
-            crashed = client.post("/llm/generate", json={**request, "model": "abort-on-decode"})
-            assert crashed.status_code == 502 and "GGML_ASSERT(eps >= 0.0f)" in crashed.text
-            body = {**request, "model": "abort-on-decode", "stream": True}
-            streamed = client.post("/llm/generate", json=body)
-            # the first token is taken before the stream answers: a plain 502 too
-            assert streamed.status_code == 502 and "killed by SIGABRT" in streamed.text
+        crashed = client.post("/llm/generate", json={**request, "model": "abort-on-decode"})
+        assert crashed.status_code == 502 and "GGML_ASSERT(eps >= 0.0f)" in crashed.text
+        body = {**request, "model": "abort-on-decode", "stream": True}
+        streamed = client.post("/llm/generate", json=body)
+        # the first token is taken before the stream answers: a plain 502 too
+        assert streamed.status_code == 502 and "killed by SIGABRT" in streamed.text
 
-            good = client.post("/llm/generate", json={**request, "model": "Chat-Model-0.1-test"})
-            assert good.status_code == 200, good.text
-            again = client.post("/llm/generate", json={**request, "model": "Chat-Model-0.1-test"})
-            assert again.json()["output"] == good.json()["output"]
+        good = client.post("/llm/generate", json={**request, "model": "Chat-Model-0.1-test"})
+        assert good.status_code == 200, good.text
+        again = client.post("/llm/generate", json={**request, "model": "Chat-Model-0.1-test"})
+        assert again.json()["output"] == good.json()["output"]
 
-            listing = client.get("/llm/models").json()
-            models = {m["name"]: m for m in listing["models"]}
-            assert models["abort-on-load"]["usable"] is False
-            assert "SIGABRT" in models["abort-on-load"]["error"]
-            assert models["Chat-Model-0.1-test"]["usable"] is True
-            assert listing["default_model"] == "Chat-Model-0.1-test"
+        listing = client.get("/llm/models").json()
+        models = {m["name"]: m for m in listing["models"]}
+        assert models["abort-on-load"]["usable"] is False
+        assert "SIGABRT" in models["abort-on-load"]["error"]
+        assert models["Chat-Model-0.1-test"]["usable"] is True
+        assert listing["default_model"] == "Chat-Model-0.1-test"
 
-            finished = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"))
-            assert finished["status"] == "succeeded", finished
-    finally:
-        server.send_signal(signal.SIGINT)
-        output = server.communicate(timeout=60)[0]
-    assert server.returncode == 0, output[-3000:]
+        finished = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"))
+        assert finished["status"] == "succeeded", finished
+    assert served.process.returncode == 0, served.output[-3000:]
 
 
 @pytest.fixture
