@@ -151,10 +151,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def live_server(app: FastAPI) -> Iterator[str]:
-    """uvicorn serving ``app`` on 127.0.0.1 and a free port, in a thread; yields the base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+def live_server(app: FastAPI, **options: Any) -> Iterator[str]:
+    """uvicorn serving ``app`` in a thread, on 127.0.0.1 and a free port unless ``options``
+    (uvicorn.Config's) say otherwise; yields the base URL once it listens."""
+    options = {"host": "127.0.0.1", "port": free_port(), "log_level": "warning", **options}
+    server = uvicorn.Server(uvicorn.Config(app, **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -163,7 +164,7 @@ def live_server(app: FastAPI) -> Iterator[str]:
             raise RuntimeError("uvicorn did not start")
         time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://{options['host']}:{options['port']}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)

@@ -4,15 +4,12 @@ look-alikes answered, the API key written into the run dir, client-chosen metric
 from __future__ import annotations
 
 import re
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
 from ml_engine.errors import UserError
@@ -28,19 +25,8 @@ TRAIN = {"model": "mlp_mnist", "epochs": 1}
 def serving_as_serve_py(settings: Settings) -> Iterator[str]:
     """uvicorn with the options ``serve.py`` gives it, without the app's lifespan: the job
     runner never starts, so every job a request queues stays queued and no training runs."""
-    config = uvicorn.Config(create_app(settings), lifespan="off", **uvicorn_options(settings))
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://{settings.host}:{settings.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with live_server(create_app(settings), lifespan="off", **uvicorn_options(settings)) as url:
+        yield url
 
 
 def _train_from(base: str, forwarded_for: str) -> httpx.Response:
