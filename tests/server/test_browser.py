@@ -32,8 +32,9 @@ pytestmark = [
 ]
 
 
-@pytest.fixture
-def browser() -> Iterator:
+@pytest.fixture(scope="module")
+def chromium() -> Iterator:
+    """One headless Chromium for the module's tests (each start cost a second or more)."""
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
 
@@ -53,6 +54,17 @@ def browser() -> Iterator:
     driver.set_page_load_timeout(60)
     yield driver
     driver.quit()
+
+
+@pytest.fixture
+def browser(chromium) -> Iterator:
+    """The module's Chromium as a fresh one is: afterwards the page's storage is cleared, the
+    viewport a test set is undone and the tab left on a blank page."""
+    yield chromium
+    chromium.delete_all_cookies()
+    chromium.execute_script("try { localStorage.clear(); sessionStorage.clear(); } catch (e) {}")
+    chromium.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    chromium.get("about:blank")
 
 
 @pytest.fixture
