@@ -5,8 +5,10 @@ A runnable block is a fenced ```bash block right under the line
 lines and ``#`` comments skipped, ``\\`` continuing a line) run with bash in the repository
 root, a page's blocks in order in one shell, and must exit 0. Every ``python <script>.py``
 command gets the marker's overrides appended, then ``paths.log_dir`` and ``paths.models_dir``
-in the page's temporary folder; data (``paths.data_dir``) stays the repository's ``data/``,
-so the MNIST download is shared with every other run.
+in the page's temporary folder; a ``key=outputs/...`` argument of its own (a file a page writes
+or reads under the user's ``outputs/``, e.g. ``output=outputs/x.gguf``) is that folder's
+``outputs/`` too, so pages running at once never share a file. Data (``paths.data_dir``) stays
+the repository's ``data/``, so the MNIST download is shared with every other run.
 """
 
 from __future__ import annotations
@@ -148,10 +150,19 @@ def marked_blocks() -> dict[str, list[Block]]:
 
 
 SHIM = """#!/usr/bin/env bash
-# the docs test's python: a script (python <x>.py ...) gets the block's overrides appended
+# the docs test's python: a script (python <x>.py ...) gets the block's overrides appended, and
+# its key=outputs/... arguments point into the page's own outputs folder
 if [[ $# -gt 0 && "$1" == *.py ]]; then
   mapfile -t extra < {overrides}
-  exec {python} "$@" "${{extra[@]}}"
+  outputs={outputs}
+  args=()
+  for arg in "$@"; do
+    if [[ "$arg" == *=outputs/* ]]; then
+      arg="${{arg%%=outputs/*}}=$outputs/${{arg#*=outputs/}}"
+    fi
+    args+=("$arg")
+  done
+  exec {python} "${{args[@]}}" "${{extra[@]}}"
 fi
 exec {python} "$@"
 """
@@ -161,14 +172,18 @@ def page_script(blocks: list[Block], tmp: Path, python: str) -> Path:
     """A bash script in ``tmp`` running the page's blocks, the first failing command stopping
     it. ``python`` and ``python3`` are shims first on its PATH (so ``timeout 60 python x.py``
     is caught too): ``python <x>.py`` gets the block's overrides, then the temporary output
-    folders, appended."""
+    folders, appended; its ``key=outputs/...`` arguments name the temporary ``outputs/``."""
     bin_dir = tmp / "bin"
     bin_dir.mkdir(exist_ok=True)
     overrides_file = tmp / "overrides"
     for name in ("python", "python3"):
         shim = bin_dir / name
         shim.write_text(
-            SHIM.format(overrides=shlex.quote(str(overrides_file)), python=shlex.quote(python))
+            SHIM.format(
+                overrides=shlex.quote(str(overrides_file)),
+                outputs=shlex.quote(str(tmp / "outputs")),
+                python=shlex.quote(python),
+            )
         )
         shim.chmod(0o755)
     outputs = [f"paths.log_dir={tmp / 'outputs'}", f"paths.models_dir={tmp / 'models'}"]
@@ -269,7 +284,12 @@ def test_the_page_script_appends_overrides_to_python_scripts_only(tmp_path: Path
     fake = tmp_path / "fake-python"
     fake.write_text('#!/usr/bin/env bash\nprintf "%s|" "$@" >> "$LOG"; echo >> "$LOG"\n')
     fake.chmod(0o755)
-    commands = ["python x.py -m c=3 | cat", "python -V", "timeout 60 python3 y.py", "cd /; pwd"]
+    commands = [
+        "python x.py -m c=3 | cat",
+        "python -V",
+        "timeout 60 python3 y.py out=outputs/a=outputs/b.gguf d=my/outputs/c",
+        "cd /; pwd",
+    ]
     blocks = [Block(README, 1, ["a=1", "b=two words"], commands), Block(README, 9, [], ["pwd"])]
     script = page_script(blocks, tmp_path, str(fake))
     log = tmp_path / "log"
@@ -284,7 +304,8 @@ def test_the_page_script_appends_overrides_to_python_scripts_only(tmp_path: Path
     assert log.read_text().splitlines() == [
         f"x.py|-m|c=3|a=1|b=two words|{out}",
         "-V|",
-        f"y.py|a=1|b=two words|{out}",
+        # outputs/ opening a value is the page's own; nothing else changes
+        f"y.py|out={tmp_path / 'outputs'}/a=outputs/b.gguf|d=my/outputs/c|a=1|b=two words|{out}",
     ]
     # each block starts in the repository root
     assert [line for line in result.stdout.splitlines() if line.startswith("/")] == [

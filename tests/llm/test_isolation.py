@@ -89,10 +89,11 @@ def test_memory_does_not_grow_over_twenty_model_jobs(models_dir: Path, tmp_path:
         },
         "prompts": ["hello"],
         "bench": {"warmup": 0, "repetitions": 1},
-        "quality": {"enabled": True, "n_tokens": 32},
+        # each job still loads the quantized file and its f32 base and compares them
+        "quality": {"enabled": True, "n_ctx": 64, "n_chunks": 2},
         "models_dir": str(models_dir),
     }
-    sizes, child_peaks = [], []
+    sizes, child_peaks, compared = [], [], []
     for _ in range(20):
         work = run_isolated(
             "ml_engine.llm.measure:measure_job",
@@ -101,10 +102,11 @@ def test_memory_does_not_grow_over_twenty_model_jobs(models_dir: Path, tmp_path:
             timeout_s=120,
         )
         child_peaks.append(work["peak_rss_mb"])
+        compared.append(work["quality"]["kl_mean"])
         sizes.append(_rss_mb())
     # the children hold the model; the parent only reads JSON back
     assert sizes[-1] - sizes[1] < 5.0, sizes
-    assert min(child_peaks) > 10
+    assert min(child_peaks) > 10 and min(compared) > 0  # each job held both models
 
 
 @pytest.mark.parametrize(

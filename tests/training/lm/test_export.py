@@ -1,8 +1,8 @@
 """export.py: a trained character llama as a GGUF that llama.cpp tokenizes, scores and continues
 exactly as PyTorch does, and that generate.py and the server run by path or by name.
 
-One small model is trained for the module (experiment=shakespeare_char shrunk: 200k characters,
-2 layers, n_embd 256, n_ff 512, block 64) and exported once through the entrypoint.
+The session's one small trained model (conftest.py: experiment=shakespeare_char shrunk to 48k
+characters, one layer, n_embd 256, n_ff 512, block 64), exported once through the entrypoint.
 """
 
 from __future__ import annotations
@@ -29,48 +29,12 @@ from ml_engine.training.lm.export import EXPORT_RULES, export, rope_permute, wri
 from ml_engine.training.lm.module import CausalLMModule
 from ml_engine.training.lm.text_data import TextDataModule
 from ml_engine.training.lm.tokenizer import CharTokenizer
-from tests.conftest import run_as_job, run_dir_of, run_entrypoint
+from tests.conftest import run_as_job, run_entrypoint
 from tests.server.conftest import serve_config
+from tests.training.lm.conftest import LM_BLOCK as BLOCK
 
-BLOCK = 64
-TRAIN = (
-    "experiment=shakespeare_char",
-    "datamodule.max_chars=200000",
-    f"datamodule.block_size={BLOCK}",
-    "datamodule.batch_size=16",
-    "datamodule.train_batches=75",
-    "trainer.max_epochs=2",
-    "model.net.n_layer=2",
-    "model.net.n_embd=256",
-    "model.net.n_ff=512",
-    "logger=none",
-    "extras.print_config=false",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.model_summary=null",
-    "trainer.enable_progress_bar=false",
-)
 # characters the corpus lacks (byte fallback), and runs of spaces and newlines at both ends
 ODD_TEXT = "  Ünïcødé 🙂 tabs\tand  double  spaces  \n\n\n trailing   "
-
-
-@pytest.fixture(scope="module")
-def lm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    outputs = tmp_path_factory.mktemp("export-outputs")
-    result = run_entrypoint("train.py", *TRAIN, f"paths.log_dir={outputs}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir_of(result)
-
-
-@pytest.fixture(scope="module")
-def exported(lm_run: Path) -> tuple[Path, str]:
-    """The f32 GGUF as ``python export.py ckpt_path=<best.ckpt>`` writes it, and its stdout."""
-    ckpt = lm_run / "checkpoints" / "best.ckpt"
-    outputs = lm_run.parents[2]  # <outputs>/train/runs/<run>
-    result = run_entrypoint("export.py", f"ckpt_path={ckpt}", f"paths.log_dir={outputs}")
-    assert result.returncode == 0, result.stderr[-3000:]
-    last = result.stdout.strip().splitlines()[-1]
-    assert last.startswith("gguf: "), result.stdout[-2000:]
-    return Path(last.removeprefix("gguf: ")), result.stdout
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +49,7 @@ def module(lm_run: Path) -> CausalLMModule:
 
 @pytest.fixture(scope="module")
 def backend(f32_file: Path):
-    with LlamaCppBackend(f32_file, n_ctx=512, n_threads=2, ignore_eos=True) as loaded:
+    with LlamaCppBackend(f32_file, n_ctx=512, n_threads=1, ignore_eos=True) as loaded:
         yield loaded
 
 
@@ -163,7 +127,7 @@ def test_llama_cpp_logits_equal_pytorch_on_a_256_token_window(
     with torch.no_grad():
         expected = module.net(torch.tensor([ids[:256]]))[0].double().numpy()
     # f32 KV cache: llama.cpp computes in float32 throughout, as PyTorch does
-    logits = exact_logits(f32_file, ids[:256], n_ctx=512, n_threads=2)
+    logits = exact_logits(f32_file, ids[:256], n_ctx=512, n_threads=1)
     assert np.abs(logits - expected).max() < 1e-3
     # what generate.py runs: llama.cpp's default f16 KV cache
     logprobs = backend.chunk_logprobs(ids, 0)
@@ -217,7 +181,7 @@ def test_a_generate_sweep_measures_the_export_on_its_held_out_text(
         "llm.quantization=f32,q8_0,q4_k_m,q2_k",
         "prompt=ROMEO:",
         "llm.max_tokens=16",
-        "llm.n_threads=2",
+        "llm.n_threads=1",
         "llm.n_ctx=256",
         "bench.warmup=0",
         "bench.repetitions=1",

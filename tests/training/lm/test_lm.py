@@ -1,5 +1,6 @@
 """The character-level language model: tokenizer, text datamodule, llama network, and real short
-trainings through train(), eval.py, a sweep and a resume (experiment=shakespeare_char, shrunk)."""
+trainings through train.py (the session's one trained model, conftest.py), eval.py, a sweep and a
+resume (experiment=shakespeare_char, shrunk)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ from ml_engine.training.train import train
 from ml_engine.training.vision.module import load_classifier
 from tests.conftest import run_dir_of, run_entrypoint
 from tests.test_tensorboard_curves import tensorboard_server
+from tests.training.lm.conftest import LM_BLOCK, LM_MAX_CHARS, LM_STEPS_PER_EPOCH
 
 CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 
@@ -270,39 +272,27 @@ def unigram_cross_entropy(train_ids: torch.Tensor, val_ids: torch.Tensor) -> flo
     return -sum(math.log((counts[i] + 1) / total) for i in val_ids.tolist()) / len(val_ids)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[dict, Path]:
-    from hydra.core.global_hydra import GlobalHydra
-
-    from tests.conftest import compose_config, shrink
-
-    out = tmp_path_factory.mktemp("lm_run")
-    # the short run's learning rate: 0.003 learns faster than the preset's in 60 steps
-    cfg = shrink(compose_config("train", [*TINY, "model.optimizer.lr=0.003"]), out, True)
-    metrics = train(cfg)
-    GlobalHydra.instance().clear()
-    return metrics, out
-
-
 @pytest.mark.slow
-def test_short_training_beats_the_unigram_and_reloads_from_the_checkpoint_alone(trained) -> None:
-    metrics, _ = trained
+def test_short_training_beats_the_unigram_and_reloads_from_the_checkpoint_alone(
+    lm_metrics,
+) -> None:
+    metrics = lm_metrics
     assert metrics["epochs_run"] == 2 and metrics["data_source"] == "tinyshakespeare.txt"
     assert "test/loss" not in metrics  # no test split: val/loss is the held-out figure
     model = load_module(metrics["best_ckpt"])
     assert isinstance(model, CausalLMModule)
-    assert model.hparams.block_size == 32
+    assert model.hparams.block_size == LM_BLOCK
 
-    datamodule = TextDataModule(max_chars=48000, block_size=32)
+    datamodule = TextDataModule(max_chars=LM_MAX_CHARS, block_size=LM_BLOCK)
     datamodule.setup()
     datamodule.use_tokenizer(model.tokenizer)
     train_ids, val_ids = datamodule.splits
     uniform = math.log(model.tokenizer.vocab_size)
     unigram = unigram_cross_entropy(train_ids, val_ids)
-    assert metrics["val/loss_best"] < unigram - 0.3 < uniform  # ~2.7 vs ~3.3 vs 5.8 nats
+    assert metrics["val/loss_best"] < unigram - 0.3 < uniform  # ~2.5 vs ~3.3 vs 5.8 nats
 
     # the same val loss from the reloaded model, in a plain loop over the same windows
-    inputs, targets = consecutive_windows(val_ids, 32)
+    inputs, targets = consecutive_windows(val_ids, LM_BLOCK)
     with torch.no_grad():
         logits = model(inputs)
     loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
@@ -313,9 +303,8 @@ def test_short_training_beats_the_unigram_and_reloads_from_the_checkpoint_alone(
 
 
 @pytest.mark.slow
-def test_sample_text_reaches_tensorboard(trained) -> None:
-    metrics, out = trained
-    with tensorboard_server(out) as server:
+def test_sample_text_reaches_tensorboard(lm_run, lm_metrics) -> None:
+    with tensorboard_server(lm_run) as server:
         server.wait_until_loaded("tensorboard", "val/loss")
         tags = server.get("/data/plugin/text/tags")["tensorboard"]
         assert "val/sample/text_summary" in tags  # add_text's tag for "val/sample"
@@ -323,14 +312,15 @@ def test_sample_text_reaches_tensorboard(trained) -> None:
             "/data/plugin/text/text", run="tensorboard", tag="val/sample/text_summary"
         )
         val_loss = server.scalars("tensorboard", "val/loss")
-    assert [s["step"] for s in samples] == [30, 60] and len(val_loss) == 2  # each validation
+    steps = [LM_STEPS_PER_EPOCH, 2 * LM_STEPS_PER_EPOCH]
+    assert [s["step"] for s in samples] == steps and len(val_loss) == 2  # each validation
     assert "ROMEO:" in samples[-1]["text"]
-    assert val_loss[-1][1] == pytest.approx(metrics["val/loss"])
+    assert val_loss[-1][1] == pytest.approx(lm_metrics["val/loss"])
 
 
 @pytest.mark.slow
-def test_eval_reproduces_the_val_loss(trained, tmp_path: Path) -> None:
-    metrics, _ = trained
+def test_eval_reproduces_the_val_loss(lm_metrics, tmp_path: Path) -> None:
+    metrics = lm_metrics
     result = run_entrypoint(
         "eval.py",
         f"ckpt_path={metrics['best_ckpt']}",
