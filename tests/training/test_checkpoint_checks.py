@@ -9,7 +9,6 @@ import torch
 
 from ml_engine.run.files import read_job_record
 from ml_engine.training.evaluate import evaluate
-from ml_engine.training.train import train
 from tests.conftest import CLI_TEST_OVERRIDES, ok_job_records, run_dir_of, run_entrypoint
 
 
@@ -47,17 +46,9 @@ def test_bad_checkpoint_is_reported_in_at_most_three_lines(
 
 
 @pytest.fixture
-def split_11_run(make_cfg, tmp_path: Path) -> dict:
-    cfg = make_cfg(
-        "train",
-        [
-            "model=mlp_mnist",
-            "datamodule.split_seed=11",
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=20",
-        ],
-    )
-    return train(cfg)
+def split_11_run(trained_classifier) -> dict:
+    """The session's trained classifier: trained with datamodule.split_seed=11."""
+    return trained_classifier
 
 
 @pytest.mark.slow

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import open_dict
 
 from ml_engine.training.evaluate import evaluate
 from ml_engine.training.rules import TRAIN_RULES
@@ -118,33 +117,17 @@ def test_early_stopping_stops_before_max_epochs(make_cfg) -> None:
     assert metrics["epochs_run"] == 2  # the first epoch sets the bar, one more without gain
 
 
-def test_eval_reproduces_the_training_test_metric(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg("train", ["model=mlp_mnist", "trainer.max_epochs=1"])
-    trained = train(cfg)
-
-    eval_dir = tmp_path / "eval"
+def test_eval_reproduces_the_training_test_metric(trained_classifier, make_cfg) -> None:
+    trained = trained_classifier
     eval_cfg = make_cfg("eval", [f"ckpt_path={trained['best_ckpt']}"])
-    with open_dict(eval_cfg):
-        eval_cfg.paths.output_dir = str(eval_dir)
     evaluated = run_as_job(evaluate, eval_cfg, TRAIN_RULES)[1]["metrics"]
     assert evaluated["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
     assert evaluated["test/loss"] == pytest.approx(trained["test/loss"], rel=1e-5)
     assert evaluated["ckpt_path"] == trained["best_ckpt"]
 
 
-def test_checkpoint_loads_with_weights_only_unpickler(make_cfg) -> None:
-    cfg = make_cfg(
-        "train",
-        [
-            "debug=fdr",
-            "callbacks=default",
-            "trainer.fast_dev_run=false",
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=2",
-        ],
-    )
-    metrics = train(cfg)
-    model = load_classifier(metrics["best_ckpt"])
+def test_checkpoint_loads_with_weights_only_unpickler(trained_classifier) -> None:
+    model = load_classifier(trained_classifier["best_ckpt"])
     assert not model.training
     # cnn_mnist trains in NHWC (model.channels_last); the same weights give the same outputs
     # in the default layout, so predict/serve code that ignores the layout stays correct

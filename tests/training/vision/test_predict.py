@@ -9,20 +9,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml_engine.training.train import train
 from ml_engine.training.vision.images import to_mnist_digit
 from tests.conftest import run_dir_of, run_entrypoint
 from tests.test_cli_errors import assert_one_line_error
 
 
-@pytest.fixture(scope="module")
-def trained_checkpoint(tmp_path_factory) -> Path:
-    """A cnn_mnist trained for a few epochs on the bundled digits (once for this module)."""
-    from tests.conftest import compose_config, shrink
-
-    run_dir = tmp_path_factory.mktemp("run")
-    cfg = shrink(compose_config("train", ["trainer.max_epochs=4"]), run_dir)
-    return Path(train(cfg)["best_ckpt"])
+@pytest.fixture
+def trained_checkpoint(trained_classifier) -> Path:
+    """The session's cnn_mnist, trained for a few epochs on the bundled digits."""
+    return Path(trained_classifier["best_ckpt"])
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -1,32 +1,41 @@
-"""Prediction: a checkpoint and images in, one CSV row per image out."""
+"""Prediction: a checkpoint and images in, one CSV row per image out.
+
+torch and Lightning load once the output and the checkpoint file passed their checks.
+"""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from ml_engine.run.extras import apply_extras
 from ml_engine.run.files import atomic_write, check_output_file, clean_stale_partials
+from ml_engine.training.checkpoints import check_checkpoint_file
 from ml_engine.training.vision.image_data import read_image
 from ml_engine.training.vision.images import IMAGE_SUFFIXES, list_images, load_digit
-from ml_engine.training.vision.module import ClassifierModule, load_classifier
+
+if TYPE_CHECKING:
+    import torch
+
+    from ml_engine.training.vision.module import ClassifierModule
 
 
-@torch.inference_mode()
 def predict_digits(model: torch.nn.Module, digits: np.ndarray, batch_size: int) -> torch.Tensor:
     """Class probabilities {N,classes} for uint8 images {N,C,H,W} (or digits {N,28,28})."""
+    import torch
+
     device = next(model.parameters()).device
-    chunks = [
-        torch.softmax(model(torch.from_numpy(digits[i : i + batch_size]).to(device)), dim=1).cpu()
-        for i in range(0, len(digits), batch_size)
-    ]
-    return torch.cat(chunks)
+    with torch.inference_mode():
+        chunks = [
+            torch.softmax(model(torch.from_numpy(digits[i : i + batch_size]).to(device)), 1).cpu()
+            for i in range(0, len(digits), batch_size)
+        ]
+        return torch.cat(chunks)
 
 
 def load_inputs(model: ClassifierModule, paths: list[Path], invert: str | bool) -> np.ndarray:
@@ -79,9 +88,12 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     output = Path(to_absolute_path(str(cfg.output)))
     check_output_file(output)  # before any work: a bad output must not cost the predictions
     clean_stale_partials(output.parent)  # what an earlier, killed predict left half-written
-    model = load_classifier(
-        to_absolute_path(cfg.ckpt_path), map_location=cfg.device, use="predict.py"
-    )
+    ckpt_path = to_absolute_path(cfg.ckpt_path)
+    check_checkpoint_file(ckpt_path)  # before torch and Lightning load
+
+    from ml_engine.training.vision.module import load_classifier
+
+    model = load_classifier(ckpt_path, map_location=cfg.device, use="predict.py")
     source = Path(to_absolute_path(str(cfg.input)))
     paths = list_images(source)
     apply_extras(cfg)  # the checks passed: say what runs
