@@ -305,3 +305,16 @@ def test_a_given_file_that_is_no_gguf_stops_the_server_in_one_line(
         create_app(cfg)
     message = str(raised.value)
     assert f"llm.files[0]={path}" in message and expected in message and "\n" not in message
+
+
+def test_a_composed_config_is_a_copy_its_caller_may_change() -> None:
+    from omegaconf import open_dict
+
+    from ml_engine.server.llm_service import compose_config
+
+    first = compose_config("generate", ["llm/model=tiny"])
+    with open_dict(first):
+        first.llm.model.name = "changed by a caller"
+    again = compose_config("generate", ["llm/model=tiny"])
+    assert again.llm.model.name == "tiny"
+    assert compose_config("generate", ["llm/model=tiny", "llm.n_ctx=256"]).llm.n_ctx == 256
