@@ -38,13 +38,6 @@ TINY_LM = (
     "trainer.max_epochs=1",
     "trainer.precision=32-true",
 )
-TINY_MNIST = (
-    "model=mlp_mnist",
-    "test=false",
-    "trainer.max_epochs=1",
-    "trainer.limit_train_batches=2",
-    "trainer.limit_val_batches=1",
-)
 # the README's short text: 141 bytes of Hamlet
 HAMLET = (
     "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
@@ -67,12 +60,15 @@ def _train_run(overrides: tuple[str, ...], log_dir: Path, name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One outputs folder: a language-model run, then a newer MNIST run (as a new user who
-    tried both); values are their ``last.ckpt``."""
+def runs(tmp_path_factory: pytest.TempPathFactory, trained_classifier) -> dict[str, Path]:
+    """One outputs folder: a language-model run, then a newer MNIST run (the session's trained
+    classifier, copied in: as a new user who tried both); values are their ``last.ckpt``."""
     log_dir = tmp_path_factory.mktemp("outputs")
     lm = _train_run(TINY_LM, log_dir, "2026-01-01_00-00-00_lm")
-    mnist = _train_run(TINY_MNIST, log_dir, "2026-01-01_00-00-01_mnist")
+    classifier_run = Path(trained_classifier["last_ckpt"]).parent.parent
+    mnist_run = log_dir / "train" / "runs" / "2026-01-01_00-00-01_mnist"
+    shutil.copytree(classifier_run, mnist_run)
+    mnist = mnist_run / "checkpoints" / "last.ckpt"
     # newest by modification time, as ckpt_path=last orders them, whatever the clock's grain
     stamp = lm.stat().st_mtime + 60
     os.utime(mnist, (stamp, stamp))
