@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -142,6 +143,45 @@ def write_sweeps(root: Path) -> dict[str, Path]:
             plt.close(figure)
         dirs[kind] = sweep_dir.parent
     return dirs
+
+
+# the browser tests' Chromium: Debian's package, driven through its chromedriver
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator:
+    """One headless Chromium for the module's tests (each start cost a second or more)."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1000",
+    ):
+        options.add_argument(flag)
+    # an explicit driver path: selenium downloads nothing
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture
+def browser(chromium) -> Iterator:
+    """The module's Chromium as a fresh one is: afterwards the page's storage is cleared, the
+    viewport a test set is undone and the tab left on a blank page."""
+    yield chromium
+    chromium.delete_all_cookies()
+    chromium.execute_script("try { localStorage.clear(); sessionStorage.clear(); } catch (e) {}")
+    chromium.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+    chromium.get("about:blank")
 
 
 def free_port() -> int:

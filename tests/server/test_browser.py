@@ -17,9 +17,15 @@ import pytest
 from ml_engine.run.locations import PROJECT_ROOT
 from ml_engine.server import create_app
 from ml_engine.server.jobs_store import new_job_id
-from tests.server.conftest import held_job_overrides, live_server, serve_config, write_sweeps
+from tests.server.conftest import (
+    CHROMEDRIVER,
+    CHROMIUM,
+    held_job_overrides,
+    live_server,
+    serve_config,
+    write_sweeps,
+)
 
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 RELEASE = "release-held-jobs"  # under the test's tmp_path
 
 pytestmark = [
@@ -30,41 +36,6 @@ pytestmark = [
         "chromium-driver)",
     ),
 ]
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator:
-    """One headless Chromium for the module's tests (each start cost a second or more)."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,1000",
-    ):
-        options.add_argument(flag)
-    # an explicit driver path: selenium downloads nothing
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
-    yield driver
-    driver.quit()
-
-
-@pytest.fixture
-def browser(chromium) -> Iterator:
-    """The module's Chromium as a fresh one is: afterwards the page's storage is cleared, the
-    viewport a test set is undone and the tab left on a blank page."""
-    yield chromium
-    chromium.delete_all_cookies()
-    chromium.execute_script("try { localStorage.clear(); sessionStorage.clear(); } catch (e) {}")
-    chromium.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
-    chromium.get("about:blank")
 
 
 @pytest.fixture

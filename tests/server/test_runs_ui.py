@@ -15,16 +15,15 @@ import pytest
 from ml_engine.run.files import read_job_record
 from ml_engine.server import create_app
 from tests.conftest import run_entrypoint
-from tests.server.conftest import JOB_OVERRIDES, live_server, serve_config, wait_for_job
-from tests.server.test_browser import (  # the browser fixture, driven as test_browser drives it
-    CHART_DRAWN,
+from tests.server.conftest import (
     CHROMEDRIVER,
     CHROMIUM,
-    POINTS,
-    _text,
-    _wait,
-    browser,  # noqa: F401
+    JOB_OVERRIDES,
+    live_server,
+    serve_config,
+    wait_for_job,
 )
+from tests.server.test_browser import CHART_DRAWN, POINTS, _text, _wait  # as test_browser drives it
 from tests.training.vision.test_image_classification import write_digit_folder
 
 FOLDER_RUN, TB_RUN = "2025-01-03_00-00-00_folder", "2025-01-03_00-00-01_tensorboard"
@@ -206,7 +205,7 @@ def runs_server(tmp_path: Path, trained) -> Iterator[str]:
     CHROMIUM is None or CHROMEDRIVER is None,
     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
 )
-def test_a_train_py_runs_curves_open_with_one_click(browser, runs_server: str) -> None:  # noqa: F811
+def test_a_train_py_runs_curves_open_with_one_click(browser, runs_server: str) -> None:
     browser.get(runs_server + "/")
     folder_row = f'#runs-table tr[data-run="{FOLDER_RUN}"]'
     _wait(browser, lambda d: _text(d, f"{folder_row} .architecture") == "resnet18", 60)
