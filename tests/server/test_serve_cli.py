@@ -17,6 +17,10 @@ def test_bad_values_end_in_one_line() -> None:
         ("port=99999", "error: port=99999 is not valid; expected an integer in [0, 65535]"),
         ("limits.epochs=[5,1]", "error: limits.epochs=[5, 1] is not valid; expected [low, high]"),
         ("+limits.bogus=3", "error: unknown limit 'bogus'; accepted: max_body_bytes"),
+        (
+            "log_level=nope",
+            "error: log_level='nope' is not valid; accepted: critical, error, warning, info",
+        ),
     ):
         result = run_entrypoint("serve.py", override, timeout=120)
         assert result.returncode == 1

@@ -114,6 +114,17 @@ def _sweeps_dirs(value: Any) -> dict[str, Path]:
     return {kind: Path(str(path)).expanduser().resolve() for kind, path in value.items()}
 
 
+# uvicorn's names (uvicorn.config.LOG_LEVELS)
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+
+def _log_level(value: Any) -> str:
+    level = str(value or "info").lower()
+    if level not in LOG_LEVELS:
+        raise UserError(f"log_level={value!r} is not valid; accepted: {', '.join(LOG_LEVELS)}")
+    return level
+
+
 def _megabytes(value: Any) -> float | None:
     if value is None:
         return None
@@ -295,7 +306,7 @@ def load_settings(cfg: DictConfig) -> Settings:
         ),
         llm_files=tuple(Path(str(f)) for f in llm.get("files") or ()),
         sweeps_dirs=_sweeps_dirs(data.get("sweeps_dirs")),
-        log_level=str(data.get("log_level") or "info"),
+        log_level=_log_level(data.get("log_level")),
         allowed_hosts=_allowed_hosts(data.get("allowed_hosts")),
         allowed_origins=_names(data.get("allowed_origins")) or (),
         forwarded_allow_ips=_forwarded_allow_ips(data.get("forwarded_allow_ips")),
