@@ -1,5 +1,9 @@
-"""One Optuna study shared by several sweeps (``hydra.sweeper.storage``): its storage opened
-safely by concurrent workers, and the whole study listed beside a sweep's own summary.
+"""The storage of an Optuna study (``hydra.sweeper.storage``), opened safely by concurrent
+workers, and the whole study listed beside a sweep's own summary.
+
+Two kinds of storage: an RDB URL (``sqlite:///…``, ``postgresql://…``) or a journal file (any
+path without ``://``), Optuna's ``JournalStorage``: an append-only log that works on shared
+file systems (NFS) where SQLite's locking does not.
 
 Optuna's RDB storage creates its tables on first use; two sweeps started at once against a new
 SQLite file both try, and one fails ("table studies already exists"). The first open is
@@ -20,8 +24,30 @@ from ml_engine.errors import UserError
 STUDY_TABLE = "study.md"
 _URL_HELP = (
     "expected an RDB URL every worker can reach, e.g. sqlite:///outputs/optuna/mnist.db or "
-    "postgresql://user:password@host/db"
+    "postgresql://user:password@host/db, or a journal file path, e.g. outputs/optuna/mnist.journal"
 )
+
+
+def is_journal(url: str) -> bool:
+    """A journal file path (Optuna's JournalStorage) rather than an RDB URL."""
+    return "://" not in url
+
+
+def _open_journal(url: str) -> Any:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path = Path(url)
+    if not path.parent.is_dir():
+        raise UserError(
+            f"hydra.sweeper.storage={url}: the folder {path.parent} does not exist; {_URL_HELP}"
+        )
+    if path.is_dir():
+        raise UserError(f"hydra.sweeper.storage={url} is a folder; {_URL_HELP}")
+    # the open-lock (O_EXCL lock file) rather than the default symlink lock: it works on every
+    # file system that holds the journal, NFS included
+    backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+    return JournalStorage(backend)
 
 
 def sqlite_file(url: str) -> Path | None:
@@ -56,11 +82,13 @@ def open_storage(url: str) -> Any:
     import optuna
 
     try:
+        if is_journal(url):
+            return _open_journal(url)
         with _first_open_lock(url):
             return optuna.storages.RDBStorage(url)
     except UserError:
         raise
-    except Exception as error:  # sqlalchemy's errors: no driver, no server, bad credentials
+    except Exception as error:  # no driver, no server, bad credentials, unreadable journal
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UserError(
             f"hydra.sweeper.storage={url}: cannot open the study storage "
