@@ -145,6 +145,28 @@ def write_sweeps(root: Path) -> dict[str, Path]:
     return dirs
 
 
+def write_study(sweep_dir: Path, n_trials: int = 6) -> list[Path]:
+    """An Optuna study of ``n_trials`` quick trials over 2 parameters in
+    ``sweep_dir/optuna.journal``, as the sweeper keeps it, and its plots in ``sweep_dir/study/``."""
+    import optuna
+
+    from ml_engine.run.optuna_study import open_storage
+    from ml_engine.run.study_plots import write_study_plots
+
+    journal = str(sweep_dir / "optuna.journal")
+    study = optuna.create_study(
+        study_name="ui",
+        storage=open_storage(journal),
+        direction="maximize",
+        sampler=optuna.samplers.RandomSampler(seed=0),
+    )
+    study.optimize(
+        lambda t: t.suggest_float("lr", 1e-4, 1e-1, log=True) + t.suggest_int("width", 8, 64),
+        n_trials=n_trials,
+    )
+    return write_study_plots(sweep_dir, journal, "ui", target_names=["val/acc_best"])
+
+
 # the browser tests' Chromium: Debian's package, driven through its chromedriver
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 

@@ -23,6 +23,7 @@ from tests.server.conftest import (
     held_job_overrides,
     live_server,
     serve_config,
+    write_study,
     write_sweeps,
 )
 
@@ -204,6 +205,7 @@ def test_a_training_jobs_curves_grow_while_it_runs(
 @pytest.fixture
 def sweeps_server(tmp_path: Path, trained_runs: Path) -> Iterator[str]:
     dirs = {k: str(v) for k, v in write_sweeps(tmp_path / "outputs").items()}
+    write_study(Path(dirs["train"]) / "2025-01-02_00-00-00_train-sweep")  # an Optuna sweep
     cfg = serve_config(
         tmp_path,
         runs_dir=trained_runs,
@@ -221,6 +223,13 @@ PLOT_WIDTH = (
     "const i = document.getElementById('sweep-plot');"
     "return i.hidden || !i.complete ? 0 : i.naturalWidth;"
 )
+STUDY_IMAGES = (
+    "return [...document.querySelectorAll('#study-plots figure')].map(f => [f.dataset.plot,"
+    " f.querySelector('img').complete ? f.querySelector('img').naturalWidth : 0,"
+    " f.querySelector('a').getAttribute('href')]);"
+)
+# plotly drew its chart in the study page: its SVG exists
+PLOTLY_DRAWN = "return !!window.Plotly && !!document.querySelector('.plotly-graph-div .main-svg');"
 
 
 def test_a_sweeps_table_is_sorted_by_its_metric_and_its_plot_loads(
@@ -242,6 +251,16 @@ def test_a_sweeps_table_is_sorted_by_its_metric_and_its_plot_loads(
     assert browser.execute_script("return document.querySelectorAll('#sweep-table b').length") == 0
     assert "lr <b>9</b>" in _text(browser, "#sweep-table tbody tr:last-child .error")
     assert browser.execute_script("return document.getElementById('sweep-plot').hidden")
+    # its Optuna study: each PNG loads, linked to its interactive page
+    _wait(browser, lambda d: all(w > 0 for _, w, _ in d.execute_script(STUDY_IMAGES) or [[0, 0]]))
+    study = browser.execute_script(STUDY_IMAGES)
+    assert [name for name, _, _ in study] == ["history", "importances", "parallel_coordinate"]
+    assert browser.find_element(By.ID, "study-title").is_displayed()
+    base = "/ml/sweeps/2025-01-02_00-00-00_train-sweep/study"
+    assert [link for _, _, link in study] == [f"{base}/{n}.html" for n, _, _ in study]
+    study_page = sweeps_server + study[0][2]
+    browser.execute_script("document.getElementById('study-plots').scrollIntoView()")
+    _save_screenshots(browser, "ui-study", [ARTIFACTS_DIR])
 
     picker.select_by_value(names["2025-01-02_00-00-00_generate-sweep"])
     _wait(browser, lambda d: d.execute_script(SWEEP_VALUES) == ["20.25", "12.50"], 30)
@@ -250,6 +269,16 @@ def test_a_sweeps_table_is_sorted_by_its_metric_and_its_plot_loads(
     assert _text(browser, "#error") == ""
     browser.execute_script("document.getElementById('sweeps-section').scrollIntoView()")
     _save_screenshots(browser, "ui-sweeps", [ARTIFACTS_DIR])
+    assert (
+        browser.execute_script("return document.querySelectorAll('#study-plots img').length") == 0
+    )
+
+    # the interactive page works offline: plotly.js from beside it, nothing from elsewhere
+    browser.get(study_page)
+    _wait(browser, lambda d: d.execute_script(PLOTLY_DRAWN), 30)
+    loaded = _resources(browser)
+    assert f"{sweeps_server}{base}/plotly.min.js" in loaded
+    assert all(name.startswith(sweeps_server) for name in loaded), loaded
 
 
 # ---- layout ---------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.conftest import held_job_overrides, write_sweeps
+from tests.server.conftest import held_job_overrides, write_study, write_sweeps
 
 
 @pytest.mark.slow
@@ -95,6 +95,58 @@ def test_sweeps_are_listed_sorted_by_their_metric_with_their_plot(
         response = client.get(path)
         assert response.status_code == 404, path
         assert "\n" not in response.json()["error"]
+
+
+def test_a_sweeps_study_plots_are_listed_and_served_and_nothing_else(
+    make_client, tmp_path: Path
+) -> None:
+    dirs = write_sweeps(tmp_path / "outputs")
+    sweep_dir = dirs["train"] / "2025-01-02_00-00-00_train-sweep"
+    write_study(sweep_dir)
+    (sweep_dir / "study" / "notes.txt").write_text("not listed")
+    (tmp_path / "secret.txt").write_text("outside")
+    client = make_client(sweeps_dirs={k: str(v) for k, v in dirs.items()})
+    name = sweep_dir.name
+
+    study = client.get(f"/ml/sweeps/{name}").json()["study"]
+    assert [p["name"] for p in study] == ["history", "importances", "parallel_coordinate"]
+    assert study[0]["title"] == "Optimization history: val/acc_best"
+    assert study[0]["png"] == f"/ml/sweeps/{name}/study/history.png"
+    for plot in study:
+        picture = client.get(plot["png"])
+        assert picture.headers["content-type"] == "image/png"
+        assert picture.content.startswith(b"\x89PNG")
+        page = client.get(plot["html"])
+        assert page.headers["content-type"].startswith("text/html")
+        # Optuna's page runs in a sandbox: no access to the UI's origin (its stored API key)
+        assert "sandbox allow-scripts" in page.headers["content-security-policy"]
+        assert '<script charset="utf-8" src="plotly.min.js">' in page.text
+    script = client.get(f"/ml/sweeps/{name}/study/plotly.min.js")
+    assert script.status_code == 200 and "javascript" in script.headers["content-type"]
+    assert len(script.content) > 1_000_000
+    # a generation sweep without a study lists none
+    assert client.get("/ml/sweeps/2025-01-02_00-00-00_generate-sweep").json()["study"] == []
+
+    for path in (
+        f"/ml/sweeps/{name}/study/notes.txt",  # in the folder, not in index.json
+        f"/ml/sweeps/{name}/study/index.json",
+        f"/ml/sweeps/{name}/study/..%2F..%2F..%2F..%2Fsecret.txt",
+        f"/ml/sweeps/{name}/study/%2E%2E%2Fsummary.json",
+        f"/ml/sweeps/{name}/study/..%2Fsummary.json",
+        f"/ml/sweeps/{name}/study/%2Fetc%2Fpasswd",
+        f"/ml/sweeps/{name}/study/nope.png",
+        "/ml/sweeps/..%2Ftrain/study/history.png",
+        "/ml/sweeps/2025-01-02_00-00-00_generate-sweep/study/history.png",
+    ):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        error = response.json()["error"]
+        assert "\n" not in error and error, path
+
+    # a listed file swapped for a link to a file outside: refused, not followed
+    (sweep_dir / "study" / "history.png").unlink()
+    (sweep_dir / "study" / "history.png").symlink_to(tmp_path / "secret.txt")
+    assert client.get(f"/ml/sweeps/{name}/study/history.png").status_code == 404
 
 
 # the CSV logger's file from a real 2-epoch run (logger=csv), cut to the columns that matter

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ml_engine.run.helpers import finite_or_none
+from ml_engine.run.study_plots import INDEX_JSON as STUDY_INDEX
+from ml_engine.run.study_plots import PLOTLY_JS, STUDY_DIR
 from ml_engine.training.progress import CURVES_FILE, STEP_SUFFIX
 
 # one directory name: what run and sweep dirs are called (timestamps, run ids, dots, dashes)
@@ -236,3 +238,56 @@ def sweep_rows(sweep_dir: Path) -> dict[str, Any] | None:
         for r in records
     ]
     return {"metric": metric, "mode": mode, "rows": rows}
+
+
+# ---- a sweep's study plots ----------------------------------------------------------------
+
+# what a study folder may serve, by suffix: the pages, their pictures and their plotly.js
+STUDY_MEDIA = {".png": "image/png", ".html": "text/html", ".js": "text/javascript"}
+
+
+def _study_file_name(value: Any, suffix: str) -> str | None:
+    """``value`` when it is one plain file name with ``suffix``, as write_study_plots writes."""
+    name = str(value) if isinstance(value, str) else ""
+    return name if is_dir_name(name) and name.endswith(suffix) else None
+
+
+def study_plots(sweep_dir: Path) -> list[dict[str, str]]:
+    """The plots ``study/index.json`` lists (name, title, html, png file names); entries whose
+    files are not plain names in that folder are left out, as is a missing or broken index."""
+    try:
+        index = json.loads((sweep_dir / STUDY_DIR / STUDY_INDEX).read_text())
+        entries = index["plots"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    plots = []
+    for entry in entries if isinstance(entries, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        html, png = (
+            _study_file_name(entry.get("html"), ".html"),
+            _study_file_name(entry.get("png"), ".png"),
+        )
+        if html and png:
+            plots.append(
+                {
+                    "name": str(entry.get("name", "")),
+                    "title": str(entry.get("title", "")),
+                    "html": html,
+                    "png": png,
+                }
+            )
+    return plots
+
+
+def study_file(sweep_dir: Path, name: str) -> Path | None:
+    """A file of ``<sweep_dir>/study/`` that index.json lists (or the pages' plotly.min.js),
+    when it exists as a regular file right in that folder; None for anything else."""
+    listed = {PLOTLY_JS} | {p[kind] for p in study_plots(sweep_dir) for kind in ("html", "png")}
+    if name not in listed:
+        return None
+    folder = sweep_dir / STUDY_DIR
+    path = folder / name
+    if path.is_symlink() or not path.is_file() or path.resolve().parent != folder.resolve():
+        return None
+    return path

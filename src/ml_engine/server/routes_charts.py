@@ -9,10 +9,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
 
 from ml_engine.server.charts import (
+    STUDY_MEDIA,
     SUMMARY_PNG,
     child_dir,
     find_sweeps,
     read_curves,
+    study_file,
+    study_plots,
     sweep_dir_named,
     sweep_rows,
 )
@@ -79,7 +82,12 @@ def get_sweep(request: Request, name: str) -> dict[str, Any]:
         raise NotFound(f"sweep '{_shown(name)}' has no readable summary.json")
     has_plot = (sweep_dir / SUMMARY_PNG).is_file()
     plot = f"/ml/sweeps/{sweep_dir.name}/summary.png" if has_plot else None
-    return {"name": sweep_dir.name, "kind": kind, "plot": plot, **table}
+    base = f"/ml/sweeps/{sweep_dir.name}/study"
+    study = [
+        {**p, "html": f"{base}/{p['html']}", "png": f"{base}/{p['png']}"}
+        for p in study_plots(sweep_dir)
+    ]
+    return {"name": sweep_dir.name, "kind": kind, "plot": plot, "study": study, **table}
 
 
 @router.get(
@@ -93,3 +101,32 @@ def sweep_plot(request: Request, name: str) -> FileResponse:
     if not path.is_file():
         raise NotFound(f"sweep '{_shown(name)}' has no summary.png")
     return FileResponse(path, media_type="image/png")
+
+
+# a study page is Optuna's plotly HTML: it runs in a sandbox (an opaque origin), so a script in
+# it could neither read the UI's stored API key nor call the API as the UI
+STUDY_PAGE_HEADERS = {
+    "Content-Security-Policy": "sandbox allow-scripts allow-downloads",
+    "X-Content-Type-Options": "nosniff",
+}
+
+
+@router.get(
+    "/sweeps/{name}/study/{file}",
+    response_class=FileResponse,
+    summary="A file of a sweep's study plots: a PNG, an interactive HTML page, its plotly.min.js",
+)
+def sweep_study_file(request: Request, name: str, file: str) -> FileResponse:
+    _, sweep_dir = _sweep(request, name)
+    # only names study/index.json lists (and plotly.min.js) are served, never a request's path
+    path = study_file(sweep_dir, file)
+    if path is None:
+        raise NotFound(
+            f"sweep '{_shown(name)}' has no study file '{_shown(file)}'; "
+            f"see the study list of GET /ml/sweeps/{_shown(name)}"
+        )
+    media = STUDY_MEDIA[path.suffix]
+    headers = (
+        STUDY_PAGE_HEADERS if path.suffix == ".html" else {"X-Content-Type-Options": "nosniff"}
+    )
+    return FileResponse(path, media_type=media, headers=headers)

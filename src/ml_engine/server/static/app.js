@@ -300,6 +300,47 @@ async function showSweep(name) {
   img.hidden = !plot;
   // fetched with the API key (an <img src> could not send it), shown from a blob URL
   if (plot) img.src = URL.createObjectURL(await (await api(plot)).blob());
+  await showStudy(sweep.study || []);
+}
+
+// only the server's own study route, never another address
+const isStudyUrl = (url) => typeof url === "string" && url.startsWith("/ml/sweeps/") && url.includes("/study/");
+
+// the Optuna study's plots (write_study_plots): each PNG, linked to its interactive page
+async function showStudy(plots) {
+  const box = $("#study-plots");
+  box.querySelectorAll("img").forEach((img) => { if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src); });
+  const shown = plots.filter((p) => isStudyUrl(p.png) && isStudyUrl(p.html));
+  box.innerHTML = shown.map((p) => `<figure class="study-plot" data-plot="${escapeHtml(p.name)}">
+      <img alt="${escapeHtml(p.title)}">
+      <figcaption>${escapeHtml(p.title)} · <a href="${escapeHtml(p.html)}" target="_blank" rel="noopener">interactive</a></figcaption>
+    </figure>`).join("");
+  $("#study-title").hidden = !shown.length;
+  const figures = [...box.querySelectorAll("figure")];
+  figures.forEach((figure, i) => {
+    figure.querySelector("a").onclick = (e) => {
+      if (!token()) return; // a plain link: the page and its plotly.min.js need no key
+      e.preventDefault();
+      openStudyPage(shown[i].html).catch((error) => showError(error.message));
+    };
+  });
+  // fetched with the API key, as summary.png is
+  await Promise.all(figures.map(async (figure, i) => {
+    figure.querySelector("img").src = URL.createObjectURL(await (await api(shown[i].png)).blob());
+  }));
+}
+
+// With an API key a new tab could not send it: fetch the page and its plotly.min.js with the
+// key and open the page from blob URLs instead
+async function openStudyPage(url) {
+  const tab = window.open("", "_blank"); // opened now, while the click still allows a popup
+  const script = url.replace(/[^/]*$/, "plotly.min.js");
+  const [page, plotly] = await Promise.all([api(url).then((r) => r.text()), api(script).then((r) => r.blob())]);
+  const scriptUrl = URL.createObjectURL(plotly);
+  const html = page.replace('src="plotly.min.js"', `src="${scriptUrl}"`);
+  const pageUrl = URL.createObjectURL(new Blob([html], { type: "text/html" }));
+  if (tab) tab.location = pageUrl;
+  else window.location = pageUrl;
 }
 
 // ---- drawing and prediction -------------------------------------------------------------------
