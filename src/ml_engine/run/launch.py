@@ -35,6 +35,7 @@ from ml_engine.run.helpers import (
     keep_user_omp_policy,
 )
 from ml_engine.run.locations import CONFIG_DIR, PROJECT_ROOT
+from ml_engine.run.optuna_trial import PRUNED_AT, trial_number
 from ml_engine.run.rules import Rule, check_config
 
 log = logging.getLogger(__name__)
@@ -120,16 +121,23 @@ def _task_overrides() -> list[str]:
     return [redact_override(override) for override in HydraConfig.get().overrides.task]
 
 
-def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
+def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | list[float] | None:
     """The value a sweeper optimizes: ``metrics[cfg.optimized_metric]`` (NaN when the job
-    measured it as NaN or infinite).
+    measured it as NaN or infinite); a list of values for a list of metrics (several
+    objectives).
 
     In a sweep, a metric the job does not report is a UserError naming the ones it does:
     a NaN for every job would leave the sweeper searching noise.
     """
-    key = cfg.get("optimized_metric")
-    if not key:
+    keys = cfg.get("optimized_metric")
+    if not keys:
         return None
+    if OmegaConf.is_list(keys) or isinstance(keys, (list, tuple)):
+        return [_metric_value(str(key), metrics) for key in keys]
+    return _metric_value(str(keys), metrics)
+
+
+def _metric_value(key: str, metrics: dict[str, Any]) -> float:
     value = metrics.get(key)
     # None: collect_metrics' word for a metric measured as NaN or infinite (a diverged loss)
     if _is_multirun() and (key not in metrics or not (value is None or is_real_number(value))):
@@ -147,15 +155,22 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, Any]) -> float | None:
     return math.nan if number is None else number
 
 
-def run_job(task: TaskRef, cfg: DictConfig, rules: Sequence[Rule] = ()) -> float | None:
+def run_job(task: TaskRef, cfg: DictConfig, rules: Sequence[Rule] = ()) -> Any:
     """Run one job; in a sweep a failure becomes a ``failed`` record instead of ending the sweep.
 
     Every job leaves ``job.json`` in its output dir (status, error, overrides, wall time,
-    metrics): the sweep summary is built from these files.
+    metrics): the sweep summary is built from these files. A sweep job's record says
+    ``running`` while it runs (a sweep killed mid-job leaves it so: a rerun runs that job
+    again) and ``pruned`` when its trial was stopped early (metrics ``pruned_at_epoch``).
     """
     output_dir = Path(cfg.paths.output_dir)
     started = time.perf_counter()
     record: dict[str, Any] = {"overrides": _task_overrides(), "status": "ok", "error": None}
+    trial = trial_number() if _is_multirun() else None
+    if trial is not None:
+        record["trial"] = trial
+    if _is_multirun() and _is_rank_zero():
+        write_json_atomic(output_dir / JOB_RECORD, {**record, "status": "running", "metrics": {}})
     try:
         if _is_rank_zero():
             save_resolved_config(cfg, output_dir)
@@ -172,6 +187,8 @@ def run_job(task: TaskRef, cfg: DictConfig, rules: Sequence[Rule] = ()) -> float
         if full_errors_requested():
             traceback.print_exc()
         return math.nan
+    if metrics.get(PRUNED_AT) is not None:
+        record["status"] = "pruned"
     record.update(metrics=metrics, wall_s=round(time.perf_counter() - started, 3))
     if _is_rank_zero():
         write_json_atomic(output_dir / JOB_RECORD, record)

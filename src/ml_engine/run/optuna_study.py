@@ -96,6 +96,25 @@ def open_storage(url: str) -> Any:
         ) from None
 
 
+# the sweeper class names hparams_search configs give (the second: its name before Optuna 5)
+OPTUNA_SWEEPERS = (
+    "hydra_plugins.ml_engine_optuna.OptunaSweeper",
+    "hydra_plugins.ml_engine_optuna.SharedStudyOptunaSweeper",
+)
+DEFAULT_JOURNAL = "optuna.journal"
+
+
+def study_location(config: Any) -> tuple[str, str] | None:
+    """(storage URL, study name) of a sweep run by the Optuna sweeper, as the sweeper resolves
+    them (``<sweep dir>/optuna.journal`` and the task name by default); None for other sweeps."""
+    sweeper = config.hydra.sweeper
+    if sweeper.get("_target_") not in OPTUNA_SWEEPERS:
+        return None
+    storage = sweeper.get("storage") or str(Path(config.hydra.sweep.dir) / DEFAULT_JOURNAL)
+    name = sweeper.get("study_name") or str(config.get("task_name", "study"))
+    return str(storage), str(name)
+
+
 def study_rows(url: str, study_name: str) -> list[dict[str, Any]]:
     """Every trial of the study, whichever sweep ran it: number, state, value, params."""
     import optuna
@@ -107,7 +126,7 @@ def study_rows(url: str, study_name: str) -> list[dict[str, Any]]:
             {
                 "trial": trial.number,
                 "state": trial.state.name,
-                "value": trial.value,
+                **_values_of(study, trial),
                 **{f"params.{k}": v for k, v in sorted(trial.params.items())},
                 "started": trial.datetime_start.isoformat(timespec="seconds")
                 if trial.datetime_start
@@ -115,3 +134,10 @@ def study_rows(url: str, study_name: str) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _values_of(study: Any, trial: Any) -> dict[str, Any]:
+    if len(study.directions) == 1:
+        return {"value": trial.value}
+    values = trial.values or [None] * len(study.directions)
+    return {f"value{i}": value for i, value in enumerate(values)}

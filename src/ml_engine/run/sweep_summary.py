@@ -201,13 +201,31 @@ class SweepSummary(Callback):
         """Hook for sweep kinds that add more views of the same records (plots)."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from ml_engine.run.optuna_study import study_location
+
         sweep_dir = Path(config.hydra.sweep.dir)
         path = self.write(sweep_dir)
-        storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
-        if storage:  # a study other sweeps may share: list all of it, not only this sweep's
-            study = write_study_table(sweep_dir, str(storage), str(config.hydra.sweeper.study_name))
-            print(f"study: {study}", flush=True)
+        study = study_location(config)
+        if study is not None:  # the whole study, whichever sweeps (workers, reruns) ran it
+            table = write_study_table(sweep_dir, *study)
+            write_study_views(sweep_dir, *study, metrics=_metric_names(config))
+            print(f"study: {table}", flush=True)
         print(f"summary: {path}", flush=True)
+
+
+def _metric_names(config: DictConfig) -> list[str]:
+    metric = config.get("optimized_metric")
+    return [str(m) for m in metric] if OmegaConf.is_list(metric) else [str(metric)]
+
+
+def write_study_views(sweep_dir: Path, storage: str, study_name: str, metrics: list[str]) -> None:
+    """The study's plots (history, importances, parallel coordinates, Pareto front) in
+    ``<sweep dir>/study/``."""
+    try:
+        from ml_engine.run.study_plots import write_study_plots
+    except ImportError:  # pragma: no cover - the plots module is optional during development
+        return
+    write_study_plots(sweep_dir, storage, study_name, target_names=metrics)
 
 
 def write_study_table(sweep_dir: Path, storage: str, study_name: str) -> Path:
@@ -219,8 +237,9 @@ def write_study_table(sweep_dir: Path, storage: str, study_name: str) -> Path:
     rows = [{column: row.get(column) for column in columns} for row in rows]
     write_csv(rows, sweep_dir / "study.csv")
     done = sum(1 for row in rows if row["state"] == "COMPLETE")
+    pruned = sum(1 for row in rows if row["state"] == "PRUNED")
     title = (
-        f"# Study `{study_name}`: {len(rows)} trials ({done} complete)\n\n"
+        f"# Study `{study_name}`: {len(rows)} trials ({done} complete, {pruned} pruned)\n\n"
         f"Every trial in `{storage}`, whichever sweep ran it; this sweep's own jobs are in "
         "`summary.md`.\n\n"
     )
@@ -229,7 +248,9 @@ def write_study_table(sweep_dir: Path, storage: str, study_name: str) -> Path:
 
 
 def _study_column_order(column: str) -> tuple[int, str]:
-    fixed = ("trial", "state", "value")
+    fixed = ("trial", "state", "value", "value0", "value1", "value2")
     return (
-        (fixed.index(column), "") if column in fixed else (4 if column == "started" else 3, column)
+        (fixed.index(column), "")
+        if column in fixed
+        else (len(fixed) + (column == "started"), column)
     )

@@ -44,6 +44,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log_hyperparameters,
         prepare_lightning_run,
     )
+    from ml_engine.training.pruning import pruned_at_epoch, pruning_callbacks
 
     prepare_lightning_run(cfg)
     datamodule: L.LightningDataModule = instantiate(cfg.datamodule)
@@ -53,7 +54,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "held-out text is the validation split, reported as val/loss); set test=false"
         )
     model: L.LightningModule = instantiate(cfg.model, **data_arguments(datamodule, cfg.model))
-    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    callbacks = instantiate_callbacks(cfg.get("callbacks")) + pruning_callbacks(cfg)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
 
@@ -61,7 +62,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     fit_metrics = dict(trainer.callback_metrics)
 
     best_ckpt = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if cfg.get("test"):
+    pruned = pruned_at_epoch(callbacks)
+    if cfg.get("test") and pruned is None:  # a pruned trial's test would cost, not inform
         trainer.test(model=model, datamodule=datamodule, ckpt_path=best_ckpt or None)
 
     metrics = collect_metrics(trainer, fit_metrics)
@@ -72,6 +74,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         epochs_run=trainer.current_epoch,
         wall_s=round(time.perf_counter() - started, 3),
     )
+    if pruned is not None:
+        metrics["pruned_at_epoch"] = pruned
     log_hyperparameters(cfg, model, trainer, metrics)
     finish_run(cfg, trainer, metrics)
     return metrics
