@@ -9,6 +9,11 @@ Hydra instantiates only sweepers defined under the ``hydra_plugins`` package (it
 class's module name), so ``hydra_plugins.ml_engine_target_search`` holds a subclass of this one,
 which ``conf/hydra/sweeper/llm_target.yaml`` names.
 
+Every probe is also a trial of an Optuna study (``target_study``): ``hydra.sweeper.storage``
+(null: ``<sweep dir>/optuna.journal``) under ``hydra.sweeper.study_name`` (null: ``llm_target``).
+With ``llm.target.objectives=[speed,kld]`` the study has two objectives and the sweep dir gets
+the Pareto front (``pareto.md``, ``study/pareto_front.png``); the verdict is the same either way.
+
 A job that fails (a missing file, a file llama.cpp cannot read, a crash) ends the search at once
 with that job's own one-line error: a search over settings of a file that does not run is no
 search. A target no setting meets still writes the verdict (``search.md``, ``search.json``) and
@@ -51,6 +56,12 @@ from ml_engine.llm.target_search import (
     quantization_candidates,
     thread_candidates,
 )
+from ml_engine.llm.target_study import (
+    KLD,
+    TargetStudy,
+    open_target_study,
+    parse_objectives,
+)
 from ml_engine.run.files import read_job_record
 from ml_engine.run.helpers import finite_or_none
 
@@ -68,8 +79,10 @@ def gpu_offload() -> bool:
 class TargetSweeper(Sweeper):
     """Measures settings one job at a time until the target search has its verdict."""
 
-    def __init__(self) -> None:
+    def __init__(self, storage: str | None = None, study_name: str | None = None) -> None:
         super().__init__()
+        self.storage, self.study_name = storage, study_name
+        self.study: TargetStudy | None = None
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None
         self.launcher: Any = None
@@ -113,7 +126,7 @@ class TargetSweeper(Sweeper):
                 kept.append(text)
         return kept
 
-    def _check(self, cfg: DictConfig, target: Target) -> None:
+    def _check(self, cfg: DictConfig, target: Target, objectives: tuple[str, ...]) -> None:
         if cfg.llm.backend.name != "llama_cpp":
             raise UserError(
                 f"llm/backend={cfg.llm.backend.name}: a target search measures llama.cpp; "
@@ -123,6 +136,11 @@ class TargetSweeper(Sweeper):
             raise UserError(
                 "quality.enabled=false, but the target bounds quality (llm.target.max_kld / "
                 "max_ppl_increase_pct): enable quality or drop the bound"
+            )
+        if KLD in objectives and not cfg.quality.enabled:
+            raise UserError(
+                "quality.enabled=false, but llm.target.objectives has kld (the Pareto front "
+                "needs each probe's mean KLD): enable quality or search [speed] only"
             )
 
     # ---- one measurement = one job
@@ -146,19 +164,33 @@ class TargetSweeper(Sweeper):
         overrides = [*base, *setting.overrides()]
         (job,) = self.launcher.launch([overrides], initial_job_idx=self.job_index)
         self.job_index += 1
-        _ = job.return_value  # a failure outside the job wrapper is raised here
         run_dir = Path(job.hydra_cfg.hydra.runtime.output_dir)
+        try:
+            _ = job.return_value  # a failure outside the job wrapper is raised here
+        except BaseException as error:
+            self._record_failure(setting, run_dir, str(error) or type(error).__name__)
+            raise
         record = read_job_record(run_dir)
         if record is None:
-            raise UserError(f"job {run_dir} left no readable job.json; the search stops")
+            error = f"job {run_dir} left no readable job.json; the search stops"
+            self._record_failure(setting, run_dir, error)
+            raise UserError(error)
         if record.get("status") != "ok":
             # the job's own one-line reason (no such file, not a GGUF, …): measuring the
             # other settings of the same file would only repeat it
-            raise UserError(str(record.get("error") or f"job {run_dir} failed"))
+            error = str(record.get("error") or f"job {run_dir} failed")
+            self._record_failure(setting, run_dir, error)
+            raise UserError(error)
         probe = probe_from_records(setting, target, record, _read_result(run_dir), run_dir)
+        assert self.study is not None
+        self.study.record(probe, target)
         self.n_layer = self.n_layer or probe.n_layer
         print(f"[{run_dir.name}] {probe_line(probe, target)}", flush=True)
         return probe
+
+    def _record_failure(self, setting: Setting, run_dir: Path, error: str) -> None:
+        assert self.study is not None
+        self.study.record_failure(setting, str(run_dir), error)
 
     # ---- the sweep
 
@@ -168,7 +200,8 @@ class TargetSweeper(Sweeper):
         base = self._base_overrides(list(arguments))
         units = {m.name: m.unit for m in METRICS}
         target = parse_target(OmegaConf.to_container(cfg.llm.target, resolve=True), units)
-        self._check(cfg, target)
+        objectives = parse_objectives(cfg.llm.target.get("objectives"))
+        self._check(cfg, target, objectives)
         models_dir = Path(cfg.paths.models_dir)
         model = OmegaConf.to_container(cfg.llm.model, resolve=True)
         quantizations = quantization_candidates(
@@ -183,6 +216,10 @@ class TargetSweeper(Sweeper):
         sweep_dir = Path(cfg.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, sweep_dir / "multirun.yaml")
+        # opened before any job: a storage that cannot be opened costs no measurement
+        self.study = open_target_study(
+            self.storage, self.study_name, sweep_dir, objectives, target.metric
+        )
         self.search = TargetSearch(
             target,
             quantizations,
@@ -198,9 +235,20 @@ class TargetSweeper(Sweeper):
         for line in verdict_lines(verdict, context):
             print(line, flush=True)
         print(f"search: {shown_path(path)}", flush=True)
+        self._report_study(sweep_dir, target)
         if not verdict.meets:
             self._fail(cfg, verdict, path)
         return [verdict]
+
+    def _report_study(self, sweep_dir: Path, target: Target) -> None:
+        """The study's place (what optuna-dashboard opens) and, with two objectives, the front."""
+        study = self.study
+        assert study is not None
+        if study.multi_objective:
+            for path in study.write_pareto(sweep_dir, target.unit, target.metric):
+                print(f"pareto: {shown_path(path)}", flush=True)
+        url = study.url if "://" in study.url else shown_path(study.url)
+        print(f"study: {study.name} ({len(study.study.trials)} trials) in {url}", flush=True)
 
     def _fail(self, cfg: DictConfig, verdict: Verdict, path: Path) -> None:
         """The verdict and the summary are written; the exit status says the target is not met."""
