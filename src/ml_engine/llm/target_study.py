@@ -184,17 +184,22 @@ class TargetStudy:
         completed = [t for t in self.study.trials if t.state.name == "COMPLETE"]
         names = [f"{metric} ({unit})", "mean KLD (nats)"]
         pictures = write_study_plots(sweep_dir, self.url, self.name, names)
-        table = pareto_markdown(front, len(completed), self, unit, metric)
+        table = pareto_markdown(front, len(completed), self, unit, metric, sweep_dir)
         write_text_atomic(sweep_dir / PARETO_TABLE, table)
         return [sweep_dir / PARETO_TABLE, *(p for p in pictures if p.name.startswith("pareto"))]
 
 
 def pareto_markdown(
-    front: Sequence[Any], n_complete: int, study: TargetStudy, unit: str, metric: str
+    front: Sequence[Any],
+    n_complete: int,
+    study: TargetStudy,
+    unit: str,
+    metric: str,
+    sweep_dir: Path,
 ) -> str:
     header = ["trial", "quantization", "n_threads", "n_gpu_layers", metric, "KLD", "PPL %"]
     header += ["cached", "job"]
-    rows = [_pareto_row(trial, unit) for trial in front]
+    rows = [_pareto_row(trial, unit, sweep_dir) for trial in front]
     lines = [
         f"# Pareto front: study {study.name}",
         "",
@@ -214,7 +219,16 @@ def _number(value: Any, spec: str) -> str:
     return format(value, spec) if is_finite_number(value) else "n/a"
 
 
-def _pareto_row(trial: Any, unit: str) -> str:
+def _job_cell(job: str | None, sweep_dir: Path) -> str:
+    """This sweep's jobs by their number, as search.md names them; an earlier sweep's (a shared
+    study) by their whole path."""
+    if not job:
+        return ""
+    path = Path(job)
+    return path.name if path.parent.resolve() == sweep_dir.resolve() else str(path)
+
+
+def _pareto_row(trial: Any, unit: str, sweep_dir: Path) -> str:
     attrs, params = trial.user_attrs, trial.params
     std = attrs.get("tokens_per_s_std")
     speed = f"{_number(trial.values[0], '.1f')}" + (
@@ -222,7 +236,6 @@ def _pareto_row(trial: Any, unit: str) -> str:
     )
     ratio = attrs.get("ppl_ratio")
     pct = (ratio - 1.0) * 100.0 if is_finite_number(ratio) else None
-    job = attrs.get("job")
     cells = [
         trial.number,
         attrs.get("quantization") or params.get("quantization"),
@@ -232,7 +245,7 @@ def _pareto_row(trial: Any, unit: str) -> str:
         _number(trial.values[1], ".3g"),
         _number(pct, "+.2f"),
         "yes" if attrs.get("cached") else "",
-        Path(job).name if job else "",
+        _job_cell(attrs.get("job"), sweep_dir),
     ]
     return "| " + " | ".join("" if c is None else str(c) for c in cells) + " |"
 
