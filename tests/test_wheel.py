@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import zipfile
@@ -18,10 +15,8 @@ import pytest
 
 from ml_engine.run.group_options import SLURM, is_importable
 from tests.conftest import PROJECT_ROOT
-from tests.venvs import make_child_venv
+from tests.venvs import clean_env, make_child_venv
 
-BUILD_INPUTS = ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md", "LICENSE", "conf", "src")
-PIP_WHEEL = (sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q")
 # the page, and the chart library it loads from the server (uPlot, vendored with its license)
 STATIC_FILES = (
     "index.html",
@@ -59,35 +54,6 @@ GENERATE_MOCK = (
     "extras.print_config=false",
     "logger=none",
 )
-
-
-def build_wheel(tmp_path: Path) -> Path:
-    """``pip wheel`` on a copy of the sources, so the checkout gets no build/ or egg-info."""
-    sources = tmp_path / "sources"
-    sources.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
-    for name in BUILD_INPUTS:
-        origin = PROJECT_ROOT / name
-        if origin.is_dir():
-            shutil.copytree(origin, sources / name, ignore=ignore)
-        else:
-            shutil.copy2(origin, sources / name)
-    dist = tmp_path / "dist"
-    subprocess.run(
-        [*PIP_WHEEL, str(sources), "-w", str(dist)],
-        check=True,
-        capture_output=True,
-    )
-    (wheel,) = dist.glob("ml_engine-*.whl")
-    return wheel
-
-
-def clean_env() -> dict[str, str]:
-    """No trace of the checkout: no PYTHONPATH, no PROJECT_ROOT pointing into the repo."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "HYDRA_"))}
-    for key in ("PROJECT_ROOT", "ML_ENGINE_TRACEBACK", "VIRTUAL_ENV"):
-        env.pop(key, None)
-    return {**env, "PYTHONUNBUFFERED": "1"}
 
 
 def run(command: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -144,8 +110,10 @@ def serve_and_check(ml_engine: Path, work: Path) -> None:
 
 
 @pytest.mark.slow
-def test_wheel_runs_every_entrypoint_outside_the_repo(tmp_path: Path, digit_pngs) -> None:
-    wheel = build_wheel(tmp_path)
+def test_wheel_runs_every_entrypoint_outside_the_repo(
+    tmp_path: Path, project_wheel: Path, digit_pngs
+) -> None:
+    wheel = project_wheel
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = {
         f"ml_engine/conf/{p.relative_to(PROJECT_ROOT / 'conf')}"
