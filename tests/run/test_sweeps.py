@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from ml_engine.errors import UserError
 from ml_engine.run import launch
 from ml_engine.run.files import read_job_record
+from ml_engine.run.optuna_study import open_storage
 from tests.conftest import CLI_TEST_OVERRIDES, run_entrypoint
 
 FAST = (*CLI_TEST_OVERRIDES, "logger=none", "model=mlp_mnist", "trainer.max_epochs=1")
@@ -61,28 +62,55 @@ def test_grid_sweep_summary_with_one_failing_job(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_optuna_sweep_two_trials(tmp_path: Path) -> None:
+def test_an_optuna_sweep_prunes_bad_trials_and_takes_the_best_from_completed_ones(
+    tmp_path: Path,
+) -> None:
+    import optuna
+    import yaml
+
     result = run_entrypoint(
         "train.py",
         "-m",
         "hparams_search=mnist_optuna",
         *CLI_TEST_OVERRIDES,
         "logger=none",
-        "trainer.max_epochs=1",
+        "trainer.max_epochs=3",
         f"paths.log_dir={tmp_path}",
-        "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.sampler.n_startup_trials=2",
-        "trainer.limit_train_batches=5",
+        "trainer.limit_train_batches=6",
+        "test=false",
+        "hydra.sweeper.n_trials=5",
+        "hydra.sweeper.pruner=median",
+        # a learning rate too small to learn in 3 epochs: trials with it fall behind the median
+        "hydra.sweeper.params={model.optimizer.lr: 'choice(0.003, 0.00001)'}",
+        "hydra.sweeper.sampler.n_startup_trials=5",
+        "hydra.sweeper.sampler.seed=4",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = summary_from(result.stdout).parent
-    best = (sweep_dir / "optimization_results.yaml").read_text()
-    assert "best_value" in best and "model.optimizer.lr" in best
+    journal = open_storage(str(sweep_dir / "optuna.journal"))
+    study = optuna.load_study(study_name="mnist", storage=journal)
+    states = [t.state.name for t in study.trials]
+    assert len(states) == 5 and "PRUNED" in states and "COMPLETE" in states, states
+    jobs = {
+        job["trial"]: job for job in json.loads((sweep_dir / "summary.json").read_text())["jobs"]
+    }
+    for trial in study.trials:
+        job = jobs[trial.number]
+        epochs = job["metrics"]["epochs_run"]
+        if trial.state.name == "PRUNED":  # stopped early, recorded as pruned everywhere
+            assert job["status"] == "pruned" and epochs == job["metrics"]["pruned_at_epoch"] < 3
+            assert sorted(trial.intermediate_values) == list(range(1, epochs + 1))
+        else:
+            assert job["status"] == "ok" and epochs == 3 and "pruned_at_epoch" not in job["metrics"]
     with (sweep_dir / "summary.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
-    best_value = float(best.split("best_value:")[1].split()[0])
-    assert best_value == pytest.approx(max(float(r["val/acc_best"]) for r in rows))
+        assert sorted(r["status"] for r in csv.DictReader(handle)) == sorted(
+            "ok" if s == "COMPLETE" else "pruned" for s in states
+        )
+    # the study's best, from completed trials only
+    best = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    complete = [t.value for t in study.trials if t.state.name == "COMPLETE"]
+    assert best["best_value"] == pytest.approx(max(complete)) and "model.optimizer.lr" in str(best)
+    assert "pruned" in (sweep_dir / "study.md").read_text()
 
 
 @pytest.mark.slow

@@ -205,26 +205,34 @@ def _optuna_sweep(tmp_path: Path, name: str, storage: str, trials: int) -> subpr
 
 
 @pytest.mark.slow
-def test_two_optuna_sweeps_share_one_study(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_two_optuna_sweeps_share_one_study(kind: str, tmp_path: Path) -> None:
+    """Two workers on one study: n_trials is the study's size, split between them, no trial
+    run twice; a journal file (Optuna's JournalStorage) shares it like SQLite does."""
     import optuna
 
-    storage = f"sqlite:///{tmp_path / 'study.db'}"
-    sweeps = [_optuna_sweep(tmp_path, name, storage, trials=3) for name in ("a", "b")]
+    from ml_engine.run.optuna_study import open_storage
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}" if kind == "sqlite" else f"{tmp_path}/study.log"
+    sweeps = [_optuna_sweep(tmp_path, name, storage, trials=6) for name in ("a", "b")]
     done = [sweep.communicate(timeout=600) for sweep in sweeps]
     for sweep, (_, stderr) in zip(sweeps, done, strict=True):
         assert sweep.returncode == 0, stderr[-3000:]
-    study = optuna.load_study(study_name="shared", storage=storage)
+    study = optuna.load_study(study_name="shared", storage=open_storage(storage))
     assert [t.number for t in study.trials] == list(range(6))  # none lost, none twice
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     # reseeded samplers: the two workers did not propose the same trials
     params = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(set(params)) == len(params)
+    own_jobs = []
     for stdout, _ in done:
         lines = stdout.strip().splitlines()
         assert lines[-1].startswith("summary: ") and lines[-2].startswith("study: ")
         sweep_dir = Path(lines[-1].removeprefix("summary: ")).parent
         own = json.loads((sweep_dir / "summary.json").read_text())["jobs"]
-        assert len(own) == 3 and all(job["status"] == "ok" for job in own)
+        assert own and all(job["status"] == "ok" for job in own)
+        own_jobs += [job["trial"] for job in own]
+    assert sorted(own_jobs) == list(range(6))  # each trial ran in exactly one worker
     # the last to finish lists the whole study, with every trial complete
     last = max(
         (Path(out.strip().splitlines()[-2].removeprefix("study: ")) for out, _ in done),
@@ -240,6 +248,7 @@ def test_two_optuna_sweeps_share_one_study(tmp_path: Path) -> None:
     [
         ("sqlite:////nonexistent-dir/study.db", "the folder /nonexistent-dir does not exist"),
         ("postgresql://user:pw@127.0.0.1:9/db", "cannot open the study storage"),
+        ("/nonexistent-dir/study.journal", "the folder /nonexistent-dir does not exist"),
     ],
 )
 def test_a_storage_that_cannot_be_opened_is_one_line(storage, expected, tmp_path) -> None:

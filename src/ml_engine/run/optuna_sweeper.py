@@ -19,11 +19,13 @@ Configs written for hydra-optuna-sweeper keep working: the same ``params`` synta
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import math
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ from optuna.trial import TrialState
 
 from ml_engine.errors import UserError
 from ml_engine.run.files import JOB_RECORD, read_job_record, write_json_atomic
-from ml_engine.run.optuna_study import DEFAULT_JOURNAL, open_storage
+from ml_engine.run.optuna_study import DEFAULT_JOURNAL, is_journal, open_storage, sqlite_file
 from ml_engine.run.optuna_trial import PRUNER_KEY, TRIAL_KEY, make_pruner
 from ml_engine.run.search_space import SearchSpace, parse_search_space
 
@@ -238,13 +240,13 @@ class OptunaSweeper(Sweeper):
         returns: list[Sequence[JobReturn]] = []
         next_job = self._next_job_number()
         while True:
-            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-            wanted = self.n_trials - self.counted(study) - running
-            if wanted <= 0:
+            with self._ask_lock():  # two workers counting at once would both ask the last trial
+                running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+                wanted = self.n_trials - self.counted(study) - running
+                batch = min(self.n_jobs, wanted)
+                trials = [self._ask(study, space, next_job + i) for i in range(batch)]
+            if not trials:
                 break
-            trials = [
-                self._ask(study, space, next_job + i) for i in range(min(self.n_jobs, wanted))
-            ]
             jobs = [self._job_overrides(space, trial) for trial in trials]
             results = self.launcher.launch(jobs, initial_job_idx=next_job)
             for trial, result in zip(trials, results, strict=True):
@@ -253,6 +255,22 @@ class OptunaSweeper(Sweeper):
             returns.append(results)
         self._write_results(study)
         return returns
+
+    @contextlib.contextmanager
+    def _ask_lock(self) -> Iterator[None]:
+        """Held while counting and asking, by every worker of a study in a file (journal,
+        SQLite); a database server's study is asked without it."""
+        url = str(self.storage_url)
+        path = Path(url) if is_journal(url) else sqlite_file(url)
+        if path is None:
+            yield
+            return
+        with open(path.with_name(path.name + ".ask.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _next_job_number(self) -> int:
         """Job dirs of an earlier run of this sweep keep their numbers: new jobs follow."""
