@@ -415,8 +415,11 @@ def test_config_rules_name_the_new_keys(make_cfg) -> None:
 
 
 @pytest.mark.slow
-def test_optuna_search_minimizes_the_validation_loss(tmp_path: Path) -> None:
+def test_optuna_search_minimizes_the_validation_loss_and_prunes(tmp_path: Path) -> None:
+    import optuna
     import yaml
+
+    from ml_engine.run.optuna_study import open_storage
 
     result = run_entrypoint(
         "train.py",
@@ -424,15 +427,30 @@ def test_optuna_search_minimizes_the_validation_loss(tmp_path: Path) -> None:
         *CLI_TINY,
         "hparams_search=shakespeare_optuna",
         "logger=none",
-        "trainer.max_epochs=1",
-        "hydra.sweeper.n_trials=2",
-        "hydra.sweeper.sampler.n_startup_trials=2",
-        "hydra.sweeper.params={model.optimizer.lr: 'choice(0.0001, 0.003)'}",
+        "trainer.max_epochs=3",
+        "datamodule.train_batches=10",
+        "hydra.sweeper.n_trials=4",
+        "hydra.sweeper.sampler.n_startup_trials=4",
+        # seeded to try the good rate twice first, then the bad one twice: the median pruner
+        # compares from the third trial on
+        "hydra.sweeper.sampler.seed=22",
+        "hydra.sweeper.pruner=median",
+        # a learning rate too small to move the loss: trials with it fall behind the median
+        "hydra.sweeper.params={model.optimizer.lr: 'choice(0.000001, 0.003)'}",
         f"paths.log_dir={tmp_path}",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = Path(result.stdout.strip().splitlines()[-1].removeprefix("summary: "))
     best = yaml.safe_load((summary.parent / "optimization_results.yaml").read_text())
     jobs = json.loads(summary.with_suffix(".json").read_text())["jobs"]
-    losses = [job["metrics"]["val/loss_best"] for job in jobs]
-    assert len(losses) == 2 and best["best_value"] == pytest.approx(min(losses))
+    study = optuna.load_study(
+        study_name="shakespeare_char", storage=open_storage(str(summary.parent / "optuna.journal"))
+    )
+    states = {t.number: t.state.name for t in study.trials}
+    assert "PRUNED" in states.values() and "COMPLETE" in states.values(), states
+    for job in jobs:
+        assert job["status"] == ("pruned" if states[job["trial"]] == "PRUNED" else "ok")
+    completed = [j["metrics"]["val/loss_best"] for j in jobs if j["status"] == "ok"]
+    assert best["best_value"] == pytest.approx(min(completed))
+    pruned = [j for j in jobs if j["status"] == "pruned"]
+    assert all(j["metrics"]["epochs_run"] < 3 for j in pruned)
