@@ -119,6 +119,8 @@ class OptunaSweeper(Sweeper):
                 f"and this one has {len(self.directions)} directions; set hydra.sweeper.pruner=none"
             )
         self.pruner = make_pruner(pruner)
+        if OmegaConf.is_config(self.pruner_spec):  # a job's config holds the spec, not the object
+            self.pruner_spec = OmegaConf.to_container(self.pruner_spec)
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -135,16 +137,17 @@ class OptunaSweeper(Sweeper):
     # ---- the study --------------------------------------------------------------------------
 
     def _sampler(self, space: SearchSpace) -> optuna.samplers.BaseSampler:
-        sampler = self.sampler_config
-        if sampler is None:
+        """The configured sampler; the grid sampler gets its grid from the search space."""
+        config = self.sampler_config
+        if config is None:
             return optuna.samplers.TPESampler()
-        if callable(sampler) and not isinstance(sampler, optuna.samplers.BaseSampler):
-            # a _partial_ sampler: the grid sampler takes its grid from the search space
-            target = getattr(sampler, "func", sampler)
-            if target is optuna.samplers.GridSampler:
-                return sampler(search_space=space.grid())
-            return sampler()
-        return sampler
+        if isinstance(config, optuna.samplers.BaseSampler):
+            return config
+        config = OmegaConf.to_container(config) if OmegaConf.is_config(config) else dict(config)
+        target = str(config.get("_target_", ""))
+        if target.endswith("GridSampler"):
+            config.update(_partial_=False, search_space=space.grid())
+        return _build("sampler", config)
 
     def open_study(self, space: SearchSpace) -> optuna.Study:
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -243,6 +246,8 @@ class OptunaSweeper(Sweeper):
             with self._ask_lock():  # two workers counting at once would both ask the last trial
                 running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
                 wanted = self.n_trials - self.counted(study) - running
+                if isinstance(study.sampler, optuna.samplers.GridSampler):  # a walked grid ends
+                    wanted = min(wanted, _unvisited(study))
                 batch = min(self.n_jobs, wanted)
                 trials = [self._ask(study, space, next_job + i) for i in range(batch)]
             if not trials:
@@ -302,7 +307,7 @@ class OptunaSweeper(Sweeper):
         record = read_job_record(Path(result.hydra_cfg.hydra.runtime.output_dir)) or {}
         status = record.get("status")
         if status == "pruned":
-            study.tell(trial, state=TrialState.PRUNED)
+            _tell_state(study, trial, TrialState.PRUNED)
             return
         values = _values(result.return_value)
         if status != "ok" or values is None or len(values) != len(self.directions):
@@ -315,9 +320,13 @@ class OptunaSweeper(Sweeper):
                     len(self.directions),
                 )
             trial.set_user_attr(FAILURE, JOB_FAILED)
-            study.tell(trial, state=TrialState.FAIL)
+            _tell_state(study, trial, TrialState.FAIL)
             return
-        study.tell(trial, values)
+        try:
+            study.tell(trial, values)
+        except RuntimeError as error:  # the grid sampler calls study.stop() on the last cell
+            if "Study.stop" not in str(error):
+                raise
 
     def _write_results(self, study: optuna.Study) -> None:
         """``optimization_results.yaml``, as hydra-optuna-sweeper wrote it: the best trial's
@@ -337,6 +346,48 @@ class OptunaSweeper(Sweeper):
             ]
         OmegaConf.save(OmegaConf.create(results), self.sweep_dir / "optimization_results.yaml")
         log.info("best: %s", results.get("best_params") or f"{len(study.best_trials)} trials")
+
+
+def _tell_state(study: optuna.Study, trial: optuna.Trial, state: TrialState) -> None:
+    try:
+        study.tell(trial, state=state)
+    except RuntimeError as error:  # the grid sampler calls study.stop() on the last cell
+        if "Study.stop" not in str(error):
+            raise
+
+
+def _unvisited(study: optuna.Study) -> int:
+    """Grid cells no trial took yet (running ones count as taken)."""
+    sampler = study.sampler
+    return len(sampler._get_unvisited_grid_ids(study))
+
+
+def _build(what: str, config: dict[str, Any]) -> Any:
+    """``instantiate`` with a setting the class does not take as one line naming the accepted."""
+    import inspect
+
+    from hydra.utils import get_class, instantiate
+
+    target = config.get("_target_")
+    try:
+        cls = get_class(str(target))
+    except Exception:
+        raise UserError(
+            f"hydra.sweeper.{what}._target_={target!r} is not a class; e.g. "
+            "optuna.samplers.TPESampler (or hydra/sweeper/sampler=tpe|random|grid|cmaes|nsgaii)"
+        ) from None
+    accepted = [p for p in inspect.signature(cls).parameters if p not in ("self", "args", "kwargs")]
+    unknown = [k for k in config if not k.startswith("_") and k not in accepted]
+    if unknown:
+        raise UserError(
+            f"hydra.sweeper.{what}.{unknown[0]} is not a setting of {cls.__name__}; accepted: "
+            f"{', '.join(accepted)} (remove it with ~hydra.sweeper.{what}.{unknown[0]})"
+        )
+    try:
+        return instantiate(config)
+    except Exception as error:
+        cause = error.__cause__ or error
+        raise UserError(f"hydra.sweeper.{what}: {str(cause).splitlines()[0]}") from None
 
 
 def _values(value: Any) -> list[float] | None:

@@ -1,5 +1,6 @@
 """An Optuna search space from Hydra's sweep syntax (``hydra.sweeper.params`` and the command
-line): ``choice(a, b)``, ``range(1, 8, 2)``, ``interval(0.1, 1.0)``, ``tag(log, interval(…))``.
+line): ``choice(a, b)``, ``range(1, 8, 2)``, ``interval(0.1, 1.0)``, ``tag(log, interval(…))``;
+``tag(int, interval(1, 4))`` for integers (Hydra reads every interval's bounds as floats).
 
 The same syntax hydra-optuna-sweeper read, so configs written for it keep working. A choice of
 values Optuna cannot store (lists, dicts) is stored as its override text, ``[16,32,64]``.
@@ -28,7 +29,10 @@ from optuna.distributions import (
 
 from ml_engine.errors import UserError
 
-ACCEPTED = "choice(a, b, …), range(start, stop[, step]), interval(low, high), tag(log, interval(…))"
+ACCEPTED = (
+    "choice(a, b, …), range(start, stop[, step]), interval(low, high), tag(log, interval(…)), "
+    "tag(int, interval(…))"
+)
 
 
 @dataclass
@@ -84,8 +88,10 @@ def distribution_of(override: Override) -> BaseDistribution:
             raise UserError(f"{key}: a log interval needs a low bound > 0, got {low}")
         if low >= high:
             raise UserError(f"{key}: interval({low}, {high}) is empty; the low bound comes first")
-        if isinstance(low, int) and isinstance(high, int):
-            return IntDistribution(low, high, log=log)
+        if "int" in value.tags:
+            if low != int(low) or high != int(high):
+                raise UserError(f"{key}: tag(int, interval({low}, {high})) needs whole bounds")
+            return IntDistribution(int(low), int(high), log=log)
         return FloatDistribution(float(low), float(high), log=log)
     raise UserError(f"{override.input_line}: not a search the sweeper knows; accepted: {ACCEPTED}")
 
