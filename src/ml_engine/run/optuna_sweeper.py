@@ -150,10 +150,15 @@ class OptunaSweeper(Sweeper):
         return _build("sampler", config)
 
     def open_study(self, space: SearchSpace) -> optuna.Study:
-        self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        url = self.storage_url or str(self.sweep_dir / DEFAULT_JOURNAL)
-        storage = open_storage(url)
+        # a refused sweep (a bad sampler setting, a storage that cannot be opened) leaves no dir
         sampler = self._sampler(space)
+        url = self.storage_url or str(self.sweep_dir / DEFAULT_JOURNAL)
+        if self.storage_url:
+            storage = open_storage(url)
+            self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.sweep_dir.mkdir(parents=True, exist_ok=True)
+            storage = open_storage(url)
         if self.storage_url:  # other workers share the study: the same seed proposes the same
             sampler.reseed_rng()
         name = self.study_name or str(self.config.get("task_name", "study"))
@@ -188,7 +193,9 @@ class OptunaSweeper(Sweeper):
             storage.set_trial_user_attr(trial._trial_id, FAILURE, KILLED)
             storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
             log.warning("trial %d was running when its sweep was killed: run again", trial.number)
-        self._mark_killed_records({t.number for t in killed})
+        for sweep_dir in {t.user_attrs.get("sweep_dir", str(self.sweep_dir)) for t in killed}:
+            numbers = {t.number for t in killed if t.user_attrs.get("sweep_dir") == sweep_dir}
+            _mark_killed_records(Path(sweep_dir), numbers)
         retried = self._retried(study)
         for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
             reason = trial.user_attrs.get(FAILURE)
@@ -203,20 +210,6 @@ class OptunaSweeper(Sweeper):
         """Failed trials whose params were queued (a waiting trial) or run again already."""
         queued = {t.user_attrs.get(RETRY_OF) for t in study.get_trials(deepcopy=False)}
         return {number for number in queued if number is not None}
-
-    def _mark_killed_records(self, numbers: set[int]) -> None:
-        """A killed trial's job left a ``running`` record: it says ``failed`` now."""
-        if not numbers:
-            return
-        for path in self.sweep_dir.glob(f"*/{JOB_RECORD}"):
-            record = read_job_record(path.parent)
-            if record and record.get("status") == "running" and record.get("trial") in numbers:
-                record.update(
-                    status="failed",
-                    error=f"killed: the sweep stopped during trial {record['trial']}; "
-                    "its params ran again",
-                )
-                write_json_atomic(path, record)
 
     def counted(self, study: optuna.Study) -> int:
         """Finished trials that count towards ``n_trials``: complete and pruned ones, and failed
@@ -346,6 +339,21 @@ class OptunaSweeper(Sweeper):
             ]
         OmegaConf.save(OmegaConf.create(results), self.sweep_dir / "optimization_results.yaml")
         log.info("best: %s", results.get("best_params") or f"{len(study.best_trials)} trials")
+
+
+def _mark_killed_records(sweep_dir: Path, numbers: set[int]) -> None:
+    """A killed trial's job left a ``running`` record: it says ``failed`` now."""
+    if not numbers:
+        return
+    for path in sweep_dir.glob(f"*/{JOB_RECORD}"):
+        record = read_job_record(path.parent)
+        if record and record.get("status") == "running" and record.get("trial") in numbers:
+            record.update(
+                status="failed",
+                error=f"killed: the sweep stopped during trial {record['trial']}; "
+                "its params ran again",
+            )
+            write_json_atomic(path, record)
 
 
 def _tell_state(study: optuna.Study, trial: optuna.Trial, state: TrialState) -> None:
