@@ -217,12 +217,15 @@ def write_llama_gguf(
     file_type: str = "f32",
     chat_template: str | None = None,
     tokenizer: TokenizerOptions | None = None,
+    metadata: Mapping[str, str | float] | None = None,
 ) -> Path:
     """Write a llama GGUF atomically (temp file + rename): readers never see half a file.
 
     ``file_type`` is ``f32`` or ``f16`` for the matrices; norm vectors stay f32 as llama.cpp
     expects. Lower precisions are produced from this file by ``quantize.quantize_gguf``.
     ``tokenizer`` sets how llama.cpp applies the vocabulary (default: SentencePiece's habits).
+    ``metadata``: further keys, strings or float64 numbers (e.g. how a packaged model was
+    trained), written after the standard ones.
     """
     import gguf
 
@@ -246,6 +249,11 @@ def write_llama_gguf(
             chat_template=chat_template,
             tokenizer=tokenizer or TokenizerOptions(),
         )
+        for key, value in (metadata or {}).items():
+            if isinstance(value, str):
+                writer.add_string(key, value)
+            else:
+                writer.add_float64(key, float(value))
         seen = set()
         for tensor_name, array in items:
             if tensor_name not in expected:

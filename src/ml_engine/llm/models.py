@@ -44,6 +44,9 @@ from ml_engine.run.locations import CONFIG_DIR, install_command
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
+# a GGUF shipped with the package (models_data/), served as a given file is
+PACKAGED = "packaged"
+PACKAGED_DIR = Path(__file__).parent / "models_data"
 # the source of a model given as llm.model.path
 FILE = "file"
 # llm.quantization when neither it nor llm.model.default_quantization is given
@@ -146,7 +149,7 @@ def file_problem(model_cfg: Mapping[str, Any]) -> str | None:
     names it; None when it reads, or when the model is not a file."""
     if not is_file_model(model_cfg):
         return None
-    path = _given_file(model_cfg)
+    path = given_file(model_cfg)
     try:
         read_gguf_facts(path)
     except OSError as error:
@@ -193,11 +196,26 @@ def _guess_file_type(reader: Any) -> str:
 
 
 def is_file_model(model_cfg: Mapping[str, Any]) -> bool:
-    return bool(model_cfg.get("path"))
+    return bool(model_cfg.get("path")) or model_cfg.get("source") == PACKAGED
 
 
-def _given_file(model_cfg: Mapping[str, Any]) -> Path:
-    return Path(str(model_cfg["path"])).expanduser()
+def _no_file_message(model_cfg: Mapping[str, Any]) -> str:
+    if model_cfg.get("path"):
+        return f"llm.model.path={model_cfg['path']}: no such file (expected a .gguf)"
+    # a packaged file missing: an install that left out the package data (or a checkout before
+    # the file was built): the random tiny model still runs
+    return (
+        f"{given_file(model_cfg)}: the packaged model {model_cfg.get('name')!r} is missing from "
+        "this install; reinstall ml-engine, or run llm/model=tiny (random weights)"
+    )
+
+
+def given_file(model_cfg: Mapping[str, Any]) -> Path:
+    """The file of a file model: ``llm.model.path`` when given (it replaces a packaged model's
+    own file, as it replaces any selected model), else the packaged file."""
+    if model_cfg.get("path"):
+        return Path(str(model_cfg["path"])).expanduser()
+    return PACKAGED_DIR / str(model_cfg["file"])
 
 
 def _own_quantization(source: Path) -> str | None:
@@ -214,15 +232,20 @@ def file_model_node(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     An unreadable file keeps its stem and no quantization: the model worker then lets llama.cpp
     say what is wrong with it.
     """
-    path = _given_file(model_cfg)
+    path = given_file(model_cfg)
     if not path.is_file():
-        raise UserError(f"llm.model.path={model_cfg['path']}: no such file (expected a .gguf)")
+        raise UserError(_no_file_message(model_cfg))
     try:
         facts: GgufFacts | None = read_gguf_facts(path)
     except (OSError, ValueError, KeyError, IndexError):
         facts = None
     return {
-        "name": (facts.name if facts else None) or path.stem,
+        # a packaged model keeps its config's name (llm/model=shakespeare), a given file its own
+        "name": (
+            str(model_cfg["name"])
+            if not model_cfg.get("path")
+            else (facts.name if facts else None) or path.stem
+        ),
         "source": FILE,
         "path": str(path.resolve()),
         # llm.quantization follows it unless one is named
@@ -236,7 +259,7 @@ def file_model_node(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
 def default_quantization(model_cfg: Mapping[str, Any]) -> str | None:
     """The quantization run when none is named: the given file's own, else the config's."""
     if is_file_model(model_cfg):
-        return _own_quantization(_given_file(model_cfg))
+        return _own_quantization(given_file(model_cfg))
     return str(model_cfg.get("default_quantization") or DEFAULT_QUANTIZATION)
 
 
@@ -270,7 +293,7 @@ def _file_name(model_cfg: Mapping[str, Any], quantization: str) -> str:
 def model_path(model_cfg: Mapping[str, Any], quantization: str, models_dir: Path) -> Path:
     """Where ``quantization`` of this model is looked for (and written to)."""
     if is_file_model(model_cfg):
-        source = _given_file(model_cfg)
+        source = given_file(model_cfg)
         if quantization == _own_quantization(source):
             return source
         return _derived_path(source, check_quantization(quantization), models_dir)
@@ -281,7 +304,7 @@ def available_quantizations(model_cfg: Mapping[str, Any], models_dir: Path) -> l
     """The quantizations of this model present on disk, most precise first (a given file's own
     first: it is what the others are made from)."""
     if is_file_model(model_cfg):
-        own = _own_quantization(_given_file(model_cfg))
+        own = _own_quantization(given_file(model_cfg))
         derived = [q for q in QUANTIZATIONS if q != own]
         present = [q for q in derived if model_path(model_cfg, q, models_dir).is_file()]
         return ([own] if own else []) + present
@@ -334,9 +357,9 @@ def _ensure_from_file(
     allow_requantize: bool,
     n_threads: int | None,
 ) -> ModelFile:
-    source = _given_file(model_cfg)
+    source = given_file(model_cfg)
     if not source.is_file():
-        raise UserError(f"llm.model.path={model_cfg['path']}: no such file (expected a .gguf)")
+        raise UserError(_no_file_message(model_cfg))
     probe_gguf(source)  # not a GGUF, truncated, unknown architecture: llama.cpp's reason
     own = read_gguf_facts(source).quantization
     if quantization is None or quantization == own:

@@ -445,7 +445,7 @@ def quantization_candidates(
 def _file_candidates(
     values: Any, model_cfg: Mapping[str, Any], models_dir: Path, allow_requantize: bool
 ) -> list[str | None]:
-    path = Path(str(model_cfg["path"])).expanduser()
+    path = models.given_file(model_cfg)
     try:
         own: str | None = models.read_gguf_facts(path).quantization if path.is_file() else None
     except (OSError, ValueError, KeyError, IndexError):

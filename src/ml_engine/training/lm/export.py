@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -153,8 +153,10 @@ def write_gguf(
     name: str,
     quantization: str = "f32",
     n_threads: int | None = None,
+    metadata: Mapping[str, str | float] | None = None,
 ) -> Path:
-    """``module``'s network and tokenizer as a GGUF at ``path``, whole or not at all."""
+    """``module``'s network and tokenizer as a GGUF at ``path``, whole or not at all;
+    ``metadata``: further GGUF keys (f32/f16 only: the quantizer rewrites the header)."""
     if module.net is None or module.tokenizer is None:
         raise UserError("the checkpoint holds no built network (it was saved before training)")
     if module.hparams.net.get("name") != "llama":
@@ -173,6 +175,7 @@ def write_gguf(
             name=name,
             file_type=quantization,
             tokenizer=TOKENIZER,
+            metadata=metadata,
         )
     if not shape.k_quant_ready and quantization.endswith(("_k", "_k_m", "_k_s")):
         log.warning(
