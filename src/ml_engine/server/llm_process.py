@@ -260,6 +260,10 @@ class ProcessStream:
             "sampling": {name: options[name] for name in _SAMPLING if name in options},
             "stream": stream,
             "stream_interval_ms": process.stream_interval_ms,
+            # structured output and tools (llm/structured.py, llm/chat_tools.py)
+            "grammar": options.get("grammar"),
+            "tools": options.get("tools"),
+            "tool_chat": options.get("tool_chat", False),
         }
         try:
             self.start = process.call(request)

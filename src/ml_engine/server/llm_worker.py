@@ -81,7 +81,12 @@ class Worker:
     def _prompt_ids(self, request: dict[str, Any], limit: int) -> tuple[list[int], str]:
         backend, mode = self.backend, request["mode"]
         template = backend.chat_template_status
-        if mode == "chat":
+        if mode == "chat" and request.get("tool_chat"):  # tools, calls or their results
+            from ml_engine.llm.chat_tools import tool_chat_prompt
+
+            text, template = tool_chat_prompt(backend, request["messages"], request.get("tools"))
+            ids = backend.tokenize(text, special=True)
+        elif mode == "chat":
             messages = [(m["role"], m["content"]) for m in request["messages"]]
             text, template = backend.apply_chat_template(messages)
             ids = backend.tokenize(text, special=True)
@@ -107,7 +112,7 @@ class Worker:
         sampling = replace(sampling, max_tokens=min(sampling.max_tokens, limit - len(ids)))
         self.send({"start": True, "prompt_tokens": len(ids), "chat_template": template})
         record = Generation(load_s=backend.load_s)
-        tokens = backend.generate_ids(ids, sampling, record)
+        tokens = backend.generate_ids(ids, sampling, record, grammar=request.get("grammar"))
         interval_s = float(request.get("stream_interval_ms") or 0.0) / 1000
         produced, cancelled = self._relay(tokens, bool(request.get("stream")), interval_s)
         done = {

@@ -38,6 +38,14 @@ from ml_engine.server.llm_service import LlmKey, LlmService, _Loaded
 from ml_engine.server.schemas import Name, StrictBody
 from ml_engine.server.state import ServerState
 from ml_engine.server.streaming import relay_in_thread
+from ml_engine.server.tool_calls import (
+    ResponseFormat,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    plan_tools,
+    response_grammar,
+)
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -60,6 +68,9 @@ class _Request(StrictBody):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, description="accepted and ignored")
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object or json_schema: enforced by a grammar while sampling"
+    )
 
 
 class TextPart(StrictBody):
@@ -68,11 +79,15 @@ class TextPart(StrictBody):
 
 
 class ChatMessage(StrictBody):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="an assistant's calls")
+    tool_call_id: str | None = Field(None, description="the call a role 'tool' message answers")
 
     def text(self) -> str:
+        if self.content is None:  # an assistant message that only calls tools
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
@@ -81,6 +96,9 @@ class ChatMessage(StrictBody):
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, description="max_tokens' newer name")
+    tools: list[Tool] | None = Field(None, description="functions the reply may call")
+    tool_choice: ToolChoice | None = Field(None, description="none, auto, required or one")
+    parallel_tool_calls: bool | None = Field(None, description="accepted; one call per reply")
 
 
 class CompletionRequest(_Request):
@@ -371,10 +389,22 @@ async def chat_completions(request: Request, body: ChatRequest) -> Any:
     for message in messages:  # llama.cpp's templates know "system", not OpenAI's newer name
         message["role"] = "system" if message["role"] == "developer" else message["role"]
     _check_prompt(state, sum(len(m["content"]) for m in messages))
+    plan = plan_tools(body, messages)  # tools, tool_choice and tool messages (tool_calls.py)
+    grammar = plan.grammar or response_grammar(body)
+    tool_chat = bool(body.tools) or any(m.role == "tool" or m.tool_calls for m in body.messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
     sampling = _sampling(state, body, max_tokens, default=256)
     generation, text, slot = await _generate(
-        request, state, body, sampling, _stops(body), mode="chat", messages=messages
+        request,
+        state,
+        body,
+        sampling,
+        _stops(body),
+        mode="chat",
+        messages=messages,
+        grammar=grammar,
+        tools=plan.tools,
+        tool_chat=tool_chat,
     )
     head = {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
@@ -392,8 +422,8 @@ async def chat_completions(request: Request, body: ChatRequest) -> Any:
 
         include = bool(body.stream_options and body.stream_options.include_usage)
         events = _chunks(generation, {**head, "object": "chat.completion.chunk"}, choice, include)
-        return _streaming(generation, events, slot)
-    message = {"role": "assistant", "content": text, "refusal": None}
+        return _streaming(generation, plan.chunks(events), slot)
+    message, finish_reason = plan.message(text or "", generation.finish_reason)
     return _answer(
         generation,
         {
@@ -404,7 +434,7 @@ async def chat_completions(request: Request, body: ChatRequest) -> Any:
                     "index": 0,
                     "message": message,
                     "logprobs": None,
-                    "finish_reason": generation.finish_reason,
+                    "finish_reason": finish_reason,
                 }
             ],
             "usage": generation.usage(),
@@ -426,7 +456,14 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
     _check_prompt(state, len(prompts[0]))
     sampling = _sampling(state, body, body.max_tokens, default=16)
     generation, text, slot = await _generate(
-        request, state, body, sampling, _stops(body), mode="raw", prompt=prompts[0]
+        request,
+        state,
+        body,
+        sampling,
+        _stops(body),
+        mode="raw",
+        prompt=prompts[0],
+        grammar=response_grammar(body),
     )
     head = {
         "id": f"cmpl-{uuid.uuid4().hex[:24]}",

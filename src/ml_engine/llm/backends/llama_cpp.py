@@ -568,13 +568,21 @@ class LlamaCppBackend(LlmBackend):
             args = (self.n_vocab, *args)
         return init(*args)
 
-    def _sampler(self, sampling: Sampling):
+    def _sampler(self, sampling: Sampling, grammar: str | None = None):
         """llama.cpp's chain: penalties → top_k → top_p → temp → dist (greedy: penalties →
-        greedy, what ``_greedy_picker`` reproduces without the chain). Its own timing is on."""
+        greedy, what ``_greedy_picker`` reproduces without the chain). Its own timing is on.
+        A GBNF ``grammar`` (structured output, tool calls) goes first: every later sampler
+        then only sees the tokens that keep the text inside it."""
         lib = self._lib
         params = lib.llama_sampler_chain_default_params()
         params.no_perf = False  # the default is off: the chain's t_sample_ms is compared with
         chain = lib.llama_sampler_chain_init(params)
+        if grammar is not None:
+            constrained = lib.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+            if not constrained:  # llama.cpp logged why; the grammar comes from a request
+                lib.llama_sampler_free(chain)
+                raise UserError(f"llama.cpp could not parse the grammar: {last_llama_error()}")
+            lib.llama_sampler_chain_add(chain, constrained)
         if sampling.repeat_penalty != 1.0:
             lib.llama_sampler_chain_add(chain, self._penalties(sampling.repeat_penalty))
         if sampling.temperature <= 0:
@@ -623,14 +631,19 @@ class LlamaCppBackend(LlmBackend):
         return pick
 
     def _token_loop(
-        self, prompt_ids: list[int], sampling: Sampling, record: Generation
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        record: Generation,
+        grammar: str | None = None,
     ) -> Iterator[int]:
         """Yield generated token ids; fills ``record``'s clock readings and finish reason."""
         lib, ctx = self._lib, self._ctx
         clock = time.perf_counter
         limit = min(sampling.max_tokens, self.n_ctx - len(prompt_ids))
-        greedy = sampling.temperature <= 0
-        sampler = None if greedy else self._sampler(sampling)
+        # the greedy shortcut skips llama.cpp's chain, so a grammar needs the chain
+        greedy = sampling.temperature <= 0 and grammar is None
+        sampler = None if greedy else self._sampler(sampling, grammar)
         if greedy:
             next_token = self._greedy_picker(sampling.repeat_penalty)
         else:
@@ -650,7 +663,9 @@ class LlamaCppBackend(LlmBackend):
             # Single-token batches from here on: only the token and its position change.
             batch.n_tokens, batch.n_seq_id[0], batch.seq_id[0][0], batch.logits[0] = 1, 1, 0, 1
             position, produced, decoded = len(prompt_ids), 0, 0
-            ignore_eos, is_eog = self.ignore_eos, lib.llama_vocab_is_eog
+            # a grammar allows end-of-generation only once its text is complete: honoured
+            # even where the model is set to ignore it (the random tiny model)
+            ignore_eos, is_eog = self.ignore_eos and grammar is None, lib.llama_vocab_is_eog
             decode, vocab = lib.llama_decode, self._vocab
             record.finish_reason = "length"
             while limit > 0:
@@ -726,11 +741,15 @@ class LlamaCppBackend(LlmBackend):
             synchronize(ctx)
 
     def generate_ids(
-        self, prompt_ids: list[int], sampling: Sampling, record: Generation
+        self,
+        prompt_ids: list[int],
+        sampling: Sampling,
+        record: Generation,
+        grammar: str | None = None,
     ) -> Iterator[int]:
         """The measured token loop on a prompt already tokenized (a chat formatted by
         ``apply_chat_template``, a raw completion prompt); closing it stops the generation."""
-        return self._token_loop(prompt_ids, sampling, record)
+        return self._token_loop(prompt_ids, sampling, record, grammar)
 
     def generate(self, prompt: str, sampling: Sampling) -> Generation:
         record = Generation(load_s=self.load_s)
