@@ -123,6 +123,43 @@ def _check_bench_fits(cfg: DictConfig) -> None:
     check_fits(as_sizes(bench.get("n_prompt")), as_sizes(bench.get("n_gen")), n_ctx, n_ctx)
 
 
+def _memory_fit(cfg: DictConfig) -> dict[str, Any] | None:
+    """memory_fit's estimate of the load, from the file's header, before any work: past
+    ``llm.memory_budget`` it is refused in one line. None when there is no file to read yet
+    (the mock; a quantization still to be produced, the embedded model still to be written)."""
+    from ml_engine.llm.memory_fit import check_budget, estimate, parse_bytes
+    from ml_engine.llm.models import model_path
+
+    budget = parse_bytes(cfg.llm.get("memory_budget"))
+    if cfg.llm.backend.name == "mock":
+        return None
+    try:
+        path = model_path(cfg.llm.model, str(cfg.llm.quantization), Path(cfg.paths.models_dir))
+        if not path.is_file():
+            return None
+        found = estimate(path, int(cfg.llm.n_ctx), n_batch=int(cfg.llm.get("n_batch") or 512))
+    except (OSError, ValueError, UserError):  # an unreadable file: the load says what is wrong
+        return None
+    check_budget(found, budget, f"{path.name} at n_ctx={cfg.llm.n_ctx}")
+    return {**found.as_dict(), "budget_bytes": budget}
+
+
+def _memory_report(memory: dict[str, Any] | None, work: dict[str, Any]) -> dict[str, Any] | None:
+    """result.json's ``memory``: the estimate of the load against the worker's RSS growth
+    from before the load to after llama-bench's tests (every buffer touched)."""
+    if memory is None:
+        return None
+    measured = work.get("rss_growth_bytes")
+    ratio = memory["load_bytes"] / measured if measured else None
+    return {
+        "estimate_bytes": memory["load_bytes"],
+        "estimate_total_bytes": memory["total_bytes"],
+        "measured_bytes": measured,
+        "estimate_over_measured": round(ratio, 4) if ratio else None,
+        "parts": memory,
+    }
+
+
 def _notes(facts: dict[str, Any]) -> list[str]:
     """What a reader of result.json must know about how the prompts and the file were used."""
     notes = []
@@ -299,6 +336,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     _quality_for_file_model(cfg)
     _check_quality_text(cfg)
     _check_bench_fits(cfg)
+    memory = _memory_fit(cfg)
     apply_extras(cfg)  # after the checks: the summary names the file's own model and quantization
 
     work = _run_model_work(cfg, _job_spec(cfg, prompts), output_dir)
@@ -315,6 +353,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         "llama_bench": work.get("llama_bench") or [],
         "quality": work.get("quality") or {},
         "peak_rss_mb": work.get("peak_rss_mb"),
+        "memory": _memory_report(memory, work),
         "texts": _write_texts(output_dir, work["bench"]),
     }
     if result["backend"] == "mock":

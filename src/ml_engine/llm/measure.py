@@ -36,6 +36,11 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     llm, models_dir = spec["llm"], Path(spec["models_dir"])
     bench = spec["bench"]
+    from ml_engine.llm.memory_fit import rss_bytes
+
+    if (llm.get("backend") or {}).get("name") != "mock":
+        import llama_cpp  # noqa: F401  (before the first reading: the library is no load's)
+    rss_before = rss_bytes()  # the load's growth is what memory_fit estimates
     with _open(llm, models_dir) as backend:
         facts = backend.describe()
         resolved = getattr(backend, "model_file", None)
@@ -52,12 +57,14 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
         tests = _llama_bench(backend, bench)
         # Read before the quality step, which may load the base file as well.
         peak = peak_rss_mb()
+        grown = rss_bytes() - rss_before if rss_before else None
         quality = _quality(backend, llm, spec, models_dir)
     work = {
         "facts": facts,
         "bench": timing,
         "llama_bench": tests,
         "peak_rss_mb": peak,
+        "rss_growth_bytes": grown,
         "quality": quality,
         "work_s": time.perf_counter() - started,
         "cached": False,

@@ -114,6 +114,11 @@ class _Loaded:
     key: LlmKey | None = None  # resolved: every setting filled in
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
+    # what memory_fit estimated the load takes (0: not estimated: the mock, a file not yet
+    # written); held against llm.memory_budget with the other loaded models'
+    estimate_bytes: int = 0
+    # when its last request gave it back (monotonic), for llm.idle_unload_s
+    last_used: float = field(default_factory=time.monotonic)
 
     def serves(self, key: LlmKey) -> bool:
         if self.key is None or self.key.family() != key.family():
@@ -178,6 +183,8 @@ class LlmService:
         worker_timeout_s: float | None = None,
         stream_interval_ms: float = 0.0,
         metrics: ServerMetrics | None = None,
+        memory_budget: int | None = None,
+        idle_unload_s: float | None = None,
     ) -> None:
         self.models_dir, self.config_name = models_dir, config_name
         self._config_names: list[str] | None = None
@@ -202,6 +209,17 @@ class LlmService:
         self.peak_workers = 0  # most worker processes alive at once
         self._live_workers = 0
         self.metrics = metrics or ServerMetrics()
+        self.memory_budget = memory_budget  # bytes, held to memory_fit's estimates
+        self.idle_unload_s = idle_unload_s
+        self.idle_unloads = 0  # models unloaded for idleness since start
+        self._estimates: dict[LlmKey, int] = {}  # by resolved key, for /v1/models
+        self._stopping = threading.Event()
+        self._idle_thread: threading.Thread | None = None
+        if idle_unload_s is not None:
+            self._idle_thread = threading.Thread(
+                target=self._unload_idle_loop, name="llm-idle-unload", daemon=True
+            )
+            self._idle_thread.start()
 
     def _configured_names(self) -> list[str]:
         """conf/llm/model/*.yaml, read once: the configs are the installation's (a new one
@@ -449,6 +467,7 @@ class LlmService:
             self._worker_gone()
             self.metrics.worker_crashed()
             log.warning("model worker for %s died; dropped", loaded.key)
+        loaded.last_used = time.monotonic()
         loaded.lock.release()
 
     def _find(self, key: LlmKey) -> _Loaded | None:
@@ -493,15 +512,22 @@ class LlmService:
                 found = self._find(key)
                 if found is not None:
                     return found
+            # before any worker starts: a load past llm.memory_budget is refused (one line)
+            estimate = self.memory_estimate(key)
+            with self._cache_lock:
                 # room for one more before it starts: the count never exceeds cache_size
                 evicted = []
                 while self._loaded and len(self._loaded) + self._loading >= self.cache_size:
+                    evicted.append(self._loaded.popitem(last=False)[1])
+                # and the budget: least recently used models go until the new estimate fits
+                while self._loaded and self._over_memory_budget(estimate):
                     evicted.append(self._loaded.popitem(last=False)[1])
                 self._loading += 1
             try:
                 for old in evicted:
                     self._close(old)
                 loaded = self._open(key)
+                loaded.estimate_bytes = estimate
             finally:
                 with self._cache_lock:
                     self._loading -= 1
@@ -511,6 +537,98 @@ class LlmService:
         for old in evicted:
             self._close(old)
         return loaded
+
+    def memory_estimate(self, key: LlmKey) -> int:
+        """memory_fit's estimate (bytes, a fresh worker's baseline included) of loading
+        ``key`` (resolved), from the file's header; refused with a ``UserError`` naming the
+        estimate and ``llm.memory_budget`` when past it. 0 for the mock and for a file not on
+        disk yet (the embedded model is written on first use: too small to matter)."""
+        if key.backend == "mock":
+            return 0
+        if key in self._estimates:
+            estimate = self._estimates[key]
+        else:
+            from ml_engine.llm.memory_fit import MemoryEstimate, check_budget
+            from ml_engine.llm.memory_fit import estimate as estimate_load
+            from ml_engine.llm.models import model_path
+
+            llm = self.llm_config(key.model, key.overrides())
+            try:
+                path = model_path(llm.model, str(llm.quantization), self.models_dir)
+            except UserError:  # an unreadable file: the load says what is wrong with it
+                return 0
+            if not path.is_file():
+                return 0
+            try:
+                found: MemoryEstimate = estimate_load(
+                    path, int(llm.n_ctx or 0), n_batch=int(llm.get("n_batch") or 512)
+                )
+            except (OSError, ValueError) as exc:  # the load itself says what is wrong
+                log.warning("no memory estimate for %s: %s", path, first_line(exc))
+                return 0
+            check_budget(found, self.memory_budget, f"model '{key.model}' at n_ctx={key.n_ctx}")
+            estimate = self._estimates[key] = found.total_bytes
+        if self.memory_budget is not None and estimate > self.memory_budget:
+            from ml_engine.llm.memory_fit import format_bytes
+
+            raise UserError(
+                f"model '{key.model}' at n_ctx={key.n_ctx} needs an estimated "
+                f"{format_bytes(estimate)}, more than llm.memory_budget="
+                f"{format_bytes(self.memory_budget)}"
+            )
+        return estimate
+
+    def _over_memory_budget(self, estimate: int) -> bool:
+        """The loaded models' estimates and ``estimate`` together are past the budget."""
+        if self.memory_budget is None:
+            return False
+        held = sum(e.estimate_bytes for e in self._loaded.values())
+        return held + estimate > self.memory_budget
+
+    def loaded_state(self) -> dict[str, dict[str, Any]]:
+        """By model name: whether it is loaded now and its estimate (the largest of its
+        loaded contexts, else of its default one when computed), for ``/v1/models``."""
+        with self._cache_lock:
+            entries = list(self._loaded.values())
+            estimates = dict(self._estimates)
+        state: dict[str, dict[str, Any]] = {}
+        for key, size in estimates.items():
+            state.setdefault(key.model, {"loaded": False, "memory_estimate_bytes": size})
+        for entry in entries:
+            if entry.key is not None and not entry.closed:
+                state[entry.key.model] = {
+                    "loaded": True,
+                    "memory_estimate_bytes": entry.estimate_bytes or None,
+                }
+        return state
+
+    def _unload_idle_loop(self) -> None:
+        """Every so often, close the models no request used for ``idle_unload_s``; one in
+        use (its lock held) is never touched."""
+        assert self.idle_unload_s is not None
+        period = min(1.0, max(0.05, self.idle_unload_s / 4))
+        while not self._stopping.wait(period):
+            self.unload_idle()
+
+    def unload_idle(self) -> list[LlmKey]:
+        """Close the models idle for ``idle_unload_s`` or longer; their keys."""
+        if self.idle_unload_s is None:
+            return []
+        now, idle = time.monotonic(), []
+        with self._cache_lock:
+            for entry in list(self._loaded.values()):
+                if now - entry.last_used < self.idle_unload_s:
+                    continue
+                if not entry.lock.acquire(blocking=False):  # serving a request: stays
+                    continue
+                del self._loaded[entry.key]
+                entry.lock.release()
+                idle.append(entry)
+        for entry in idle:
+            self._close(entry)
+            self.idle_unloads += 1
+            log.info("unloaded %s: idle for %g s", entry.key.model, self.idle_unload_s)
+        return [entry.key for entry in idle]
 
     def _over_budget(self, keep: _Loaded) -> list[_Loaded]:
         """Least recently used entries to drop until the workers' resident memory fits
@@ -544,6 +662,7 @@ class LlmService:
     def close(self, grace_s: float | None = None) -> None:
         """Close every worker; one still serving a request after ``grace_s`` is killed (the
         request sees a crash) rather than waited for."""
+        self._stopping.set()
         with self._cache_lock:
             loaded, self._loaded = list(self._loaded.values()), OrderedDict()
         for entry in loaded:

@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from ml_engine.errors import UserError
+from ml_engine.llm.memory_fit import parse_bytes
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ class Settings:
     llm_retry_after_s: int = 5
     llm_exports_dir: Path | None = None
     llm_files: tuple[Path, ...] = ()
+    llm_memory_budget: int | None = None  # bytes
+    llm_idle_unload_s: float | None = None
     # sweep kind (train, generate) → the dir its sweeps are written under, for GET /ml/sweeps
     sweeps_dirs: dict[str, Path] = field(default_factory=dict)
     log_level: str = "info"
@@ -130,6 +133,20 @@ def _megabytes(value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
         raise UserError(f"llm.cache_mb={value!r} is not valid; expected megabytes > 0 or null")
+    return float(value)
+
+
+def _max_loaded(llm: dict[str, Any]) -> Any:
+    """``llm.max_loaded``, else the older ``llm.cache_size`` it replaces."""
+    given = llm.get("max_loaded")
+    return given if given is not None else llm.get("cache_size", 2)
+
+
+def _idle_unload(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise UserError(f"llm.idle_unload_s={value!r} is not valid; expected seconds > 0 or null")
     return float(value)
 
 
@@ -293,7 +310,8 @@ def load_settings(cfg: DictConfig) -> Settings:
         default_predict_model=str(predict.get("default_model", "cnn_mnist")),
         llm_config_name=str(llm.get("config_name", "generate")),
         llm_models=_names(llm.get("models")),
-        llm_cache_size=int(llm.get("cache_size", 2)),
+        # max_loaded is the issue's name for cache_size: it wins when set
+        llm_cache_size=_count("llm.max_loaded", _max_loaded(llm), low=1),
         llm_cache_mb=_megabytes(llm.get("cache_mb")),
         llm_worker_timeout_s=_worker_timeout(llm.get("worker_timeout_s", 300.0)),
         llm_stream_interval_ms=_stream_interval(llm.get("stream_interval_ms", 20.0)),
@@ -305,6 +323,8 @@ def load_settings(cfg: DictConfig) -> Settings:
             Path(llm["exports_dir"]).expanduser().resolve() if llm.get("exports_dir") else None
         ),
         llm_files=tuple(Path(str(f)) for f in llm.get("files") or ()),
+        llm_memory_budget=parse_bytes(llm.get("memory_budget")),
+        llm_idle_unload_s=_idle_unload(llm.get("idle_unload_s")),
         sweeps_dirs=_sweeps_dirs(data.get("sweeps_dirs")),
         log_level=_log_level(data.get("log_level")),
         allowed_hosts=_allowed_hosts(data.get("allowed_hosts")),

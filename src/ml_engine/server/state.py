@@ -84,6 +84,8 @@ class ServerState:
                 cache_mb=settings.llm_cache_mb,
                 worker_timeout_s=settings.llm_worker_timeout_s,
                 stream_interval_ms=settings.llm_stream_interval_ms,
+                memory_budget=settings.llm_memory_budget,
+                idle_unload_s=settings.llm_idle_unload_s,
                 # a crashed worker's log stays here, next to the jobs database
                 log_dir=settings.jobs_db.parent / "llm_workers",
                 metrics=metrics,
