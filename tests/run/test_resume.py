@@ -175,5 +175,9 @@ def test_a_killed_optuna_sweep_resumes_and_replaces_the_killed_trial(tmp_path: P
     assert len(summary) == 5 and len({job["job"] for job in summary}) == 5
     failed = [job for job in summary if job["status"] == "failed"]
     assert len(failed) == 1 and failed[0]["error"].startswith("killed")
-    # every job dir ran once: the killed trial's params ran again as a new trial, in a new dir
-    assert list(run_counts(sweep_dir).values()) == [1] * 5
+    # the killed trial's params ran again as a new trial, in a new dir: no dir ran twice (the
+    # killed job may have died before its first log line)
+    counts = run_counts(sweep_dir)
+    killed_dir = failed[0]["job"]
+    assert counts.get(killed_dir, 0) <= 1
+    assert all(count == 1 for job, count in counts.items() if job != killed_dir), counts
