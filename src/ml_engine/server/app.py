@@ -15,7 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from omegaconf import DictConfig
 
 from ml_engine import __version__
-from ml_engine.server import routes_charts, routes_llm, routes_ml, routes_openai
+from ml_engine.server import routes_charts, routes_llm, routes_ml, routes_openai, routes_tokens
 from ml_engine.server.errors import SafeJSONResponse, install_error_handlers
 from ml_engine.server.guards import BodySizeLimit, HostOriginGuard, bearer_guard
 from ml_engine.server.metrics import CONTENT_TYPE, RequestMetrics
@@ -108,6 +108,7 @@ def create_app(cfg: DictConfig | Settings) -> FastAPI:
     app.include_router(routes_charts.router, dependencies=protected)
     app.include_router(routes_llm.router, dependencies=protected)
     app.include_router(routes_openai.router, dependencies=protected)
+    app.include_router(routes_tokens.router, dependencies=protected)
 
     @app.get("/health", response_model=Health, tags=["service"], summary="Liveness")
     async def health() -> dict[str, str]:

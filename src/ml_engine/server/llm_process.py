@@ -212,6 +212,28 @@ class LlmProcess:
     def describe(self) -> dict[str, Any]:
         return dict(self.facts)
 
+    # ---- embeddings and tokens (llm_worker_ops)
+
+    def embed(self, inputs: list[str | list[int]], n_ctx: int | None = None) -> dict[str, Any]:
+        """Unit-length mean-pooled vectors of ``inputs`` (texts or token-id lists)."""
+        return self.call({"op": "embed", "input": inputs, "n_ctx": n_ctx})
+
+    def tokenize(
+        self, content: str, add_special: bool, parse_special: bool, with_pieces: bool
+    ) -> dict[str, Any]:
+        return self.call(
+            {
+                "op": "tokenize",
+                "content": content,
+                "add_special": add_special,
+                "parse_special": parse_special,
+                "with_pieces": with_pieces,
+            }
+        )
+
+    def detokenize(self, tokens: list[int]) -> dict[str, Any]:
+        return self.call({"op": "detokenize", "tokens": tokens})
+
     def kill(self) -> None:
         """End the worker now, whatever it is doing: a request reading from it sees a crash."""
         with contextlib.suppress(OSError):
@@ -251,6 +273,8 @@ class ProcessStream:
         self._state_lock = threading.Lock()
         self._pieces: deque[str] = deque()  # of a message holding several
         self.stats: dict[str, Any] | None = None
+        # per generated token, when ``top_logprobs`` was asked for: as the pieces arrive
+        self.logprobs: list[dict[str, Any]] = []
         request = {
             "op": "generate",
             "mode": options.get("mode", "engine"),
@@ -260,6 +284,7 @@ class ProcessStream:
             "sampling": {name: options[name] for name in _SAMPLING if name in options},
             "stream": stream,
             "stream_interval_ms": process.stream_interval_ms,
+            "top_logprobs": options.get("top_logprobs"),
             # structured output and tools (llm/structured.py, llm/chat_tools.py)
             "grammar": options.get("grammar"),
             "tools": options.get("tools"),
@@ -285,6 +310,7 @@ class ProcessStream:
             with self._state_lock:
                 self._finished = True
             raise
+        self.logprobs.extend(message.get("lp") or message.get("logprobs") or ())
         if "t" in message:
             return message["t"]
         if "ts" in message:

@@ -5,12 +5,14 @@ aborts the process on some corrupt files (a ``GGML_ASSERT`` on ``llama.block_cou
 here that ends only this worker, and the server answers the request that caused it.
 
 Protocol: JSON lines. Requests come on stdin: ``load``, ``generate``, ``cancel`` (between two
-tokens of a generation; ignored when idle). Replies go to the protocol channel, the process's
+tokens of a generation; ignored when idle), ``embed``, ``tokenize``, ``detokenize``
+(``llm_worker_ops``). Replies go to the protocol channel, the process's
 original stdout; fd 1 and 2 are then pointed at the worker's log, so that llama.cpp's own
 prints can never corrupt the protocol and its last words are in the log when it dies.
 
 A generation answers ``{"start": ...}`` (prompt tokens, chat template used), then
-``{"t": piece}`` per text piece when streamed, then ``{"done": ...}`` with the counts; any
+``{"t": piece}`` per text piece when streamed (with ``"lp"``, the tokens' log-probabilities,
+when ``top_logprobs`` is asked for), then ``{"done": ...}`` with the counts; any
 step may answer ``{"error": message, "user": bool}`` instead.
 """
 
@@ -31,6 +33,7 @@ from typing import Any
 
 from ml_engine.errors import UserError
 from ml_engine.run.helpers import error_summary, finite_or_none
+from ml_engine.server.llm_worker_ops import OPS
 
 
 class Requests:
@@ -62,6 +65,8 @@ class Worker:
     def __init__(self, out_fd: int, requests: Requests) -> None:
         self.out_fd, self.requests = out_fd, requests
         self.backend: Any = None
+        self._record: Any = None  # the generation running, whose logprobs ride with pieces
+        self._logprobs_sent = 0
 
     def send(self, message: dict[str, Any]) -> None:
         # one unbuffered write per message: a piece reaches the server as soon as it exists
@@ -111,7 +116,8 @@ class Worker:
         sampling = Sampling(**request["sampling"])
         sampling = replace(sampling, max_tokens=min(sampling.max_tokens, limit - len(ids)))
         self.send({"start": True, "prompt_tokens": len(ids), "chat_template": template})
-        record = Generation(load_s=backend.load_s)
+        record = Generation(load_s=backend.load_s, top_logprobs=request.get("top_logprobs"))
+        self._record, self._logprobs_sent = record, 0
         tokens = backend.generate_ids(ids, sampling, record, grammar=request.get("grammar"))
         interval_s = float(request.get("stream_interval_ms") or 0.0) / 1000
         produced, cancelled = self._relay(tokens, bool(request.get("stream")), interval_s)
@@ -124,6 +130,8 @@ class Worker:
         }
         if not request.get("stream"):
             done["text"] = backend.detokenize(produced)
+        if record.top_logprobs is not None:  # those no piece message carried
+            done["logprobs"] = record.logprobs[self._logprobs_sent :]
         self.send(done)
 
     def _relay(
@@ -159,7 +167,15 @@ class Worker:
 
     def _send_pieces(self, pieces: list[str]) -> None:
         if pieces:
-            self.send({"t": pieces[0]} if len(pieces) == 1 else {"ts": list(pieces)})
+            message: dict[str, Any] = {"t": pieces[0]}
+            if len(pieces) > 1:
+                message = {"ts": list(pieces)}
+            record = self._record
+            if record is not None and record.top_logprobs is not None:
+                # the log-probabilities of the tokens made since the last message ride with it
+                message["lp"] = record.logprobs[self._logprobs_sent :]
+                self._logprobs_sent = len(record.logprobs)
+            self.send(message)
             pieces.clear()
 
     def serve(self) -> None:
@@ -175,6 +191,8 @@ class Worker:
                     self.load(request)
                 elif op == "generate":
                     self.generate(request)
+                elif op in OPS:  # embeddings and tokens (llm_worker_ops.py)
+                    self.send(OPS[op](self.backend, request))
                 else:
                     self.send({"error": f"unknown op {op!r}", "user": False})
             except UserError as exc:

@@ -35,6 +35,7 @@ from ml_engine.server.llm_process import (
     WorkerTimedOut,
 )
 from ml_engine.server.llm_service import LlmKey, LlmService, _Loaded
+from ml_engine.server.openai_extras import chat_logprobs, completion_logprobs, generation_timings
 from ml_engine.server.schemas import Name, StrictBody
 from ml_engine.server.state import ServerState
 from ml_engine.server.streaming import relay_in_thread
@@ -99,10 +100,17 @@ class ChatRequest(_Request):
     tools: list[Tool] | None = Field(None, description="functions the reply may call")
     tool_choice: ToolChoice | None = Field(None, description="none, auto, required or one")
     parallel_tool_calls: bool | None = Field(None, description="accepted; one call per reply")
+    logprobs: bool = Field(False, description="each token's log-probability")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="and the k most likely tokens' (needs logprobs)"
+    )
 
 
 class CompletionRequest(_Request):
     prompt: str | list[str] = Field(description="a string (or a list of one)")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="each token's log-probability and the k most likely's"
+    )
 
 
 def _state(request: Request) -> ServerState:
@@ -192,6 +200,7 @@ class Generation:
         self._lock = threading.Lock()
         self.template = str(stream.start.get("chat_template"))
         self.finish_reason = "length"
+        self._logprobs_taken = 0
 
     def pieces(self) -> Iterator[str]:
         try:
@@ -218,6 +227,30 @@ class Generation:
             "completion_tokens": completion,
             "total_tokens": prompt + completion,
         }
+
+    def take_logprobs(self) -> list[dict[str, Any]]:
+        """The tokens' log-probability entries come in since the last call (streamed: those of
+        the pieces read so far; ``[]`` when none were asked for)."""
+        entries = self._stream.logprobs[self._logprobs_taken :]
+        self._logprobs_taken += len(entries)
+        return entries
+
+    def logprobs_of(self, text: str) -> list[dict[str, Any]]:
+        """Every entry of a whole generation whose token starts within ``text`` (a stop string
+        cut the text: the tokens past it are not part of the answer)."""
+        entries, at = [], 0
+        for entry in self.take_logprobs():
+            if self._filter.stopped and at >= len(text):
+                break
+            entries.append(entry)
+            at += len(entry["token"])
+        return entries
+
+    def timings(self) -> dict[str, Any]:
+        """llama-server's ``timings``: prompt and generation ms, ms per token, tokens/s."""
+        usage = self.usage()
+        worker = (self._stream.stats or {}).get("timings") or {}
+        return generation_timings(usage["prompt_tokens"], usage["completion_tokens"], worker)
 
     def close(self) -> None:
         with self._lock:
@@ -369,9 +402,13 @@ def _chunks(
         yield {**head, "choices": [first], **usage}
     for text in generation.pieces():
         yield {**head, "choices": [choice(text, None)], **usage}
-    yield {**head, "choices": [choice("", generation.finish_reason)], **usage}
+    # the last chunk carries the usage and llama-server's timings (the usage chunk when
+    # include_usage asks for one, else the finish chunk: extra fields the client keeps)
+    last = {"usage": generation.usage(), "timings": generation.timings()}
+    finish = {**head, "choices": [choice("", generation.finish_reason)], **usage}
+    yield finish if include_usage else {**finish, **last}
     if include_usage:
-        yield {**head, "choices": [], "usage": generation.usage()}
+        yield {**head, "choices": [], **last}
 
 
 # ---- routes ----------------------------------------------------------------------------------
@@ -394,6 +431,9 @@ async def chat_completions(request: Request, body: ChatRequest) -> Any:
     tool_chat = bool(body.tools) or any(m.role == "tool" or m.tool_calls for m in body.messages)
     max_tokens = body.max_completion_tokens or body.max_tokens
     sampling = _sampling(state, body, max_tokens, default=256)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true")
+    top = (body.top_logprobs or 0) if body.logprobs else None
     generation, text, slot = await _generate(
         request,
         state,
@@ -402,6 +442,7 @@ async def chat_completions(request: Request, body: ChatRequest) -> Any:
         _stops(body),
         mode="chat",
         messages=messages,
+        top_logprobs=top,
         grammar=grammar,
         tools=plan.tools,
         tool_chat=tool_chat,
@@ -418,7 +459,10 @@ async def chat_completions(request: Request, body: ChatRequest) -> Any:
             delta = {"role": "assistant", "content": ""} if text is None else {}
             if text:
                 delta = {"content": text}
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            logprobs = None
+            if top is not None and text is not None:  # the tokens read since the last chunk
+                logprobs = chat_logprobs(generation.take_logprobs())
+            return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
         include = bool(body.stream_options and body.stream_options.include_usage)
         events = _chunks(generation, {**head, "object": "chat.completion.chunk"}, choice, include)
@@ -433,11 +477,14 @@ async def chat_completions(request: Request, body: ChatRequest) -> Any:
                 {
                     "index": 0,
                     "message": message,
-                    "logprobs": None,
+                    "logprobs": None
+                    if top is None
+                    else chat_logprobs(generation.logprobs_of(text or "")),
                     "finish_reason": finish_reason,
                 }
             ],
             "usage": generation.usage(),
+            "timings": generation.timings(),
         },
     )
 
@@ -463,6 +510,7 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
         _stops(body),
         mode="raw",
         prompt=prompts[0],
+        top_logprobs=body.logprobs,
         grammar=response_grammar(body),
     )
     head = {
@@ -473,16 +521,30 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
         "system_fingerprint": None,
     }
     if body.stream:
+        offset = [0]  # characters of the completion streamed so far: text_offset's origin
 
         def choice(text: str | None, finish: str | None) -> dict[str, Any] | None:
             if text is None:  # completions have no opening role chunk
                 return None
-            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = completion_logprobs(generation.take_logprobs(), offset[0])
+                offset[0] += len(text)
+            return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
         include = bool(body.stream_options and body.stream_options.include_usage)
         return _streaming(generation, _chunks(generation, head, choice, include), slot)
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": generation.finish_reason}
-    return _answer(generation, {**head, "choices": [choice], "usage": generation.usage()})
+    logprobs = None
+    if body.logprobs is not None:
+        logprobs = completion_logprobs(generation.logprobs_of(text or ""))
+    choice = {
+        "index": 0,
+        "text": text,
+        "logprobs": logprobs,
+        "finish_reason": generation.finish_reason,
+    }
+    reply = {**head, "choices": [choice], "usage": generation.usage()}
+    return _answer(generation, {**reply, "timings": generation.timings()})
 
 
 @router.get("/models", summary="OpenAI model list: every usable GGUF")
@@ -491,9 +553,21 @@ def list_models(request: Request) -> dict[str, Any]:
     files = service.file_models()
     exported = service.exported_models()
     data = []
+    # extra fields (the client keeps them): loaded now, and memory_fit's estimate once known
+    state = service.loaded_state()
     for name in service.usable_models():
         path = files.get(name)
         owner = "ml-engine" if path is None else ("export" if name in exported else "llm.files")
         created = int(path.stat().st_mtime) if path is not None and path.exists() else 0
-        data.append({"id": name, "object": "model", "created": created, "owned_by": owner})
+        loaded = state.get(name, {})
+        data.append(
+            {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": owner,
+                "loaded": bool(loaded.get("loaded")),
+                "memory_estimate_bytes": loaded.get("memory_estimate_bytes"),
+            }
+        )
     return {"object": "list", "data": data}

@@ -50,6 +50,10 @@ class Generation:
     n_decoded: int = 0
     counters: dict[str, float] = field(default_factory=dict)
     text: str = ""
+    # log-probabilities: None = not asked for; else the number of alternatives per token, and
+    # one entry per generated token (``llm.embeddings.logprob_picker``)
+    top_logprobs: int | None = None
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def gen_tokens_per_s(self) -> float:

@@ -648,6 +648,10 @@ class LlamaCppBackend(LlmBackend):
             next_token = self._greedy_picker(sampling.repeat_penalty)
         else:
             next_token = functools.partial(lib.llama_sampler_sample, sampler, ctx, -1)
+        if record.top_logprobs is not None:  # OpenAI's logprobs: recorded as tokens are picked
+            from ml_engine.llm.embeddings import logprob_picker
+
+            next_token = logprob_picker(self, next_token, record.top_logprobs, record.logprobs)
         batch = self._batch
         try:
             self._clear_kv_cache()
