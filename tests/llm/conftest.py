@@ -15,9 +15,11 @@ from ml_engine.llm.models import ensure_model_file, model_path
 from ml_engine.run.locations import CONFIG_DIR
 from tests.conftest import compose_config, run_entrypoint, shrink
 
-# small, quick jobs: a few tokens, two repetitions, short llama-bench tests and quality window,
-# one thread
+# small, quick jobs on the random tiny model (the speed-test model, not the default since the
+# packaged shakespeare one): a few tokens, two repetitions, short llama-bench tests and quality
+# window, one thread
 FAST_OVERRIDES = (
+    "llm/model=tiny",
     "llm.max_tokens=8",
     "llm.n_threads=1",
     "llm.n_ctx=512",

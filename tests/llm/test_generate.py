@@ -57,7 +57,7 @@ def test_single_run_result_is_complete_and_consistent(gen_cfg) -> None:
 def test_configured_models_keep_their_default_quantization() -> None:
     from tests.conftest import compose_config
 
-    cfg = compose_config("generate")
+    cfg = compose_config("generate", ["llm/model=tiny"])
     assert cfg.llm.quantization == "q4_k_m" and cfg.llm.model.path is None
     assert compose_config("generate", ["llm/model=mistral_7b"]).llm.quantization == "q4_k_m"
 

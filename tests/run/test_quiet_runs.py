@@ -288,7 +288,7 @@ README_MISTAKES = [
     ),
     readme_mistake(
         "generate.py",
-        "llm.quantization=q8_0 paths.models_dir={truncated_models}",
+        "llm/model=tiny llm.quantization=q8_0 paths.models_dir={truncated_models}",
         "(corrupt or truncated GGUF)",
     ),
     readme_mistake(

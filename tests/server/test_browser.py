@@ -125,9 +125,9 @@ def test_ui_predicts_trains_and_generates(browser, server_url: str) -> None:
     # stream a mock generation into the page
     _wait(browser, lambda d: len(Select(d.find_element(By.ID, "backend")).options) == 2)
     Select(browser.find_element(By.ID, "backend")).select_by_visible_text("mock")
-    # nothing on disk: the embedded model is preselected, labelled as written on first use
+    # nothing downloaded: the packaged model trained here is preselected
     picker = Select(browser.find_element(By.ID, "llm-model"))
-    assert picker.first_selected_option.get_attribute("value") == "tiny"
+    assert picker.first_selected_option.get_attribute("value") == "shakespeare"
     picker.select_by_value("tiny")
     prompt = browser.find_element(By.ID, "prompt")
     prompt.clear()

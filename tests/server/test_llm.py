@@ -142,12 +142,14 @@ def test_llm_models_default_to_a_model_with_a_file(make_client, tmp_path: Path) 
     client = make_client(**{"paths.models_dir": str(models_dir)})
     body = client.get("/llm/models").json()
     models = {m["name"]: m for m in body["models"]}
-    # nothing on disk: the embedded model (written on first use), never the first name sorted
-    assert not any(m["file_on_disk"] for m in models.values())
+    # nothing downloaded: the packaged model trained here (its file ships with the package),
+    # not the embedded model's random weights, never the first name sorted
+    on_disk = [name for name, m in models.items() if m["file_on_disk"]]
+    assert on_disk == ["shakespeare"] and models["shakespeare"]["packaged"]
     assert [name for name, m in models.items() if m["embedded"]] == ["tiny"]
-    assert body["default_model"] == "tiny"
+    assert body["default_model"] == "shakespeare"
 
-    # a real model's file on disk wins over the embedded one's random weights
+    # a model file of the user's wins over the packaged one and the embedded random weights
     models_dir.mkdir()
     (models_dir / "Mistral-7B-Instruct-v0.3-Q4_K_M.gguf").write_bytes(b"GGUF")
     body = client.get("/llm/models").json()

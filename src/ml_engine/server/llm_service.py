@@ -291,7 +291,7 @@ class LlmService:
     def _describe(self, name: str, exported: bool) -> dict[str, Any]:
         """One entry of ``describe_models``; a model whose file cannot be read (or is gone
         since the start) is an entry with its error, never a failed list."""
-        from ml_engine.llm.models import EMBEDDED, available_quantizations, file_problem
+        from ml_engine.llm.models import EMBEDDED, PACKAGED, available_quantizations, file_problem
 
         given = self.given_files.get(name)
         entry: dict[str, Any] = {
@@ -300,6 +300,7 @@ class LlmService:
             "default_quantization": None,
             "file_on_disk": False,
             "embedded": False,
+            "packaged": False,
             "exported": exported,
             "file": str(given) if given else None,
         }
@@ -319,20 +320,25 @@ class LlmService:
             "default_quantization": default,
             "file_on_disk": default in on_disk,
             "embedded": llm.model.get("source") == EMBEDDED,
+            "packaged": llm.model.get("source") == PACKAGED,
             "usable": usable,
             "error": error,
         }
 
     @staticmethod
     def default_model(models: list[dict[str, Any]]) -> str | None:
-        """The model a client should preselect: one known to load (real models before the
-        embedded one's random weights), then one whose file is on disk and has not been tried,
-        then the embedded one (written on first use); never one whose file failed to load.
-        None when every model would be refused."""
-        usable = [m for m in models if m.get("usable")]
+        """The model a client should preselect: one known to load (a file of the user's before
+        the packaged model trained here, and that before the embedded one's random weights),
+        then, in the same order, one whose file is on disk and has not been tried, then the
+        embedded one (written on first use); never one whose file failed to load. None when
+        every model would be refused."""
+
+        def rank(model: dict[str, Any]) -> int:
+            return 2 if model["embedded"] else 1 if model.get("packaged") else 0
+
+        usable = sorted((m for m in models if m.get("usable")), key=rank)
         untried = [m for m in models if m.get("usable") is None]
-        ranked = [m for m in usable if not m["embedded"]] + [m for m in usable if m["embedded"]]
-        ranked += [m for m in untried if m["file_on_disk"] and not m["embedded"]]
+        ranked = usable + sorted((m for m in untried if m["file_on_disk"]), key=rank)
         ranked += [m for m in untried if m["embedded"]]
         return ranked[0]["name"] if ranked else None
 

@@ -220,7 +220,9 @@ Backend = Annotated[Literal[BACKENDS], BeforeValidator(_backend_alias)]  # type:
 
 class GenerateRequest(StrictBody):
     backend: Backend = Field("llama_cpp", description="llama_cpp (alias: llama) or mock")
-    model: Name = Field("tiny", description="a configured or exported model, see GET /llm/models")
+    model: Name = Field(
+        "shakespeare", description="a configured or exported model, see GET /llm/models"
+    )
     quantization: Name | None = Field(None, description="e.g. q8_0; default: the model's own")
     prompt: str = Field(description="limits.max_prompt_chars")
     max_tokens: int = Field(64, description="limits.max_tokens")
@@ -253,6 +255,9 @@ class LlmModelView(BaseModel):
     default_quantization: str | None
     file_on_disk: bool = Field(description="the default quantization's file is on disk")
     embedded: bool = Field(description="written by the server on first use, needs no download")
+    packaged: bool = Field(
+        False, description="shipped with the package: a model trained by this project"
+    )
     exported: bool = Field(
         False, description="a GGUF that export.py wrote into a training run (named by its file)"
     )
