@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from ml_engine.errors import UserError
-from ml_engine.llm.memory_fit import estimate, measure_load, parse_bytes, read_header, tensor_bytes
+from ml_engine.llm.memory_fit import (
+    estimate,
+    format_bytes,
+    measure_load,
+    parse_bytes,
+    read_header,
+    tensor_bytes,
+)
+from ml_engine.llm.models import model_path
+from tests.llm.conftest import generate_cli, last_line, tiny_model_cfg
 
 
 @pytest.mark.parametrize("n_ctx", [256, 4096])
@@ -58,3 +68,44 @@ def test_a_bad_budget_is_one_line_naming_the_key(value: object) -> None:
     with pytest.raises(UserError) as error:
         parse_bytes(value)
     assert str(error.value).startswith("llm.memory_budget=") and "\n" not in str(error.value)
+
+
+# ---- generate.py held to llm.memory_budget (issue 27 point 4) -----------------------------
+
+
+def test_generate_refuses_a_budget_below_the_estimate_and_reports_it_above(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """Below the estimate: one ``error:`` line naming both sizes, exit 1, no run dir (the check
+    reads the header before any work). Above it: ``result.json`` holds estimate vs measured.
+    f32: the file the session's models dir already holds, so the header is there to read."""
+    tiny = model_path(tiny_model_cfg(), "f32", models_dir)
+    needed = format_bytes(estimate(tiny, 512, n_batch=512).total_bytes)
+    refused_dir = tmp_path / "refused"
+    done = generate_cli(
+        "llm.quantization=f32",
+        "llm.memory_budget=1MiB",
+        models_dir=models_dir,
+        outputs=refused_dir,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    assert f"needs an estimated {needed}" in lines[0], lines[0]
+    assert "llm.memory_budget=1.00 MiB" in lines[0], lines[0]
+    assert not list(refused_dir.rglob("result.json")) and not list(refused_dir.rglob("runs/*"))
+
+    done = generate_cli(
+        "llm.quantization=f32",
+        "llm.memory_budget=8GiB",
+        models_dir=models_dir,
+        outputs=tmp_path / "fits",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = Path(last_line(done.stdout).removeprefix("run_dir: "))
+    memory = json.loads((run_dir / "result.json").read_text())["memory"]
+    assert memory["estimate_bytes"] > 0 and memory["measured_bytes"] > 0, memory
+    assert memory["estimate_total_bytes"] > memory["estimate_bytes"], memory  # + the baseline
+    assert memory["estimate_over_measured"] > 0, memory
+    assert memory["parts"]["budget_bytes"] == 8 * 1024**3, memory
+    assert memory["parts"]["weights_bytes"] > 0 and memory["parts"]["kv_cache_bytes"] > 0
