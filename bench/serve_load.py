@@ -8,10 +8,14 @@ and the ratio to a bare FastAPI app with the same route shapes, measured in the 
 Targets: ``predict`` (one real MNIST digit as a PNG upload, the best checkpoint of
 ``--model``; needs a trained run under the runs dir), ``generate`` (the mock backend: the
 HTTP/JSON path, no model), ``openai`` (``/v1/completions`` on the embedded tiny GGUF) and
-``tiny`` (``/llm/generate`` on the tiny GGUF, in its worker process). The bare app
-(bench/serve_bare.py) has ``generate`` and ``predict``: an echo JSON POST and a multipart
-route decoding the PNG without model work. Rounds alternate ours and bare so that other load
-on the machine hits both alike; medians over the rounds are printed.
+``tiny`` (``/llm/generate`` on the tiny GGUF, in its worker process), ``structured``
+(``/v1/chat/completions`` on the tiny GGUF with a small ``response_format`` json_schema, the
+reply sampled under its grammar) and ``embeddings`` (``/v1/embeddings`` of one short text on the
+tiny GGUF). The bare app (bench/serve_bare.py) has ``generate``, ``predict``, ``structured`` and
+``embeddings``: an echo JSON POST, a multipart route decoding the PNG, and the two ``/v1``
+routes answering a fixed reply of the same shape, all without model work. Rounds alternate
+ours and bare so that other load on the machine hits both alike; medians over the rounds are
+printed.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import json
 import os
 import socket
 import statistics
@@ -84,12 +89,34 @@ def request_for(target: str, model: str) -> dict:
     if target == "tiny":
         body = {"backend": "llama_cpp", "model": "tiny", "prompt": "Hello", "max_tokens": 8}
         return {"method": "POST", "url": "/llm/generate", "json": body}
+    if target == "structured":
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": "Is it raining?"}],
+            "max_tokens": 64,
+            "temperature": 0,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA},
+            },
+        }
+        return {"method": "POST", "url": "/v1/chat/completions", "json": body}
+    if target == "embeddings":
+        body = {"model": "tiny", "input": "the quick brown fox", "encoding_format": "float"}
+        return {"method": "POST", "url": "/v1/embeddings", "json": body}
     raise SystemExit(f"error: unknown target '{target}'; accepted: {', '.join(TARGETS)}")
 
 
-TARGETS = ("predict", "generate", "openai", "tiny")
+TARGETS = ("predict", "generate", "openai", "tiny", "structured", "embeddings")
 # the targets the bare app has a route shape for
-BARE_TARGETS = ("predict", "generate")
+BARE_TARGETS = ("predict", "generate", "structured", "embeddings")
+# the structured target's schema: small, every keyword one the grammar enforces
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {"raining": {"type": "boolean"}, "mood": {"enum": ["calm", "storm"]}},
+    "required": ["raining", "mood"],
+    "additionalProperties": False,
+}
 
 
 async def load(client: httpx.AsyncClient, target: str, request: dict, args) -> Result:
@@ -129,6 +156,11 @@ async def run_target(base_url: str, target: str, args, api_key: str | None) -> R
         warm = await client.request(**request)  # loads the checkpoint or backend once
         if warm.status_code != 200:
             raise SystemExit(f"error: {target} is not ready: {warm.status_code} {warm.text}")
+        if target == "structured":  # the grammar held: the reply is an object of the schema
+            choice = warm.json()["choices"][0]
+            answer = choice["message"]["content"]
+            if choice["finish_reason"] != "stop" or set(json.loads(answer)) != {"raining", "mood"}:
+                raise SystemExit(f"error: structured reply off its schema: {choice}")
         return await load(client, target, request, args)
 
 
@@ -194,8 +226,8 @@ def report(ours: dict[str, list[Result]], bare: dict[str, list[Result]], args) -
         f"{args.clients} clients, ≤ {args.max_requests} requests and ≤ {args.duration:g} s "
         f"per target and round, {args.rounds} round(s) alternating ours/bare; medians"
     )
-    print("| target   | server | req/s | p50 (ms) | p99 (ms) | ours ÷ bare | errors |")
-    print("|----------|--------|-------|----------|----------|-------------|--------|")
+    print("| target     | server | req/s | p50 (ms) | p99 (ms) | ours ÷ bare | errors |")
+    print("|------------|--------|-------|----------|----------|-------------|--------|")
     for target, results in ours.items():
         rows = [("ours", results)] + ([("bare", bare[target])] if bare.get(target) else [])
         rate = {name: median([r.rate() for r in rs]) for name, rs in rows}
@@ -206,7 +238,7 @@ def report(ours: dict[str, list[Result]], bare: dict[str, list[Result]], args) -
             errors = sum(r.errors for r in rs)
             p50, p99 = median([r.p50_ms() for r in rs]), median([r.p99_ms() for r in rs])
             print(
-                f"| {target:<8} | {name:<6} | {rate[name]:>5.0f} | {p50:>8.1f} "
+                f"| {target:<10} | {name:<6} | {rate[name]:>5.0f} | {p50:>8.1f} "
                 f"| {p99:>8.1f} | {ratio:>11} | {errors:>6} |"
             )
         codes = Counter()
