@@ -80,7 +80,9 @@ def test_generate_prints_its_summary_and_the_tree_only_on_request(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     (summary,) = summary_lines(result.stdout, "generate")
-    assert "model=tiny" in summary and "backend=mock" in summary and "prompts=code" in summary
+    # the packaged default model by its name, not its file inside the package
+    assert "model=shakespeare " in summary and "backend=mock" in summary
+    assert "prompts=code" in summary
     run_dir = result.stdout.strip().splitlines()[-1].removeprefix("run_dir: ")
     assert summary.endswith(f"run_dir={run_dir}"), summary
     assert ("CONFIG" in result.stdout) is print_config
@@ -94,7 +96,7 @@ def test_generate_prints_its_summary_and_the_tree_only_on_request(
         ("eval", ["ckpt_path=a/best.ckpt", "datamodule.source=bundled"], "data=mnist(bundled)"),
         ("predict", ["ckpt_path=a/best.ckpt", "input=pics", "output=p.csv"], "input=pics"),
         ("export", ["ckpt_path=a/last.ckpt", "quantization=q8_0"], "quantization=q8_0"),
-        ("generate", ["llm.n_gpu_layers=99"], "model=tiny quantization=q4_k_m"),
+        ("generate", ["llm.n_gpu_layers=99"], "model=shakespeare quantization=f16"),
     ],
 )
 def test_each_task_summary_names_its_own_choices(

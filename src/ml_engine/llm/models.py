@@ -247,6 +247,8 @@ def file_model_node(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
             else (facts.name if facts else None) or path.stem
         ),
         "source": FILE,
+        # the packaged file used in place: runs name it by its model name, not its path
+        "packaged": not model_cfg.get("path") and model_cfg.get("source") == PACKAGED,
         "path": str(path.resolve()),
         # llm.quantization follows it unless one is named
         "default_quantization": facts.quantization if facts else None,

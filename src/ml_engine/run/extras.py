@@ -182,7 +182,9 @@ def _generation_fields(cfg: DictConfig) -> dict[str, Any]:
     """generate: the model (with llm.model.path, its file), quantization, backend, GPU layers,
     threads, prompt set."""
     path = _select(cfg, "llm.model.path")
-    model = _shown_path(path) if path else _select(cfg, "llm.model.name")
+    name = _select(cfg, "llm.model.name")
+    packaged = bool(_select(cfg, "llm.model.packaged"))  # its file inside the package
+    model = _shown_path(path) if path and not packaged else name
     return {
         "model": model,
         "quantization": _select(cfg, "llm.quantization"),
