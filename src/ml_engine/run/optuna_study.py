@@ -68,7 +68,15 @@ def _first_open_lock(url: str) -> Iterator[None]:
         raise UserError(
             f"hydra.sweeper.storage={url}: the folder {database.parent} does not exist; {_URL_HELP}"
         )
-    with open(database.with_name(database.name + ".lock"), "a") as lock:
+    with exclusive_lock(database.with_name(database.name + ".lock")):
+        yield
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Held by one process at a time, across processes on this host (and file systems that
+    honour flock): the lock file ``path`` is created when missing and left in place."""
+    with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

@@ -20,7 +20,6 @@ Configs written for hydra-optuna-sweeper keep working: the same ``params`` synta
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import math
 import os
@@ -39,7 +38,13 @@ from optuna.trial import TrialState
 
 from ml_engine.errors import UserError
 from ml_engine.run.files import JOB_RECORD, read_job_record, write_json_atomic
-from ml_engine.run.optuna_study import DEFAULT_JOURNAL, is_journal, open_storage, sqlite_file
+from ml_engine.run.optuna_study import (
+    DEFAULT_JOURNAL,
+    exclusive_lock,
+    is_journal,
+    open_storage,
+    sqlite_file,
+)
 from ml_engine.run.optuna_trial import PRUNER_KEY, TRIAL_KEY, make_pruner
 from ml_engine.run.search_space import SearchSpace, parse_search_space
 
@@ -263,12 +268,8 @@ class OptunaSweeper(Sweeper):
         if path is None:
             yield
             return
-        with open(path.with_name(path.name + ".ask.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        with exclusive_lock(path.with_name(path.name + ".ask.lock")):
+            yield
 
     def _next_job_number(self) -> int:
         """Job dirs of an earlier run of this sweep keep their numbers: new jobs follow."""
