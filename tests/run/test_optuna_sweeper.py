@@ -199,3 +199,17 @@ def test_a_two_objective_sweep_keeps_the_pareto_front(tmp_path: Path) -> None:
     index = json.loads((sweep_dir / "study" / "index.json").read_text())
     assert "pareto_front" in {plot["name"] for plot in index["plots"]}
     assert "value0" in (sweep_dir / "study.md").read_text()
+
+
+def test_a_corrupt_journal_is_one_line_and_leaves_no_sweep_dir(tmp_path: Path) -> None:
+    journal = tmp_path / "study.journal"
+    journal.write_text("not a journal\n")
+    result = run_entrypoint(
+        "train.py", "-m", "hparams_search=mnist_optuna", *CLI_TEST_OVERRIDES,
+        f"hydra.sweeper.storage={journal}", f"paths.log_dir={tmp_path / 'logs'}",
+    )  # fmt: skip
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"hydra.sweeper.storage={journal}: cannot read its studies" in errors[0]
+    assert not (tmp_path / "logs").exists()

@@ -20,6 +20,7 @@ Configs written for hydra-optuna-sweeper keep working: the same ``params`` synta
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -155,16 +156,15 @@ class OptunaSweeper(Sweeper):
         return _build("sampler", config)
 
     def open_study(self, space: SearchSpace) -> optuna.Study:
-        # a refused sweep (a bad sampler setting, a storage that cannot be opened) leaves no dir
+        # a refused sweep (a bad sampler setting, a storage that cannot be opened or read)
+        # leaves no dir
         sampler = self._sampler(space)
+        given = self.storage_url is not None
         url = self.storage_url or str(self.sweep_dir / DEFAULT_JOURNAL)
-        if self.storage_url:
-            storage = open_storage(url)
+        if not given:  # the default journal lives in the sweep dir
             self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            self.sweep_dir.mkdir(parents=True, exist_ok=True)
-            storage = open_storage(url)
-        if self.storage_url:  # other workers share the study: the same seed proposes the same
+        storage = open_storage(url)
+        if given:  # other workers share the study: the same seed proposes the same
             sampler.reseed_rng()
         name = self.study_name or str(self.config.get("task_name", "study"))
         self.storage_url, self.study_name = url, name
@@ -177,8 +177,13 @@ class OptunaSweeper(Sweeper):
                 directions=self.directions,
                 load_if_exists=True,
             )
-        except ValueError as error:  # an existing study with other directions
-            raise UserError(f"hydra.sweeper.study_name={name}: {error}") from None
+        except ValueError as error:
+            if not isinstance(error, json.JSONDecodeError):  # a study with other directions
+                raise UserError(f"hydra.sweeper.study_name={name}: {error}") from None
+            raise _unreadable(url, error) from None
+        except Exception as error:  # a journal or database that is not Optuna's, or corrupt
+            raise _unreadable(url, error) from None
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
         if [d.name.lower() for d in study.directions] != self.directions:
             have = [d.name.lower() for d in study.directions]
             raise UserError(
@@ -355,6 +360,14 @@ def _mark_killed_records(sweep_dir: Path, numbers: set[int]) -> None:
                 "its params ran again",
             )
             write_json_atomic(path, record)
+
+
+def _unreadable(url: str, error: Exception) -> UserError:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+    return UserError(
+        f"hydra.sweeper.storage={url}: cannot read its studies ({type(error).__name__}: "
+        f"{reason}); is it a corrupt journal or another program's database?"
+    )
 
 
 def _tell_state(study: optuna.Study, trial: optuna.Trial, state: TrialState) -> None:
