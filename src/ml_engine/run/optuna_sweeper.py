@@ -255,6 +255,14 @@ class OptunaSweeper(Sweeper):
                 trials = [self._ask(study, space, next_job + i) for i in range(batch)]
             if not trials:
                 break
+            done = self.counted(study)
+            log.info(
+                "study %s: %d of %d trials finished, launching trial %s",
+                self.study_name,
+                done,
+                self.n_trials,
+                ", ".join(str(trial.number) for trial in trials),
+            )
             jobs = [self._job_overrides(space, trial) for trial in trials]
             results = self.launcher.launch(jobs, initial_job_idx=next_job)
             for trial, result in zip(trials, results, strict=True):
