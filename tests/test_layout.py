@@ -24,6 +24,8 @@ FORBIDDEN = {
 # nothing of training); everything else of llm stays out of training
 ALLOWED = {
     "training/lm/export.py": ("ml_engine.llm.gguf_writer", "ml_engine.llm.quantize"),
+    # the importance matrix a trained model's forward hooks fill, in llm's imatrix format
+    "training/lm/imatrix_hooks.py": ("ml_engine.llm.imatrix",),
 }
 
 

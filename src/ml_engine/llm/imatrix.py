@@ -72,15 +72,22 @@ class ImportanceMatrix:
     def add(self, name: str, activations: np.ndarray) -> None:
         """Sum the squares of ``activations`` (tokens × n_columns) into ``name``'s entry."""
         rows = np.asarray(activations, dtype=np.float64).reshape(-1, activations.shape[-1])
+        self.add_squares(name, np.einsum("ij,ij->j", rows, rows)[None], rows.shape[0])
+
+    def add_squares(self, name: str, squares: np.ndarray, tokens: int) -> None:
+        """Add already summed squares (n_mat × n_columns) over ``tokens`` tokens per matrix
+        into ``name``'s entry (made on first use)."""
+        squares = np.asarray(squares, dtype=np.float64)
+        squares = squares.reshape(-1, squares.shape[-1])
         entry = self.entries.get(name)
         if entry is None:
             entry = self.entries[name] = ImportanceEntry(
-                np.zeros((1, rows.shape[1])), np.zeros(1, dtype=np.int64)
+                np.zeros(squares.shape), np.zeros(squares.shape[0], dtype=np.int64)
             )
-        elif entry.n_columns != rows.shape[1]:
-            raise ValueError(f"{name}: {rows.shape[1]} columns, {entry.n_columns} before")
-        entry.sums[0] += np.einsum("ij,ij->j", rows, rows)
-        entry.counts[0] += rows.shape[0]
+        elif entry.sums.shape != squares.shape:
+            raise ValueError(f"{name}: sums of shape {squares.shape}, {entry.sums.shape} before")
+        entry.sums += squares
+        entry.counts += int(tokens)
 
     def means(self) -> dict[str, np.ndarray]:
         return {name: entry.means() for name, entry in sorted(self.entries.items())}
@@ -127,8 +134,9 @@ def read_imatrix(path: Path) -> ImportanceMatrix:
     try:
         reader = gguf.GGUFReader(str(path))
     except (ValueError, OSError, IndexError, KeyError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UserError(
-            f"importance matrix {path} is not a GGUF file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+            f"importance matrix {path} is not a GGUF file ({reason}); "
             "expected what llama-imatrix or export.py writes"
         ) from None
     kind = _string_field(reader, "general.type")
