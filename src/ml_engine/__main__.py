@@ -1,8 +1,8 @@
 """``ml-engine <task> [key=value ...]`` and ``python -m ml_engine <task> ...``.
 
 The same entrypoints as the repo's ``train.py``, ``eval.py``, ``predict.py``, ``export.py``,
-``generate.py`` and ``serve.py``, for an installed package (configs packaged, outputs under the
-current dir).
+``generate.py``, ``quantize.py`` and ``serve.py``, for an installed package (configs packaged,
+outputs under the current dir).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ml_engine.llm.quant_budget import QUANTIZE_BUDGET_RULES
 from ml_engine.llm.rules import GENERATE_RULES
 from ml_engine.run.rules import Rule
 from ml_engine.training.lm.export import EXPORT_RULES
@@ -66,6 +67,12 @@ ENTRYPOINTS: dict[str, Entrypoint] = {
         "generate",
         GENERATE_RULES,
         "benchmark local GGUF generation",
+    ),
+    "quantize": Entrypoint(
+        "ml_engine.llm.quant_budget:quantize_budget",
+        "quantize_budget",
+        QUANTIZE_BUDGET_RULES,
+        "per-tensor quantization types to a size budget (budget=4.5bpw)",
     ),
     "serve": Entrypoint("ml_engine.server.serve:serve", "serve", (), "REST API and web UI"),
 }
