@@ -23,7 +23,13 @@ FORBIDDEN = {
 # the one crossing: the exporter writes GGUF files with llm's writer and quantizer (which know
 # nothing of training); everything else of llm stays out of training
 ALLOWED = {
-    "training/lm/export.py": ("ml_engine.llm.gguf_writer", "ml_engine.llm.quantize"),
+    "training/lm/export.py": (
+        "ml_engine.llm.gguf_writer",
+        "ml_engine.llm.quantize",
+        "ml_engine.llm.imatrix",
+        "ml_engine.llm.imatrix_gate",
+        "ml_engine.llm.variants",
+    ),
     # the importance matrix a trained model's forward hooks fill, in llm's imatrix format
     "training/lm/imatrix_hooks.py": ("ml_engine.llm.imatrix",),
 }

@@ -24,6 +24,7 @@ PARTS = {
     "tests": {"pp": {"avg_ts": 900.0, "avg_ts_std": 9.0}, "n_prompt": 512},
     "quality": {"perplexity": 12.5, "reference": False, "kl_mean": 0.2},
     "work": {"peak_rss_mb": 55.0},
+    "imatrix": {"used": True, "plain": {"kl_mean": 0.3}, "imatrix": {"kl_mean": 0.2}},
 }
 
 
@@ -41,6 +42,11 @@ def test_row_reads_each_field_from_its_source() -> None:
     assert row["load_s"] is None  # absent from the parts
     assert (row["pp/avg_ts"], row["pp/avg_ts_std"], row["n_prompt"]) == (900.0, 9.0, 512)
     assert row["tg/avg_ts"] is None  # no tg test
+    assert (row["imatrix"], row["imatrix/kl_mean_plain"], row["imatrix/kl_mean_weighted"]) == (
+        True,
+        0.3,
+        0.2,
+    )
     final = metrics.final_metrics(row)
     assert final["gen/tokens_per_s"] == 100.0 and final["ttft_s_std"] is None
     assert "model" not in final

@@ -115,6 +115,20 @@ def _check_quality_text(cfg: DictConfig) -> None:
         raise UserError(f"quality.text_path={text_path}: no such file")
 
 
+def _check_quantize(cfg: DictConfig) -> None:
+    """Before any work: a matrix file that is no importance matrix, a type name llama.cpp does
+    not know, a pattern that is not a regular expression — each one line."""
+    from ml_engine.llm.imatrix import read_imatrix
+    from ml_engine.llm.imatrix_gate import AUTO, NONE, check_setting
+    from ml_engine.llm.quantize import check_tensor_types
+
+    quantize = cfg.get("quantize") or {}
+    setting = check_setting(quantize.get("imatrix", NONE))
+    if setting not in (AUTO, NONE):
+        read_imatrix(Path(setting))
+    check_tensor_types(dict(quantize.get("tensor_types") or {}))
+
+
 def _check_bench_fits(cfg: DictConfig) -> None:
     """Before any work: llama.cpp may round n_ctx up, never down, so a test that fits the
     requested context fits the one it allocates."""
@@ -184,6 +198,9 @@ def _job_spec(cfg: DictConfig, prompts: list[str]) -> dict[str, Any]:
         "prompts": prompts,
         "bench": OmegaConf.to_container(cfg.bench, resolve=True),
         "quality": OmegaConf.to_container(cfg.quality, resolve=True),
+        "quantize": OmegaConf.to_container(cfg.quantize, resolve=True)
+        if cfg.get("quantize")
+        else None,
         "models_dir": str(Path(cfg.paths.models_dir).resolve()),
     }
 
@@ -213,6 +230,7 @@ def flat_metrics(cfg: DictConfig, work: dict[str, Any]) -> dict[str, Any]:
         "bench": work["bench"],
         "tests": first_tests(work.get("llama_bench") or []),
         "quality": work.get("quality") or {},
+        "imatrix": work.get("imatrix") or {},
         "work": work,
     }
     return row_of(parts)
@@ -335,6 +353,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
     _resolve_file_model(cfg)
     _quality_for_file_model(cfg)
     _check_quality_text(cfg)
+    _check_quantize(cfg)
     _check_bench_fits(cfg)
     memory = _memory_fit(cfg)
     apply_extras(cfg)  # after the checks: the summary names the file's own model and quantization
@@ -352,6 +371,7 @@ def generate(cfg: DictConfig) -> dict[str, Any]:
         "bench": work["bench"],
         "llama_bench": work.get("llama_bench") or [],
         "quality": work.get("quality") or {},
+        "imatrix": work.get("imatrix"),
         "peak_rss_mb": work.get("peak_rss_mb"),
         "memory": _memory_report(memory, work),
         "texts": _write_texts(output_dir, work["bench"]),

@@ -26,6 +26,8 @@ from ml_engine.errors import UserError
 from ml_engine.run.files import atomic_path
 
 GENERAL_TYPE = "imatrix"
+# a model's matrix lies beside it as <stem>.imatrix.gguf (export.py writes it there)
+MATRIX_SUFFIX = ".imatrix.gguf"
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
 KEY_CHUNK_SIZE = "imatrix.chunk_size"
@@ -36,6 +38,18 @@ KEY_QUANTIZE_FILE = "quantize.imatrix.file"
 KEY_QUANTIZE_DATASET = "quantize.imatrix.dataset"
 KEY_QUANTIZE_ENTRIES = "quantize.imatrix.entries_count"
 KEY_QUANTIZE_CHUNKS = "quantize.imatrix.chunks_count"
+
+
+def matrix_beside(gguf_path: Path) -> Path:
+    """``<dir>/<stem>.imatrix.gguf`` for ``<dir>/<stem>.gguf``: where export.py puts a model's
+    matrix and where ``quantize.imatrix=auto`` looks for it."""
+    gguf_path = Path(gguf_path)
+    return gguf_path.with_name(gguf_path.stem + MATRIX_SUFFIX)
+
+
+def is_matrix_file(path: Path) -> bool:
+    """An importance matrix by its name (``*.imatrix.gguf``), which is no model to load."""
+    return Path(path).name.endswith(MATRIX_SUFFIX)
 
 
 @dataclass

@@ -16,8 +16,10 @@ from ml_engine.llm import measure_cache, progress
 from ml_engine.llm.backends import SAMPLING_FIELDS, Sampling, open_backend
 from ml_engine.llm.backends.llama_cpp import LlamaCppBackend
 from ml_engine.llm.bench import run_benchmark, run_llama_bench
-from ml_engine.llm.models import base_quantization, model_path
+from ml_engine.llm.imatrix_gate import prepare_file
+from ml_engine.llm.models import ModelFile, base_quantization, model_path
 from ml_engine.llm.quality import QualitySettings, evaluate_quality
+from ml_engine.llm.threads import physical_core_count
 
 
 def sampling_from(llm: dict[str, Any]) -> Sampling:
@@ -32,7 +34,8 @@ def peak_rss_mb() -> float:
 
 
 def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
-    """``spec`` keys: llm (the resolved llm node), prompts, bench, quality, models_dir."""
+    """``spec`` keys: llm (the resolved llm node), prompts, bench, quality, quantize,
+    models_dir."""
     started = time.perf_counter()
     llm, models_dir = spec["llm"], Path(spec["models_dir"])
     bench = spec["bench"]
@@ -40,8 +43,9 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
 
     if (llm.get("backend") or {}).get("name") != "mock":
         import llama_cpp  # noqa: F401  (before the first reading: the library is no load's)
+    resolved, imatrix = _prepare_file(llm, spec, models_dir)
     rss_before = rss_bytes()  # the load's growth is what memory_fit estimates
-    with _open(llm, models_dir) as backend:
+    with _open(llm, models_dir, resolved) as backend:
         facts = backend.describe()
         resolved = getattr(backend, "model_file", None)
         facts["model_origin"] = resolved.origin if resolved else None
@@ -66,6 +70,7 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": peak,
         "rss_growth_bytes": grown,
         "quality": quality,
+        "imatrix": imatrix,
         "work_s": time.perf_counter() - started,
         "cached": False,
     }
@@ -75,17 +80,50 @@ def measure_job(spec: dict[str, Any]) -> dict[str, Any]:
     return work
 
 
-def _open(llm: dict[str, Any], models_dir: Path) -> Any:
-    """The backend, its file produced first when missing (quantizing reports its own phase)."""
+def _is_mock(llm: dict[str, Any]) -> bool:
     backend = llm.get("backend")
-    if (backend.get("name") if isinstance(backend, dict) else backend) == "mock":
+    return (backend.get("name") if isinstance(backend, dict) else backend) == "mock"
+
+
+def _prepare_file(
+    llm: dict[str, Any], spec: dict[str, Any], models_dir: Path
+) -> tuple[ModelFile | None, dict[str, Any] | None]:
+    """The file the job runs, made as ``quantize`` says (an importance matrix, gated by KLD
+    with ``auto``; per-tensor types), and the record of how; the mock runs no file."""
+    if _is_mock(llm):
+        return None, None
+
+    def open_file(path: Path) -> LlamaCppBackend:
+        return LlamaCppBackend(
+            path,
+            n_gpu_layers=int(llm.get("n_gpu_layers", 0)),
+            n_ctx=int(llm.get("n_ctx", 2048)),
+            n_threads=llm.get("n_threads"),
+            n_threads_batch=llm.get("n_threads_batch"),
+            n_batch=int(llm.get("n_batch", 512)),
+        )
+
+    return prepare_file(
+        llm,
+        spec.get("quantize"),
+        spec.get("quality") or {},
+        models_dir,
+        n_threads=llm.get("n_threads") or physical_core_count(),
+        open_file=open_file,
+    )
+
+
+def _open(llm: dict[str, Any], models_dir: Path, resolved: ModelFile | None) -> Any:
+    """The backend on ``resolved`` (quantizing, when the file was missing, reported its own
+    phase)."""
+    if _is_mock(llm):
         return open_backend(llm, models_dir)  # nothing to load
     model = llm.get("model") or {}
     name = Path(model["path"]).name if model.get("path") else model.get("name", "the model")
     quantization = llm.get("quantization")
     label = f"loading {name}" + (f" {quantization}" if quantization else "")
     with progress.phase(label):
-        return open_backend(llm, models_dir)
+        return open_backend(llm, models_dir, resolved)
 
 
 def _llama_bench(backend: Any, bench: dict[str, Any]) -> list[dict[str, Any]]:

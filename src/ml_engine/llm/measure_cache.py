@@ -45,7 +45,15 @@ def enabled(spec: Mapping[str, Any]) -> bool:
     """Caching applies to llama.cpp measurements when ``bench.cache`` is on (a mock echo is no
     measurement worth keeping)."""
     backend = (spec["llm"].get("backend") or {}).get("name")
-    return bool(spec["bench"].get("cache")) and backend == "llama_cpp"
+    return bool(spec["bench"].get("cache")) and backend == "llama_cpp" and _plain_quantization(spec)
+
+
+def _plain_quantization(spec: Mapping[str, Any]) -> bool:
+    """The file is llama.cpp's plain quantization: its key is the plain file's hash. A file made
+    with an importance matrix or per-tensor types (which ``auto`` may or may not keep) is made
+    and measured afresh."""
+    quantize = spec.get("quantize") or {}
+    return str(quantize.get("imatrix") or "none") == "none" and not quantize.get("tensor_types")
 
 
 def cache_root(spec: Mapping[str, Any]) -> Path:

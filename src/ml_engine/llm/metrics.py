@@ -100,6 +100,15 @@ METRICS: tuple[Metric, ...] = (
     Metric("cached", "", "measurement reused from the cache (bench.cache=true): no model was loaded", "work.cached", column=True),
     Metric("chat_template", "", "what chat_template=true did: applied, none in the file, not supported by llama.cpp (or off)", "facts.chat_template", column=True),
     Metric("requantized", "", "made from an already-quantized file (llm.allow_requantize=true)", "facts.requantized", column=True),
+    # how the quantized file was made (quantize.*; llm/imatrix_gate.py): quantize.imatrix=auto makes it with and without the matrix and keeps the lower mean KLD; both are kept here
+    Metric("tensor_types", "", "per-tensor types the file was made with (quantize.tensor_types, as llama-quantize --tensor-type)", "imatrix.tensor_types_text", column=True),
+    Metric("imatrix", "", "the file was made with an importance matrix (quantize.imatrix; with auto, the gate kept it)", "imatrix.used", column=True),
+    Metric("imatrix/kl_mean_plain", "nats", "Mean KLD of the file made without the matrix (quantize.imatrix=auto measures both)", "imatrix.plain.kl_mean", uncertainty=True, column=True),
+    Metric("imatrix/kl_mean_weighted", "nats", "Mean KLD of the file made with the matrix (quantize.imatrix=auto measures both)", "imatrix.imatrix.kl_mean", uncertainty=True, column=True),
+    Metric("imatrix/top1_plain", "", "Same top p of the file made without the matrix", "imatrix.plain.top1_agreement", uncertainty=True),
+    Metric("imatrix/top1_weighted", "", "Same top p of the file made with the matrix", "imatrix.imatrix.top1_agreement", uncertainty=True),
+    Metric("imatrix/file_mb_plain", "MB", "size of the file made without the matrix", "imatrix.plain.file_mb"),
+    Metric("imatrix/file_mb_weighted", "MB", "size of the file made with the matrix", "imatrix.imatrix.file_mb"),
     # llama-perplexity --kl-divergence's figures (llm/kld.py); the comparisons are empty on the base's own row
     Metric("quality/base_quantization", "", "quantization of the base file the comparisons are against", "quality.base_quantization"),
     Metric("quality/positions", "tokens", "scored positions: chunks × (n_ctx - 1 - n_ctx/2)", "quality.positions"),

@@ -39,6 +39,7 @@ from ml_engine.llm.quantize import (
     precision_rank,
     quantize_gguf,
 )
+from ml_engine.llm.variants import Variant
 from ml_engine.run.locations import CONFIG_DIR, install_command
 
 log = logging.getLogger(__name__)
@@ -328,14 +329,19 @@ def ensure_model_file(
     allow_download: bool = False,
     allow_requantize: bool = False,
     n_threads: int | None = None,
+    variant: Variant | None = None,
 ) -> ModelFile:
     """The model's file at ``quantization`` (None: its default), producing it when it can (see
-    module docstring)."""
+    module docstring). ``variant``: an importance matrix and per-tensor types the file is made
+    with (a file of its own beside the plain one; ignored for float types)."""
     models_dir = Path(models_dir)
     if is_file_model(model_cfg):
-        return _ensure_from_file(model_cfg, quantization, models_dir, allow_requantize, n_threads)
+        return _ensure_from_file(
+            model_cfg, quantization, models_dir, allow_requantize, n_threads, variant
+        )
     quantization = quantization or default_quantization(model_cfg)
-    target = model_path(model_cfg, quantization, models_dir)
+    variant = _applicable(variant, quantization)
+    target = variant.path_for(model_path(model_cfg, quantization, models_dir))
     if target.is_file():
         return ModelFile(target, quantization, "on_disk")
     if model_cfg.get("source") == EMBEDDED:
@@ -345,8 +351,13 @@ def ensure_model_file(
     source = _higher_precision_source(model_cfg, quantization, models_dir)
     if source is not None:
         log.info("producing %s from %s", target.name, source.name)
-        quantize_gguf(source, target, quantization, n_threads)
+        quantize_gguf(source, target, quantization, n_threads, **variant.quantize_kwargs())
         return ModelFile(target, quantization, f"quantized_from_{_quant_of(model_cfg, source)}")
+    if not variant.is_plain:
+        raise UserError(
+            f"{target.name} is made with an importance matrix or per-tensor types from an "
+            f"f32/f16/bf16 file of {model_cfg.get('name')}, and none is in {models_dir}"
+        )
     if allow_download and model_cfg.get("repo_id"):
         return ModelFile(_download(model_cfg, quantization, models_dir), quantization, "downloaded")
     raise UserError(_missing_file_message(model_cfg, quantization, target, models_dir))
@@ -358,6 +369,7 @@ def _ensure_from_file(
     models_dir: Path,
     allow_requantize: bool,
     n_threads: int | None,
+    variant: Variant | None = None,
 ) -> ModelFile:
     source = given_file(model_cfg)
     if not source.is_file():
@@ -380,13 +392,34 @@ def _ensure_from_file(
             "llm.model.path, or set llm.allow_requantize=true (such rows are labelled "
             "requantized)"
         )
-    target = _derived_path(source, quantization, models_dir)
+    variant = _applicable(variant, quantization)
+    target = variant.path_for(_derived_path(source, quantization, models_dir))
     if target.is_file():
         return ModelFile(target, quantization, "on_disk", requantized=requantize)
     log.info("producing %s from %s (%s)", target.name, source, own)
-    quantize_gguf(source, target, quantization, n_threads, requantize=requantize)
+    quantize_gguf(
+        source, target, quantization, n_threads, requantize=requantize, **variant.quantize_kwargs()
+    )
     verb = "requantized" if requantize else "quantized"
     return ModelFile(target, quantization, f"{verb}_from_{own}", requantized=requantize)
+
+
+def _applicable(variant: Variant | None, quantization: str) -> Variant:
+    """A float file is written as it is: no matrix or tensor type applies to it."""
+    if variant is None or is_float(quantization):
+        return Variant()
+    return variant
+
+
+def float_source(model_cfg: Mapping[str, Any], quantization: str, models_dir: Path) -> Path | None:
+    """The f32/f16/bf16 file ``quantization`` of this model is (or would be) made from: a
+    given float file itself, else the most precise float file on disk; None when there is none
+    (a quantized given file, a model with only quantized downloads)."""
+    if is_file_model(model_cfg):
+        source = given_file(model_cfg)
+        own = _own_quantization(source) if source.is_file() else None
+        return source if own is not None and is_float(own) else None
+    return _higher_precision_source(model_cfg, quantization, Path(models_dir))
 
 
 def _quant_of(model_cfg: Mapping[str, Any], path: Path) -> str:

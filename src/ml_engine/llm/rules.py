@@ -13,6 +13,7 @@ from ml_engine.llm.backends import BACKENDS
 from ml_engine.llm.llama_bench_format import FORMATS
 from ml_engine.llm.metrics import metric_names
 from ml_engine.llm.quantize import quantization_names
+from ml_engine.llm.variants import quantize_rules
 from ml_engine.run.rules import (
     Rule,
     int_at_least,
@@ -88,4 +89,5 @@ GENERATE_RULES: tuple[Rule, ...] = (
     positive_number("worker.timeout_s"),
     # what a sweeper optimizes must be a field every job's row has
     optional(one_of("optimized_metric", metric_names())),
+    *quantize_rules(),
 )

@@ -41,6 +41,8 @@ KL_UNC = metric("quality/kl_mean").unc_name
 REFERENCE = metric("quality/reference").name
 BASE = metric("quality/base_quantization").name
 SIZE = metric("file_mb").name
+IMATRIX = metric("imatrix").name
+TENSOR_TYPES = metric("tensor_types").name
 _MARKERS = "osD^v<>pPX*hH8d"
 
 
@@ -171,22 +173,14 @@ def _plot_kl(axes: Any, points: list[dict[str, Any]], marker_of: dict[str, str])
     by_quant: dict[str, dict[str, Any]] = {}
     for point in points:
         if is_finite_number(point.get(KL)) and point[KL] > 0:
-            by_quant.setdefault(str(point.get("quantization")), point)
-    for quant, point in sorted(by_quant.items(), key=lambda item: item[1][SIZE]):
-        kl, unc = point[KL], finite_or_none(point.get(KL_UNC)) or 0.0
-        # a log axis has no zero: a bar reaching it stops just above
-        axes.errorbar(
-            point[SIZE],
-            kl,
-            yerr=[[min(unc, kl * 0.999)], [unc]],
-            fmt=marker_of[quant],
-            markersize=8,
-            capsize=4,
-            color="C3",
-        )
+            by_quant.setdefault(_variant_label(point), point)
+    for label, point in sorted(by_quant.items(), key=lambda item: item[1][SIZE]):
+        marker = marker_of[str(point.get("quantization"))]
+        _kl_mark(axes, point[SIZE], point[KL], point.get(KL_UNC), marker, filled=True)
         axes.annotate(
-            quant, (point[SIZE], kl), textcoords="offset points", xytext=(4, 4), fontsize=8
+            label, (point[SIZE], point[KL]), textcoords="offset points", xytext=(4, 4), fontsize=8
         )
+        _given_up(axes, point, marker)
     reference = next((p for p in points if p.get(REFERENCE)), None)
     if reference is not None and is_finite_number(reference.get(SIZE)):
         # the base has no KL of its own: its size is marked where its point would be
@@ -212,6 +206,52 @@ def _plot_kl(axes: Any, points: list[dict[str, Any]], marker_of: dict[str, str])
         axes.text(0.5, 0.5, "no KL divergence measured", ha="center", transform=axes.transAxes)
     right = axes.get_xlim()[1]
     axes.set_xlim(0, right * 1.12 if right > 0 else 1)
+
+
+def _variant_label(point: dict[str, Any]) -> str:
+    """``q4_0``, ``q4_0 +imatrix``, ``q4_k_m attn_v=q6_k``: what made the row's file."""
+    label = str(point.get("quantization"))
+    if point.get(TENSOR_TYPES):
+        label += f" {point[TENSOR_TYPES]}"
+    if point.get(IMATRIX):
+        label += " +imatrix"
+    return label
+
+
+def _kl_mark(axes: Any, size: float, kl: float, unc: Any, marker: str, *, filled: bool) -> None:
+    unc = finite_or_none(unc) or 0.0
+    # a log axis has no zero: a bar reaching it stops just above
+    axes.errorbar(
+        size,
+        kl,
+        yerr=[[min(unc, kl * 0.999)], [unc]],
+        fmt=marker,
+        markersize=8,
+        capsize=4,
+        color="C3",
+        markerfacecolor="C3" if filled else "none",
+    )
+
+
+def _given_up(axes: Any, point: dict[str, Any], marker: str) -> None:
+    """With quantize.imatrix=auto, the file the gate did not keep: hollow, joined to the kept
+    one by a dotted line and labelled with its own KLD."""
+    kept_weighted = bool(point.get(IMATRIX))
+    other = "plain" if kept_weighted else "weighted"
+    kl, size = point.get(f"imatrix/kl_mean_{other}"), point.get(f"imatrix/file_mb_{other}")
+    if not (is_finite_number(kl) and kl > 0 and is_finite_number(size)):
+        return
+    _kl_mark(axes, size, kl, point.get(f"imatrix/kl_mean_{other}_unc"), marker, filled=False)
+    axes.plot([size, point[SIZE]], [kl, point[KL]], ":", color="C3", alpha=0.6)
+    given_up = "without imatrix" if kept_weighted else "with imatrix"
+    axes.annotate(
+        f"{point.get('quantization')} {given_up} (not kept)",
+        (size, kl),
+        textcoords="offset points",
+        xytext=(4, -10),
+        fontsize=7,
+        color="0.35",
+    )
 
 
 def _known(what: str, names: Sequence[str], accepted: Sequence[str]) -> None:

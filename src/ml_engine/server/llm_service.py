@@ -238,11 +238,14 @@ class LlmService:
         warning: one odd entry never breaks the list."""
         if self.exports_dir is None or not self.exports_dir.is_dir():
             return {}
+        from ml_engine.llm.imatrix import is_matrix_file
         from ml_engine.server.model_files import refusal
 
         taken = set(self._configured_names()) | set(self.given_files)
         found: dict[str, Path] = {}
         for path in sorted(self.exports_dir.glob("*/*.gguf")):
+            if is_matrix_file(path):  # a model's importance matrix lies beside it
+                continue
             name = path.stem
             why = refusal(path, self.exports_dir)
             if why is None and (not re.fullmatch(NAME_PATTERN, name) or name in taken | set(found)):

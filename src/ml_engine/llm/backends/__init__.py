@@ -19,7 +19,7 @@ from typing import Any
 
 from ml_engine.errors import UnknownNameError
 from ml_engine.llm.backends.base import SAMPLING_FIELDS, Generation, LlmBackend, Sampling
-from ml_engine.llm.models import ensure_model_file
+from ml_engine.llm.models import ModelFile, ensure_model_file
 from ml_engine.llm.threads import physical_core_count
 
 # The one list of backend names: conf/llm/backend/<name>.yaml, config rules and the API's choices
@@ -37,7 +37,9 @@ def _backend_name(llm_cfg: Mapping[str, Any]) -> str:
     return str(name)
 
 
-def open_backend(llm_cfg: Mapping[str, Any], models_dir: Path) -> LlmBackend:
+def open_backend(
+    llm_cfg: Mapping[str, Any], models_dir: Path, resolved: ModelFile | None = None
+) -> LlmBackend:
     """A ready backend for the composed ``llm`` config node.
 
     ``llm_cfg`` holds ``backend`` (node with ``name``, one of ``BACKENDS``), ``model`` (a
@@ -59,7 +61,7 @@ def open_backend(llm_cfg: Mapping[str, Any], models_dir: Path) -> LlmBackend:
     # null: llama-bench's default, the physical cores (quantizing a missing file uses them too)
     n_threads = llm_cfg.get("n_threads") or physical_core_count()
     quantization = llm_cfg.get("quantization")
-    resolved = ensure_model_file(
+    resolved = resolved or ensure_model_file(
         model_cfg,
         None if quantization is None else str(quantization),
         Path(models_dir),

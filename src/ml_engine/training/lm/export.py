@@ -20,9 +20,11 @@ The only imports from ``ml_engine.llm`` are its GGUF writer and quantizer (tests
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,8 +39,10 @@ from ml_engine.llm.gguf_writer import (
     held_out_text_path,
     write_llama_gguf,
 )
+from ml_engine.llm.imatrix import write_imatrix
 from ml_engine.llm.quantize import quantization_names, quantize_gguf
-from ml_engine.run.files import write_text_atomic
+from ml_engine.llm.variants import Variant, file_digest, quantize_rules, tensor_types_of
+from ml_engine.run.files import atomic_path, write_text_atomic
 from ml_engine.run.rules import Rule, int_at_least, one_of, optional
 
 if TYPE_CHECKING:  # torch loads once the config is checked
@@ -68,6 +72,8 @@ EXPORT_RULES: tuple[Rule, ...] = (
     optional(Rule("name", _model_name, "a one-line model name")),
     one_of("val_text", (True, False)),
     optional(int_at_least("n_threads", 1)),
+    optional(int_at_least("quality.n_chunks", 1)),
+    *quantize_rules(),
 )
 
 # llama.py's parameter names → llama.cpp's tensor names (``{i}``: the layer)
@@ -154,9 +160,13 @@ def write_gguf(
     quantization: str = "f32",
     n_threads: int | None = None,
     metadata: Mapping[str, str | float] | None = None,
+    weights: Variant | None = None,
+    gate: Gate | None = None,
 ) -> Path:
     """``module``'s network and tokenizer as a GGUF at ``path``, whole or not at all;
-    ``metadata``: further GGUF keys (f32/f16 only: the quantizer rewrites the header)."""
+    ``metadata``: further GGUF keys (f32/f16 only: the quantizer rewrites the header);
+    ``weights``: the importance matrix and per-tensor types a quantization is made with,
+    ``gate``: keep the lower-KLD of with and without the matrix (see ``Gate``)."""
     if module.net is None or module.tokenizer is None:
         raise UserError("the checkpoint holds no built network (it was saved before training)")
     if module.hparams.net.get("name") != "llama":
@@ -189,7 +199,63 @@ def write_gguf(
         write_llama_gguf(
             source, shape, vocab, gguf_tensors(module.net), name=name, tokenizer=TOKENIZER
         )
-        return quantize_gguf(source, Path(path), quantization, n_threads)
+        if weights is None or weights.is_plain:
+            return quantize_gguf(source, Path(path), quantization, n_threads)
+        return _quantize_gated(source, Path(path), quantization, n_threads, weights, gate)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """``quantize.imatrix=auto``: the file is made with and without the matrix, and the one
+    with the lower mean KLD from the f32 network on ``text`` (held out) is written; the
+    figures of both go to ``figures``."""
+
+    text: str
+    n_ctx: int
+    n_chunks: int | None
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def _quantize_gated(
+    source: Path,
+    path: Path,
+    quantization: str,
+    n_threads: int | None,
+    weights: Variant,
+    gate: Gate | None,
+) -> Path:
+    """With the matrix alone, or (``gate``) the lower-KLD of with and without it."""
+    if gate is None:
+        return quantize_gguf(source, path, quantization, n_threads, **weights.quantize_kwargs())
+    from ml_engine.llm.imatrix_gate import gate_files
+
+    folder = source.parent
+    candidates = {
+        "plain": quantize_gguf(
+            source,
+            folder / "plain.gguf",
+            quantization,
+            n_threads,
+            **weights.without_imatrix().quantize_kwargs(),
+        ),
+        "imatrix": quantize_gguf(
+            source, folder / "imatrix.gguf", quantization, n_threads, **weights.quantize_kwargs()
+        ),
+    }
+    text_path = write_text_atomic(folder / "held_out.txt", gate.text)
+    kept, figures = gate_files(
+        candidates,
+        source,
+        text_path,
+        n_ctx=gate.n_ctx,
+        n_chunks=gate.n_chunks,
+        n_threads=n_threads,
+        work_dir=folder,
+    )
+    gate.figures.update(figures, kept=kept)
+    with atomic_path(path) as tmp:
+        shutil.copyfile(candidates[kept], tmp)
+    return path
 
 
 def training_run_dir(ckpt_path: Path) -> Path:
@@ -233,6 +299,73 @@ def validation_text(checkpoint: dict[str, Any]) -> str | None:
     return datamodule.val_text
 
 
+def _weights(
+    cfg: DictConfig,
+    module: CausalLMModule,
+    checkpoint: dict[str, Any],
+    output: Path,
+    quantization: str,
+    held_out: str | None,
+) -> tuple[Variant, Gate | None, dict[str, Any]]:
+    """What ``quantize`` asks of this export: the importance matrix (collected from the
+    training split and written beside the file as ``<stem>.imatrix.gguf``, or a given file),
+    per-tensor types, and whether the KLD gate decides (``auto``, on the held-out text)."""
+    from ml_engine.llm.imatrix_gate import AUTO, NONE, check_setting, load_matrix, matrix_beside
+
+    quantize = cfg.get("quantize") or {}
+    setting = check_setting(quantize.get("imatrix", NONE))
+    types = tensor_types_of(quantize.get("tensor_types"))
+    record: dict[str, Any] = {"setting": setting, "file": None, "used": False}
+    if setting == NONE:
+        return Variant(tensor_types=types), None, record
+    if setting == AUTO:
+        from ml_engine.training.lm.imatrix_hooks import importance_from_checkpoint
+
+        matrix = importance_from_checkpoint(
+            module, checkpoint, n_chunks=int(quantize.get("calibration_chunks") or 512)
+        )
+        matrix_file = write_imatrix(matrix_beside(output), matrix)
+        print(f"imatrix: {matrix_file}", flush=True)
+        digest = file_digest(matrix_file)
+    else:
+        matrix_file = Path(setting)
+        with tempfile.TemporaryDirectory(prefix="ml-engine-export-") as folder:
+            probe = write_llama_gguf(
+                Path(folder) / "shape.gguf",
+                gguf_shape(module.net),
+                gguf_vocabulary(module.tokenizer),
+                gguf_tensors(module.net),
+                name="probe",
+                tokenizer=TOKENIZER,
+            )
+            matrix, digest = load_matrix(matrix_file, probe)
+    record.update(file=str(matrix_file), chunks=matrix.chunk_count, tokens=matrix.n_tokens)
+    weights = Variant(matrix, str(matrix_file), digest, types)
+    if quantization in WRITTEN_DIRECTLY:
+        return weights, None, record
+    if setting != AUTO:
+        record["used"] = True
+        return weights, None, record
+    if held_out is None:
+        log.warning("no held-out text to gate on: %s is made with the matrix", quantization)
+        record["used"] = True
+        return weights, None, record
+    block_size = int(module.net.config.block_size)
+    n_chunks = (cfg.get("quality") or {}).get("n_chunks")
+    return weights, Gate(held_out, block_size, n_chunks), record
+
+
+def _print_gate(figures: dict[str, Any]) -> None:
+    plain, weighted = figures["plain"], figures["imatrix"]
+    kept = "with" if figures["kept"] == "imatrix" else "without"
+    print(
+        f"imatrix gate: mean KLD {plain['kl_mean']:.6g} ± {plain['kl_mean_unc'] or 0:.2g} "
+        f"without the matrix, {weighted['kl_mean']:.6g} ± {weighted['kl_mean_unc'] or 0:.2g} "
+        f"with it: kept the file {kept} it",
+        flush=True,
+    )
+
+
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Write the GGUF of ``cfg.ckpt_path`` (and its validation text); prints ``gguf: <path>``
     last. ``cfg`` was checked against EXPORT_RULES by the job wrapper."""
@@ -257,7 +390,20 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     log.info("writing %s (%s) from %s", output, quantization, ckpt_path)
     # the gguf package logs the temp file's name, which is never the file a user gets
     logging.getLogger("gguf").setLevel(logging.WARNING)
-    write_gguf(module, output, name=name, quantization=quantization, n_threads=cfg.get("n_threads"))
+    text = validation_text(checkpoint)
+    weights, gate, matrix_record = _weights(cfg, module, checkpoint, output, quantization, text)
+    write_gguf(
+        module,
+        output,
+        name=name,
+        quantization=quantization,
+        n_threads=cfg.get("n_threads"),
+        weights=weights,
+        gate=gate,
+    )
+    if gate is not None:
+        matrix_record.update(gate.figures, used=gate.figures["kept"] == "imatrix")
+        _print_gate(gate.figures)
     metrics: dict[str, Any] = {
         "gguf": str(output),
         "name": name,
@@ -268,9 +414,9 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         "n_vocab": int(module.net.config.vocab_size),
         "ckpt_path": str(ckpt_path),
         "val_text": None,
+        "imatrix": matrix_record,
     }
-    text = validation_text(checkpoint) if cfg.get("val_text", True) else None
-    if text is not None:
+    if text is not None and cfg.get("val_text", True):
         held_out = write_text_atomic(held_out_text_path(output), text)
         metrics.update(val_text=str(held_out), val_chars=len(text))
         print(f"val_text: {held_out}", flush=True)
