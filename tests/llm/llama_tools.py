@@ -5,6 +5,7 @@ before the tests; a local run builds them on first use, about 1.5 min on 2 cores
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +18,10 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "build-llama-tools"
 @pytest.fixture(scope="session")
 def llama_tools() -> Path:
     """The folder holding the three binaries."""
-    env_python = Path(sys.executable).parent
+    # the venv's python first: the script builds against the llama_cpp this interpreter imports
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     done = subprocess.run(
-        ["bash", str(SCRIPT)],
-        capture_output=True,
-        text=True,
-        env={"PATH": f"{env_python}:/usr/bin:/bin", "HOME": str(Path.home())},
-        timeout=1200,
+        ["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=1200
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return Path(done.stdout.strip().splitlines()[-1])
