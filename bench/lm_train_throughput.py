@@ -9,6 +9,10 @@ written as a bare loop. Validation is off in both so that only training is timed
 alternate; the median of the per-round ratios is printed.
 
     python bench/lm_train_throughput.py [--experiment shakespeare_char] [--steps 100] [--rounds 5]
+    python bench/lm_train_throughput.py --only baseline datamodule.batch_size=64 model.net.n_layer=4
+
+Trailing arguments are train.py overrides (a shape, a batch, a precision to compare);
+``--only baseline`` times the bare loop alone, the quick way to compare shapes' tokens/s.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 # sleeping OpenMP waits, as the entrypoints set them (src/ml_engine/run/launch.py), before torch
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -75,22 +80,35 @@ def main() -> None:
     parser.add_argument("--experiment", default="shakespeare_char")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--only", choices=["both", "baseline", "ours"], default="both")
+    parser.add_argument("overrides", nargs="*", help="train.py overrides, e.g. model.net.n_layer=4")
     args = parser.parse_args()
     quiet_lightning()
 
     ours, base = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_train_config([f"experiment={args.experiment}"], args.steps, Path(tmp))
+        overrides = [f"experiment={args.experiment}", *args.overrides]
+        cfg = compose_train_config(overrides, args.steps, Path(tmp))
         baseline_round(cfg)  # warm-up: first-call allocations and kernel selection
         for _ in range(args.rounds):
-            base.append(baseline_round(cfg))
-            ours.append(lightning_round(cfg))
+            if args.only != "ours":
+                base.append(baseline_round(cfg))
+            if args.only != "baseline":
+                ours.append(lightning_round(cfg))
+    net = cfg.model.net
     print(
-        f"experiment={args.experiment}: batch {cfg.datamodule.batch_size} × block "
-        f"{cfg.datamodule.block_size}, {args.steps} steps per round, {cfg.trainer.precision}, "
-        f"{torch.get_num_threads()} threads, CPU"
+        f"{' '.join(overrides)}: {net.n_layer} layers × {net.n_embd} (n_ff {net.n_ff}), batch "
+        f"{cfg.datamodule.batch_size} × block {cfg.datamodule.block_size}, {args.steps} steps "
+        f"per round, {cfg.trainer.precision}, {torch.get_num_threads()} threads, CPU"
     )
-    print(ratio_line("LM training throughput", ours, base, "tokens/s"))
+    if args.only == "both":
+        print(ratio_line("LM training throughput", ours, base, "tokens/s"))
+    else:
+        rates = ours or base
+        print(
+            f"LM training throughput ({args.only}): median {statistics.median(rates):,.1f} "
+            f"tokens/s (per round: {', '.join(f'{r:,.0f}' for r in rates)})"
+        )
 
 
 if __name__ == "__main__":
