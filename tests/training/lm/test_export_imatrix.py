@@ -383,3 +383,43 @@ def test_tensor_types_are_a_sweep_axis(f32_file: Path, tmp_path: Path) -> None:
     with (sweep_dir / "summary.csv").open() as handle:
         columns = sorted(row["tensor_types"] for row in csv.DictReader(handle))
     assert columns == ["", preset]
+
+
+@pytest.mark.slow
+def test_the_embeddings_entry_comes_from_the_training_loss_and_reaches_llama_quantize(
+    f32_file: Path,
+    tmp_path: Path,
+    llama_tools: Path,  # noqa: F811
+) -> None:
+    """token_embd.weight, which llama-imatrix cannot collect, has an entry from the gradient of
+    the training loss; llama-quantize uses it: its token_embd bytes change and equal ours."""
+    matrix_file = matrix_beside(f32_file)
+    matrix = read_imatrix(matrix_file)
+    entry = matrix.entries["token_embd.weight"]
+    assert entry.n_columns == model_columns(f32_file)["token_embd.weight"]
+    assert entry.counts[0] == matrix.chunk_count * BLOCK  # one gradient per predicted token
+    assert np.all(np.isfinite(entry.sums)) and np.all(entry.sums > 0)
+    assert "output.weight" in matrix.entries  # as llama-imatrix --process-output
+    theirs = tmp_path / "theirs.gguf"
+    done = subprocess.run(
+        [llama_tools / "llama-quantize", "--imatrix", matrix_file, f32_file, theirs, "q4_0"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"loaded {len(matrix.entries)} importance matrix entries" in done.stdout
+    without_embeddings = ImportanceMatrix(
+        {n: e for n, e in matrix.entries.items() if n != "token_embd.weight"},
+        matrix.datasets,
+        matrix.chunk_count,
+        matrix.chunk_size,
+    )
+    candidates = {
+        "ours": quantize_gguf(f32_file, tmp_path / "ours.gguf", "q4_0", 2, imatrix=matrix),
+        "blocks only": quantize_gguf(
+            f32_file, tmp_path / "blocks.gguf", "q4_0", 2, imatrix=without_embeddings
+        ),
+    }
+    theirs_tensors = _tensors(theirs)
+    assert _differing(candidates["ours"], theirs_tensors) == []
+    assert _differing(candidates["blocks only"], theirs_tensors) == ["token_embd.weight"]

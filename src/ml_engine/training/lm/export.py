@@ -322,7 +322,11 @@ def _weights(
         from ml_engine.training.lm.imatrix_hooks import importance_from_checkpoint
 
         matrix = importance_from_checkpoint(
-            module, checkpoint, n_chunks=int(quantize.get("calibration_chunks") or 512)
+            module,
+            checkpoint,
+            n_chunks=int(quantize.get("calibration_chunks") or 512),
+            process_output=True,
+            embeddings=True,
         )
         matrix_file = write_imatrix(matrix_beside(output), matrix)
         print(f"imatrix: {matrix_file}", flush=True)

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from ml_engine.training.lm.module import CausalLMModule
 
 OUTPUT = "output.weight"
+EMBEDDINGS = "token_embd.weight"
 # windows per forward pass: bounded memory, whatever n_chunks is
 BATCH_WINDOWS = 16
 
@@ -116,6 +117,53 @@ def collect_importance(
     return matrix
 
 
+def embedding_importance(net: nn.Module, windows: Iterable[Tensor]) -> ImportanceEntry:
+    """An entry for ``token_embd.weight``, which llama-imatrix cannot collect (a row lookup,
+    no matrix product sees its columns): per embedding dimension, the sum over tokens of the
+    squared gradient of the training loss (next-token cross-entropy, summed) with respect to the
+    embedding's output, i.e. the diagonal Fisher information of the residual stream's input.
+    Its role in the quantizer is a linear layer's summed squared inputs': it weighs how much an
+    error in each column of every embedding row moves the loss. Windows of ``block_size + 1``
+    tokens give ``block_size`` predictions each; the network is left as it was found."""
+    was_training = net.training
+    float_net = net if _is_float32(net) else copy.deepcopy(net).float()
+    device = next(float_net.parameters()).device
+    captured: list[Tensor] = []
+
+    def keep(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        output.retain_grad()
+        captured.append(output)
+        return output
+
+    handle = float_net.tok_embeddings.register_forward_hook(keep)
+    squares, count = None, 0
+    try:
+        float_net.eval()
+        for window in windows:
+            ids = torch.as_tensor(window).long().to(device)
+            ids = ids.unsqueeze(0) if ids.ndim == 1 else ids
+            logits = float_net(ids[:, :-1])
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(),
+                ids[:, 1:].reshape(-1),
+                reduction="sum",
+            )
+            float_net.zero_grad(set_to_none=True)
+            loss.backward()
+            grad = captured.pop().grad.detach()
+            grad = grad.reshape(-1, grad.shape[-1]).to(torch.float64)
+            batch = torch.einsum("ij,ij->j", grad, grad)
+            squares = batch if squares is None else squares + batch
+            count += grad.shape[0]
+    finally:
+        handle.remove()
+        float_net.zero_grad(set_to_none=True)
+        net.train(was_training)
+    if squares is None:
+        raise UserError("no calibration window for the embeddings' importance")
+    return ImportanceEntry(squares.cpu().numpy().reshape(1, -1), np.array([count], dtype=np.int64))
+
+
 def training_windows(tokens: Tensor, block_size: int, n_chunks: int) -> Tensor:
     """``n_chunks`` non-overlapping windows {n, block_size} of ``tokens``, evenly spread over
     them (the first and the last whole window included), always the same ones; every whole
@@ -162,10 +210,14 @@ def importance_from_checkpoint(
     *,
     n_chunks: int = 128,
     process_output: bool = False,
+    embeddings: bool = False,
 ) -> ImportanceMatrix:
     """``module``'s importance matrix over ``n_chunks`` windows of its trained context from the
     training split of the text ``checkpoint`` trained on (the validation split, which quality
-    is measured on, is never read); datasets = ``["<text> (train split)"]``."""
+    is measured on, is never read); datasets = ``["<text> (train split)"]``. ``process_output``:
+    ``output.weight`` too (llama-imatrix's ``--process-output``); ``embeddings``: an entry for
+    ``token_embd.weight`` from the training loss's gradient (``embedding_importance``), which
+    llama-imatrix has no way to collect."""
     if module.net is None or module.tokenizer is None:
         raise UserError("the checkpoint holds no built network (it was saved before training)")
     if n_chunks < 1:
@@ -181,6 +233,12 @@ def importance_from_checkpoint(
     matrix = collect_importance(
         module.net, _batches(windows, BATCH_WINDOWS), process_output=process_output
     )
+    if embeddings:
+        # windows one token longer: every position of the trained context predicts the next
+        longer = training_windows(tokens, block_size + 1, n_chunks)
+        matrix.entries[EMBEDDINGS] = embedding_importance(
+            module.net, _batches(longer, BATCH_WINDOWS)
+        )
     matrix.datasets = [f"{source} (train split)"]
     matrix.chunk_count, matrix.chunk_size = len(windows), block_size
     return matrix
