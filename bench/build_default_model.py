@@ -2,7 +2,7 @@
 (``llm/model=shakespeare``): a character-level llama trained by this project on the bundled
 tinyshakespeare, so that ``generate.py`` and ``serve.py`` write text on a first run.
 
-    python bench/build_default_model.py                  # trains (about 80 s on 2 cores), exports
+    python bench/build_default_model.py                  # trains (about 100 s on 2 cores), exports
     python bench/build_default_model.py --run <run dir>  # exports a run of TRAIN_COMMAND
 
 How it was made goes into the file itself (``ml_engine.*`` keys, ``general.description``):

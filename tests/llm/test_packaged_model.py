@@ -26,11 +26,11 @@ RECORDED_KEYS = (
     "ml_engine.corpus_sha256",
     "ml_engine.git_commit",
 )
-# the recorded command's val loss with seeds 12345 (the file's) and 1 was 1.8054 and 1.8262
-# (2 cores, bf16-mixed; seed 12345 again gives 1.8054 exactly): ±0.05, over twice the seeds'
-# spread, covers a machine that trains in 32-true (no native bf16); a run stopped halfway
-# (1.96 at step 200 of 400) is far outside
-VAL_LOSS_NOISE = 0.05
+# the recorded command's val loss with seeds 12345 (the file's) and 1 was 1.6646 and 1.704
+# (2 cores, bf16-mixed; seed 12345 again gives 1.665): ±0.08, twice the seeds' spread, covers a
+# machine that trains in 32-true (no native bf16); the earlier 400-step recipe's 1.805 is far
+# outside
+VAL_LOSS_NOISE = 0.08
 # words any page of the corpus is full of; random bytes hold none of them
 COMMON_WORDS = {
     "the", "and", "i", "to", "of", "my", "a", "you", "that", "in", "is", "not", "with", "me",
@@ -109,7 +109,7 @@ def test_packaged_model_writes_english_and_tiny_does_not(tiny_f32: Path) -> None
 @pytest.mark.slow
 def test_recorded_command_retrains_to_the_recorded_val_loss(tmp_path: Path) -> None:
     """The file's own command (only the outputs folder and the console's progress changed)
-    reaches its recorded val loss within the noise between seeds (about 80 s on 2 cores)."""
+    reaches its recorded val loss within the noise between seeds (about 100 s on 2 cores)."""
     meta = metadata(given_file(model_cfg()))
     script, *overrides = meta["ml_engine.train_command"].removeprefix("python ").split()
     result = run_entrypoint(
