@@ -276,27 +276,30 @@ def default_name(run_dir: Path) -> str:
     return f"{experiment or DEFAULT_BASE_NAME}-{run_dir.name}"
 
 
-def validation_text(checkpoint: dict[str, Any]) -> str | None:
-    """The validation split the checkpoint was measured on, re-cut from its text file; None
-    (with a warning) when that file is gone or has changed since training."""
+def trained_text(checkpoint: dict[str, Any]) -> Any:
+    """The text datamodule the checkpoint trained on, set up again from its settings (train and
+    validation splits as they were); a UserError naming the text when its file is gone or has
+    changed since training."""
     from ml_engine.training.checkpoints import DATAMODULE_HPARAMS
     from ml_engine.training.lm.text_data import TextDataModule
 
     settings = checkpoint.get(DATAMODULE_HPARAMS) or {}
     trained = checkpoint.get(TextDataModule.__name__) or {}
     datamodule = TextDataModule(**settings)
+    datamodule.setup()  # a gone file: its UserError
+    if trained.get("sha256") and trained["sha256"] != datamodule.state_dict()["sha256"]:
+        raise UserError(f"{datamodule.source_used} has changed since the checkpoint trained on it")
+    return datamodule
+
+
+def validation_text(checkpoint: dict[str, Any]) -> str | None:
+    """The validation split the checkpoint was measured on, re-cut from its text file; None
+    (with a warning) when that file is gone or has changed since training."""
     try:
-        datamodule.setup()
+        return trained_text(checkpoint).val_text
     except UserError as exc:
         log.warning("no validation text written: %s", exc)
         return None
-    if trained.get("sha256") and trained["sha256"] != datamodule.state_dict()["sha256"]:
-        log.warning(
-            "no validation text written: %s has changed since the checkpoint trained on it",
-            datamodule.source_used,
-        )
-        return None
-    return datamodule.val_text
 
 
 def _weights(

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ml_engine.errors import UserError
 from ml_engine.llm.imatrix import ImportanceEntry, ImportanceMatrix
-from ml_engine.training.lm.export import TENSOR_NAMES
+from ml_engine.training.lm.export import TENSOR_NAMES, trained_text
 
 if TYPE_CHECKING:
     from ml_engine.training.lm.module import CausalLMModule
@@ -182,23 +182,10 @@ def training_split(checkpoint: dict[str, Any], tokenizer: Any) -> tuple[Tensor, 
     """The training split of the text ``checkpoint`` trained on, re-cut from its file as
     ``export.validation_text`` does and encoded with ``tokenizer`` (the model's), and the text's
     name; one line (UserError) when the file is gone or has changed since training."""
-    from ml_engine.training.checkpoints import DATAMODULE_HPARAMS
-    from ml_engine.training.lm.text_data import TextDataModule
-
-    settings = checkpoint.get(DATAMODULE_HPARAMS) or {}
-    trained = checkpoint.get(TextDataModule.__name__) or {}
-    datamodule = TextDataModule(**settings)
     try:
-        datamodule.setup()
+        datamodule = trained_text(checkpoint)
     except UserError as exc:
-        raise UserError(
-            f"no calibration text for the importance matrix (the training text is gone): {exc}"
-        ) from None
-    if trained.get("sha256") and trained["sha256"] != datamodule.state_dict()["sha256"]:
-        raise UserError(
-            f"no calibration text for the importance matrix: {datamodule.source_used} has "
-            "changed since the checkpoint trained on it"
-        )
+        raise UserError(f"no calibration text for the importance matrix: {exc}") from None
     if tokenizer is not None:
         datamodule.use_tokenizer(tokenizer)
     return datamodule.splits[0], datamodule.source_used
