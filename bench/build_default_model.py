@@ -1,6 +1,7 @@
 """Build the packaged default model, ``src/ml_engine/llm/models_data/shakespeare-char-f16.gguf``
 (``llm/model=shakespeare``): a character-level llama trained by this project on the bundled
-tinyshakespeare, so that ``generate.py`` and ``serve.py`` write text on a first run.
+tinyshakespeare, so that ``generate.py`` and ``serve.py`` write text on a first run; beside it
+its importance matrix (``shakespeare-char-f16.imatrix.gguf``).
 
     python bench/build_default_model.py                  # trains (about 100 s on 2 cores), exports
     python bench/build_default_model.py --run <run dir>  # exports a run of TRAIN_COMMAND
@@ -83,7 +84,22 @@ def export(run_dir: Path, output: Path) -> Path:
     module = module_from_checkpoint(ckpt, checkpoint)
     output.parent.mkdir(parents=True, exist_ok=True)
     # f16: 3.8 MB, every quantization of generate.py's sweeps is made from it as from an export
-    return write_gguf(module, output, name=NAME, quantization="f16", metadata=provenance(run_dir))
+    path = write_gguf(module, output, name=NAME, quantization="f16", metadata=provenance(run_dir))
+    write_matrix(module, checkpoint, path)
+    return path
+
+
+def write_matrix(module: Any, checkpoint: dict[str, Any], path: Path) -> Path:
+    """The importance matrix beside the file (``<stem>.imatrix.gguf``), as export.py collects it
+    (training split, 512 windows, the embeddings' entry from the loss's gradient), so that
+    ``generate.py quantize.imatrix=auto`` on the packaged model has one to gate with."""
+    from ml_engine.llm.imatrix import matrix_beside, write_imatrix
+    from ml_engine.training.lm.imatrix_hooks import importance_from_checkpoint
+
+    matrix = importance_from_checkpoint(
+        module, checkpoint, n_chunks=512, process_output=True, embeddings=True
+    )
+    return write_imatrix(matrix_beside(path), matrix)
 
 
 def main() -> None:

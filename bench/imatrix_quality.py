@@ -194,6 +194,60 @@ def markdown(experiment: str, val_loss: float, rows: list[dict[str, Any]]) -> st
     return "\n".join(lines)
 
 
+def perplexity_markdown(rows: list[dict[str, Any]], theirs: dict[str, Any]) -> str:
+    ours = {r["quantization"]: r for r in rows}
+    lines = [
+        "| file | llama-perplexity Mean KLD | ours | llama-perplexity Same top p | ours |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, figures in theirs.items():
+        quantization, _, weighted = label.partition(".")
+        side = "imatrix" if weighted else "plain"
+        mine = ours[quantization]
+        lines.append(
+            f"| {label} | {figures['kl_mean']:.6f} ± {figures['kl_mean_unc']:.6f} "
+            f"| {mine[f'{side}_kl_mean']:.6f} ± {mine[f'{side}_kl_mean_unc']:.6f} "
+            f"| {figures['top1_agreement_pct']:.3f} ± {figures['top1_agreement_unc_pct']:.3f} % "
+            f"| {100 * mine[f'{side}_top1_agreement']:.3f} ± "
+            f"{100 * mine[f'{side}_top1_agreement_unc']:.3f} % |"
+        )
+    return "\n".join(lines)
+
+
+def budget_markdown(budgets: dict[str, Any]) -> str:
+    lines = [
+        "| budget | mix MB | mix bpw | mix mean KLD | predicted | uniform just below | "
+        "uniform just above | types (embd, q, k, v, attn_out, gate, up, down, output) |",
+        "|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for budget, result in budgets.items():
+        table = result["table"]
+        mix = next(row for row in table if row["label"] == "mix")
+        below = next((r for r in table if r.get("note") == "just below the mix"), None)
+        above = next((r for r in table if r.get("note") == "just above the mix"), None)
+
+        def uniform(row: dict[str, Any] | None, mix: dict[str, Any] = mix) -> str:
+            if row is None:
+                return "–"
+            ratio = mix["kl_mean"] / row["kl_mean"]
+            return f"{row['label']} {row['bpw']:.2f} bpw: {row['kl_mean']:.6f} (mix {ratio:.2f}×)"
+
+        choice = result["mix"]["choice"]
+        lines.append(
+            f"| {budget} bpw | {mix['file_mb']:.3f} | {mix['bpw']:.2f} "
+            f"| {mix['kl_mean']:.6f} ± {mix['kl_mean_unc']:.6f} | {mix['predicted_kld']:.6f} "
+            f"| {uniform(below)} | {uniform(above)} | {', '.join(choice.values())} |"
+        )
+    return "\n".join(lines)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    for experiment, found in report.items():
+        print(markdown(experiment, found["val_loss"], found["rows"]), end="\n\n")
+        print(perplexity_markdown(found["rows"], found["llama_perplexity"]), end="\n\n")
+        print(budget_markdown(found["budgets"]), end="\n\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -202,8 +256,15 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="*", type=float, default=[3.5, 4.5, 5.5])
     # chunks of the held-out text per measurement (null: all, 1,742 for shakespeare_char)
     parser.add_argument("--chunks", type=int, default=512)
+    # the budget search measures |groups| × |ladder| files: fewer chunks each
+    parser.add_argument("--budget-chunks", type=int, default=128)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench" / "imatrix")
+    # print the tables of an earlier run's imatrix_quality.json, measuring nothing
+    parser.add_argument("--report", type=Path)
     args = parser.parse_args()
+    if args.report:
+        print_report(json.loads(args.report.read_text()))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {}
     for experiment in args.experiments:
@@ -221,7 +282,9 @@ def main() -> None:
             for suffix in ("", ".imatrix")
         }
         theirs = llama_perplexity(f32, checked, work, n_ctx, args.chunks)
-        budgets = {str(b): budget_search(f32, b, work, n_ctx, args.chunks) for b in args.budgets}
+        budgets = {
+            str(b): budget_search(f32, b, work, n_ctx, args.budget_chunks) for b in args.budgets
+        }
         report[experiment] = {
             "f32": str(f32),
             "val_loss": val_loss,
@@ -231,16 +294,8 @@ def main() -> None:
             "llama_perplexity": theirs,
             "budgets": budgets,
         }
-        print(markdown(experiment, val_loss, rows), flush=True)
-        print("\nllama-perplexity --kl-divergence on the same files (ours in brackets):")
-        ours = {r["quantization"]: r for r in rows}
-        for label, figures in theirs.items():
-            quantization, _, weighted = label.partition(".")
-            mine = ours[quantization]["imatrix_kl_mean" if weighted else "plain_kl_mean"]
-            print(f"  {label}: Mean KLD {figures['kl_mean']:.6f} ({mine:.6f})")
-        for budget, result in budgets.items():
-            print(f"\nbudget {budget} bpw:", *result.get("comparison", []), sep="\n  ")
     (args.out / "imatrix_quality.json").write_text(json.dumps(report, indent=2))
+    print_report(report)
     print(f"\nwritten: {args.out / 'imatrix_quality.json'}")
 
 

@@ -284,7 +284,10 @@ def test_a_search_on_the_packaged_model_beats_the_uniform_type_below_it(
     assert set(record["sensitivity"]) == set(KINDS)
     assert all(set(by) == {"q3_k", "q4_k", "q6_k"} for by in record["sensitivity"].values())
     assert record["mix"]["tensor_types"]["blk.1.attn_v.weight"] == record["mix"]["choice"]["attn_v"]
-    assert record["budget"]["within"] and record["imatrix"]["file"] is None
+    # quantize.imatrix=auto: the packaged model's matrix lies beside it
+    assert record["budget"]["within"] and record["imatrix"]["file"] == str(
+        PACKAGED.with_name("shakespeare-char-f16.imatrix.gguf")
+    )
     mix = record["mix"]["measured"]
     assert mix["bpw"] == pytest.approx(bits_per_weight(mix_file))
     smaller = [row for row in record["uniform"].values() if row["file_bytes"] <= mix["file_bytes"]]
